@@ -1,0 +1,98 @@
+"""kiln's exceptions: one base class, specific subclasses.
+
+Every exception here pickles (it may cross Ray processes), and its message says
+what was wrong, the value that was given, and what is allowed. Lookup errors
+subclass ``KeyError`` as well, so ``except KeyError`` keeps working, but print
+their message without KeyError's quoting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "KilnError",
+    "ConfigError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "ModelConfigError",
+    "CheckpointError",
+    "NotFoundError",
+    "RunNotFoundError",
+    "ModelNotFoundError",
+    "IntegrityError",
+    "TrainingFailedError",
+]
+
+
+class KilnError(Exception):
+    """Base class of every error kiln raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (self.__class__, (self.message,))
+
+
+class ConfigError(KilnError, ValueError):
+    """A configuration has one or more invalid fields.
+
+    ``errors`` holds one line per problem; all are collected before raising.
+    """
+
+    def __init__(self, errors: str | Iterable[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        if len(self.errors) == 1:
+            message = self.errors[0]
+        else:
+            message = f"{len(self.errors)} configuration errors:\n" + "\n".join(
+                f"  - {e}" for e in self.errors
+            )
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (self.__class__, (self.errors,))
+
+
+class DatasetError(KilnError, ValueError):
+    """Data that cannot be used as given (missing files, wrong shapes, bad columns)."""
+
+
+class ModelConfigError(KilnError, ValueError):
+    """A model description that cannot be built or does not fit the data."""
+
+
+class CheckpointError(KilnError):
+    """A checkpoint that is missing, incomplete or cannot be loaded."""
+
+
+class IntegrityError(KilnError):
+    """Stored bytes whose sha256 does not match the recorded one."""
+
+
+class TrainingFailedError(KilnError):
+    """A training run that ended with an error inside the training loop."""
+
+
+class NotFoundError(KilnError, KeyError):
+    """A lookup by id, name, version or tag that matched nothing."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class DatasetNotFoundError(NotFoundError):
+    """An unknown dataset id."""
+
+
+class RunNotFoundError(NotFoundError):
+    """An unknown experiment run id or name."""
+
+
+class ModelNotFoundError(NotFoundError):
+    """An unknown model id, name, version or tag in the registry."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: one local Ray per test session, and an isolated KILN_HOME."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Fast report round-trips in actor mode (see README: the controller polls workers at this
+# interval; Ray's default of ~2 s per report dominates tiny test jobs).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by every integration test in the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def kiln_home(tmp_path, monkeypatch):
+    """An empty KILN_HOME for one test."""
+    home = tmp_path / "kiln_home"
+    home.mkdir()
+    monkeypatch.setenv("KILN_HOME", str(home))
+    return home
