@@ -1,0 +1,7 @@
+"""Run configuration: TrainingConfig, TrainingConfigBuilder and its presets, TaskSpec."""
+
+from kiln.config.builder import PRESETS, TrainingConfigBuilder, get_preset
+from kiln.config.task import TaskSpec
+from kiln.config.training import TrainingConfig, read_mapping
+
+__all__ = ["PRESETS", "TaskSpec", "TrainingConfig", "TrainingConfigBuilder", "get_preset", "read_mapping"]

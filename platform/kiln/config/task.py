@@ -1,0 +1,129 @@
+"""TaskSpec: what the model predicts, which decides loss, metrics, collation and export."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import ConfigError
+
+TASK_TYPES = ("classification", "image_classification", "regression", "language_modeling")
+MODALITIES = ("tabular", "text", "vision", "audio", "tokens")
+
+
+@dataclass
+class TaskSpec:
+    """Task specification (seed 002) plus the columns and shapes kiln needs.
+
+    ``num_classes`` (classification), ``num_outputs`` (regression) and ``vocab_size``
+    (language modeling) may be left None and filled in from the dataset.
+    """
+
+    name: str
+    modality: str = "tabular"
+    task_type: str = "classification"
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_outputs: int | None = None
+    vocab_size: int | None = None
+    pad_token_id: int | None = None
+    preprocessing_config: dict[str, Any] = field(default_factory=dict)
+    input_column: str = "x"
+    label_column: str = "y"
+
+    def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            self.input_shape = tuple(int(d) for d in self.input_shape)
+        if self.class_names is not None:
+            self.class_names = [str(c) for c in self.class_names]
+        errors = []
+        if not isinstance(self.name, str) or not self.name:
+            errors.append(f"name={self.name!r} must be a non-empty string")
+        if self.task_type not in TASK_TYPES:
+            errors.append(f"task_type={self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        if self.modality not in MODALITIES:
+            errors.append(f"modality={self.modality!r} is not one of {', '.join(MODALITIES)}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
+            errors.append(f"num_classes={self.num_classes!r} must be an integer >= 2")
+        if (
+            self.class_names is not None
+            and self.num_classes is not None
+            and len(self.class_names) != self.num_classes
+        ):
+            errors.append(
+                f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}"
+            )
+        if self.num_outputs is not None and self.num_outputs < 1:
+            errors.append(f"num_outputs={self.num_outputs!r} must be >= 1")
+        if errors:
+            raise ConfigError(errors)
+        if self.num_classes is None and self.class_names:
+            self.num_classes = len(self.class_names)
+
+    # factories ------------------------------------------------------------
+    @classmethod
+    def classification(
+        cls, name: str = "classification", num_classes: int | None = None,
+        class_names: list[str] | None = None, modality: str = "tabular", **kwargs: Any,
+    ) -> TaskSpec:
+        return cls(name=name, modality=modality, task_type="classification",
+                   num_classes=num_classes, class_names=class_names, **kwargs)
+
+    @classmethod
+    def regression(cls, name: str = "regression", num_outputs: int = 1, **kwargs: Any) -> TaskSpec:
+        kwargs.setdefault("modality", "tabular")
+        return cls(name=name, task_type="regression", num_outputs=num_outputs, **kwargs)
+
+    @classmethod
+    def language_modeling(
+        cls, name: str = "language_modeling", vocab_size: int | None = None,
+        pad_token_id: int | None = None, **kwargs: Any,
+    ) -> TaskSpec:
+        kwargs.setdefault("modality", "text")
+        return cls(name=name, task_type="language_modeling", vocab_size=vocab_size,
+                   pad_token_id=pad_token_id, **kwargs)
+
+    @classmethod
+    def vision_tiny(cls, name: str = "vision_tiny", num_classes: int = 10,
+                    input_shape: tuple[int, ...] = (1, 28, 28), **kwargs: Any) -> TaskSpec:
+        """A small image-classification task (MNIST-sized) for tests and demos."""
+        return cls(name=name, modality="vision", task_type="image_classification",
+                   num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+    # helpers --------------------------------------------------------------
+    @property
+    def is_classification(self) -> bool:
+        return self.task_type in ("classification", "image_classification")
+
+    @property
+    def output_dim(self) -> int | None:
+        """Width of the model's last layer for this task."""
+        if self.is_classification:
+            return self.num_classes
+        if self.task_type == "regression":
+            return self.num_outputs
+        return self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["input_shape"] is not None:
+            d["input_shape"] = list(d["input_shape"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"task has unknown keys {unknown!r}; allowed: {', '.join(sorted(names))}"
+            )
+        data = dict(data)
+        if "type" in data:  # tolerate {type: classification} in YAML
+            data["task_type"] = data.pop("type")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TaskSpec:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,328 @@
+"""TrainingConfig: every knob of a training run, validated in one place.
+
+YAML or JSON is mapped onto the dataclass once, at the edge (``from_dict`` /
+``load``); everything after that reads typed attributes. ``validate()`` collects
+every problem before raising one :class:`~kiln.errors.ConfigError` whose lines
+name the field, echo the value and say what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+MODES = ("min", "max")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+EXPORT_FORMATS = ("onnx", "pytorch", "torchscript", "torch_export", "safetensors")
+
+# Groups tie fields to the builder method that sets them (TrainingConfigBuilder.with_*).
+GROUPS = ("training", "optimizer", "hardware", "logging", "model", "checkpoint", "data")
+
+
+def _f(default: Any, group: str, help: str) -> Any:
+    meta = {"group": group, "help": help}
+    if default in (list, dict):  # mutable defaults: a fresh one per instance
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainingConfig:
+    """Hyperparameters and run settings for one kiln training run.
+
+    Build one directly, from a preset (``TrainingConfigBuilder.baseline()``), or from a
+    file (``TrainingConfig.load("run.yaml")``). Every public entry point validates it.
+    """
+
+    # Reproducibility
+    random_seed: int = _f(42, "training", "Seed for python, numpy, torch and data order.")
+    deterministic: bool = _f(False, "training", "Bit-exact mode (slower).")
+    # Hyperparameters
+    learning_rate: float = _f(5e-5, "training", "Peak learning rate.")
+    batch_size: int = _f(4, "training", "Batch size per worker.")
+    epochs: int = _f(10, "training", "Number of epochs.")
+    warmup_ratio: float = _f(0.1, "training", "Fraction of optimizer steps spent warming up.")
+    validation_split: float = _f(0.1, "training", "Held-out fraction when no val data is given.")
+    early_stopping_patience: int | None = _f(None, "training", "Epochs without improvement.")
+    early_stopping_min_delta: float = _f(0.0, "training", "Smallest change that counts.")
+    loss: str | None = _f(None, "training", "Loss strategy name; None picks by task type.")
+    # Optimizer
+    optimizer: str = _f("adamw", "optimizer", "One of adamw, adam, sgd.")
+    lr_scheduler: str = _f("cosine", "optimizer", "One of constant, linear, cosine.")
+    weight_decay: float = _f(0.01, "optimizer", "Decoupled weight decay (AdamW) or L2.")
+    momentum: float = _f(0.9, "optimizer", "SGD momentum.")
+    max_grad_norm: float | None = _f(1.0, "optimizer", "Global-norm clip; None disables.")
+    gradient_accumulation_steps: int = _f(1, "optimizer", "Batches per optimizer step.")
+    # Hardware
+    num_workers: int = _f(0, "hardware", "0 runs in-process; N>=1 runs N Ray Train workers.")
+    use_gpu: bool = _f(False, "hardware", "One GPU per worker (nccl).")
+    cpus_per_worker: float | None = _f(None, "hardware", "CPUs reserved per worker.")
+    use_amp: bool = _f(False, "hardware", "Automatic mixed precision.")
+    amp_dtype: str = _f("auto", "hardware", "auto (bf16 on CPU, fp16 on CUDA), bf16 or fp16.")
+    compile_mode: str | None = _f(None, "hardware", "torch.compile mode; None disables.")
+    max_failures: int = _f(0, "hardware", "Worker-group restarts on failure (-1: forever).")
+    # Checkpoints
+    checkpoint_dir: str | None = _f(None, "checkpoint", "Defaults to <runs>/<run_name>.")
+    save_every_n_epochs: int = _f(1, "checkpoint", "Checkpoint interval in epochs.")
+    keep_best_k: int = _f(3, "checkpoint", "Checkpoints kept by the monitored metric.")
+    keep_last_n: int = _f(2, "checkpoint", "Most recent checkpoints kept (>= 1).")
+    monitor: str = _f("val_loss", "checkpoint", "Metric that ranks checkpoints.")
+    mode: str = _f("min", "checkpoint", "min or max for the monitored metric.")
+    # Logging and tracking
+    run_name: str | None = _f(None, "logging", "Run name; generated when None.")
+    notes: str = _f("", "logging", "Free text recorded with the run.")
+    tracking: bool = _f(True, "logging", "Record the run in the experiment database.")
+    tracking_db: str | None = _f(None, "logging", "SQLite path; None uses $KILN_HOME/kiln.db.")
+    register_as: str | None = _f(None, "logging", "Register the best checkpoint under this name.")
+    export_formats: list[str] = _f(list, "logging", "Export a bundle in these formats at the end.")
+    wandb_project: str | None = _f(None, "logging", "Accepted for seed compatibility; unused.")
+    # Data
+    dataset: str | None = _f(None, "data", "Dataset id or local parquet/csv/jsonl path.")
+    # Model
+    model_name: str | None = _f(None, "model", "Architecture name (mlp, cnn, tiny_transformer).")
+    model: dict[str, Any] = _f(dict, "model", "Architecture parameters for kiln.models.")
+    vocab_size: int | None = _f(None, "model", "Vocabulary size (token models).")
+    max_seq_len: int | None = _f(None, "model", "Maximum sequence length (token models).")
+    d_model: int | None = _f(None, "model", "Transformer width.")
+    num_layers: int | None = _f(None, "model", "Transformer depth.")
+    num_heads: int | None = _f(None, "model", "Attention heads.")
+    d_ff: int | None = _f(None, "model", "Transformer feed-forward width.")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainingConfig:
+        """Raise ConfigError listing every invalid field; return self when valid."""
+        errors = _type_errors(self)
+        if not errors:
+            errors = _range_errors(self)
+        if errors:
+            raise ConfigError(errors)
+        return self
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build and validate from a dict; unknown keys are errors with suggestions."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
+        names = field_names()
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ConfigError([_unknown_field_message(k, names) for k in unknown])
+        return cls(**data).validate()
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with ``changes`` applied (unknown names are errors)."""
+        names = field_names()
+        unknown = [k for k in changes if k not in names]
+        if unknown:
+            raise ConfigError([_unknown_field_message(k, names) for k in unknown])
+        return dataclasses.replace(self, **changes).validate()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON, or YAML when the suffix is .yaml/.yml."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            text = yaml.safe_dump(data, sort_keys=False)
+        else:
+            text = json.dumps(data, indent=2) + "\n"
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        """Read a config saved by :meth:`save` (JSON or YAML)."""
+        return cls.from_dict(read_mapping(path))
+
+    # ------------------------------------------------------------------ helpers
+    def model_spec(self) -> dict[str, Any]:
+        """The architecture dict for ``kiln.models.build_model`` (flat seed fields merged)."""
+        spec = dict(self.model)
+        if self.model_name and "name" not in spec and "layers" not in spec:
+            spec["name"] = self.model_name
+        for key in ("vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads", "d_ff"):
+            value = getattr(self, key)
+            if value is not None and spec.get("name") == "tiny_transformer":
+                spec.setdefault(key, value)
+        return spec
+
+
+def field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingConfig)}
+
+
+def fields_in_group(group: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainingConfig) if f.metadata["group"] == group]
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML file holding one mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def _unknown_field_message(key: str, names: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"{key!r} is not a TrainingConfig field.{hint} Known fields: {', '.join(sorted(names))}"
+
+
+_INT_FIELDS = (
+    "random_seed", "batch_size", "epochs", "gradient_accumulation_steps", "num_workers",
+    "save_every_n_epochs", "keep_best_k", "keep_last_n", "max_failures",
+)
+_OPT_INT_FIELDS = (
+    "early_stopping_patience", "vocab_size", "max_seq_len", "d_model", "num_layers",
+    "num_heads", "d_ff",
+)
+_FLOAT_FIELDS = (
+    "learning_rate", "warmup_ratio", "validation_split", "early_stopping_min_delta",
+    "weight_decay", "momentum",
+)
+_BOOL_FIELDS = ("deterministic", "use_gpu", "use_amp", "tracking")
+_OPT_STR_FIELDS = (
+    "loss", "checkpoint_dir", "run_name", "tracking_db", "register_as", "wandb_project",
+    "dataset", "model_name", "compile_mode",
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _type_errors(c: TrainingConfig) -> list[str]:
+    errors = []
+    for name in _INT_FIELDS:
+        v = getattr(c, name)
+        if not _is_int(v):
+            errors.append(f"{name}={v!r} must be an integer")
+    for name in _OPT_INT_FIELDS:
+        v = getattr(c, name)
+        if v is not None and not _is_int(v):
+            errors.append(f"{name}={v!r} must be an integer or null")
+    for name in _FLOAT_FIELDS:
+        v = getattr(c, name)
+        if not _is_number(v) or not math.isfinite(v):
+            errors.append(f"{name}={v!r} must be a finite number")
+    for name in ("max_grad_norm", "cpus_per_worker"):
+        v = getattr(c, name)
+        if v is not None and (not _is_number(v) or not math.isfinite(v)):
+            errors.append(f"{name}={v!r} must be a finite number or null")
+    for name in _BOOL_FIELDS:
+        v = getattr(c, name)
+        if not isinstance(v, bool):
+            errors.append(f"{name}={v!r} must be true or false")
+    for name in _OPT_STR_FIELDS:
+        v = getattr(c, name)
+        if v is not None and not isinstance(v, str):
+            errors.append(f"{name}={v!r} must be a string or null")
+    for name in ("optimizer", "lr_scheduler", "amp_dtype", "monitor", "mode", "notes"):
+        v = getattr(c, name)
+        if not isinstance(v, str):
+            errors.append(f"{name}={v!r} must be a string")
+    if not isinstance(c.model, dict):
+        errors.append(f"model={c.model!r} must be a mapping of architecture parameters")
+    if not isinstance(c.export_formats, (list, tuple)):
+        errors.append(f"export_formats={c.export_formats!r} must be a list of format names")
+    return errors
+
+
+def _range_errors(c: TrainingConfig) -> list[str]:
+    errors = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    need(c.learning_rate > 0, f"learning_rate={c.learning_rate!r} must be > 0")
+    need(c.batch_size >= 1, f"batch_size={c.batch_size!r} must be >= 1")
+    need(c.epochs >= 1, f"epochs={c.epochs!r} must be >= 1")
+    need(0 <= c.warmup_ratio < 1, f"warmup_ratio={c.warmup_ratio!r} must be in [0, 1)")
+    need(0 <= c.validation_split < 1, f"validation_split={c.validation_split!r} must be in [0, 1)")
+    need(c.weight_decay >= 0, f"weight_decay={c.weight_decay!r} must be >= 0")
+    need(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
+    need(
+        c.max_grad_norm is None or c.max_grad_norm > 0,
+        f"max_grad_norm={c.max_grad_norm!r} must be > 0, or null to disable clipping",
+    )
+    need(
+        c.gradient_accumulation_steps >= 1,
+        f"gradient_accumulation_steps={c.gradient_accumulation_steps!r} must be >= 1",
+    )
+    need(
+        c.early_stopping_patience is None or c.early_stopping_patience >= 1,
+        f"early_stopping_patience={c.early_stopping_patience!r} must be >= 1, or null to disable",
+    )
+    need(c.early_stopping_min_delta >= 0, f"early_stopping_min_delta={c.early_stopping_min_delta!r} must be >= 0")
+    need(c.optimizer in OPTIMIZERS, f"optimizer={c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(
+        c.lr_scheduler in LR_SCHEDULERS,
+        f"lr_scheduler={c.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}",
+    )
+    need(c.amp_dtype in AMP_DTYPES, f"amp_dtype={c.amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}")
+    need(
+        c.compile_mode in COMPILE_MODES,
+        f"compile_mode={c.compile_mode!r} is not one of null, default, reduce-overhead, max-autotune",
+    )
+    need(c.num_workers >= 0, f"num_workers={c.num_workers!r} must be >= 0 (0 runs in-process)")
+    need(
+        c.cpus_per_worker is None or c.cpus_per_worker > 0,
+        f"cpus_per_worker={c.cpus_per_worker!r} must be > 0",
+    )
+    need(c.max_failures >= -1, f"max_failures={c.max_failures!r} must be >= 0, or -1 for unlimited")
+    need(c.save_every_n_epochs >= 1, f"save_every_n_epochs={c.save_every_n_epochs!r} must be >= 1")
+    need(c.keep_best_k >= 0, f"keep_best_k={c.keep_best_k!r} must be >= 0")
+    need(
+        c.keep_last_n >= 1,
+        f"keep_last_n={c.keep_last_n!r} must be >= 1 (the latest checkpoint is always kept)",
+    )
+    need(c.mode in MODES, f"mode={c.mode!r} must be 'min' or 'max'")
+    need(bool(c.monitor), f"monitor={c.monitor!r} must name a metric such as 'val_loss'")
+    bad_formats = [f for f in c.export_formats if f not in EXPORT_FORMATS]
+    need(
+        not bad_formats,
+        f"export_formats={list(c.export_formats)!r} has unknown formats {bad_formats!r}; "
+        f"allowed: {', '.join(EXPORT_FORMATS)}",
+    )
+    for name in _OPT_INT_FIELDS[1:]:
+        v = getattr(c, name)
+        need(v is None or v >= 1, f"{name}={v!r} must be >= 1")
+    if c.use_gpu and c.use_amp and c.amp_dtype == "bf16":
+        pass  # bf16 autocast is valid on CUDA too
+    if not c.use_gpu and c.use_amp and c.amp_dtype == "fp16":
+        errors.append("amp_dtype='fp16' needs use_gpu=true; on CPU use 'bf16' or 'auto'")
+    return errors
