@@ -4,4 +4,11 @@ from kiln.config.builder import PRESETS, TrainingConfigBuilder, get_preset
 from kiln.config.task import TaskSpec
 from kiln.config.training import TrainingConfig, read_mapping
 
-__all__ = ["PRESETS", "TaskSpec", "TrainingConfig", "TrainingConfigBuilder", "get_preset", "read_mapping"]
+__all__ = [
+    "PRESETS",
+    "TaskSpec",
+    "TrainingConfig",
+    "TrainingConfigBuilder",
+    "get_preset",
+    "read_mapping",
+]

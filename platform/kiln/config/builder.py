@@ -22,8 +22,17 @@ from kiln.errors import ConfigError
 def quick_prototype() -> TrainingConfig:
     """3 epochs at a high learning rate for debugging; small transformer dims (~12M params)."""
     return TrainingConfig(
-        epochs=3, batch_size=32, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant",
-        keep_best_k=1, keep_last_n=1, d_model=256, num_layers=4, num_heads=4, d_ff=1024,
+        epochs=3,
+        batch_size=32,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        keep_best_k=1,
+        keep_last_n=1,
+        d_model=256,
+        num_layers=4,
+        num_heads=4,
+        d_ff=1024,
         max_seq_len=128,
     )
 
@@ -31,28 +40,49 @@ def quick_prototype() -> TrainingConfig:
 def baseline() -> TrainingConfig:
     """10 epochs, cosine schedule with warmup; GPT-2-small transformer dims (~125M params)."""
     return TrainingConfig(
-        epochs=10, batch_size=32, learning_rate=3e-4, warmup_ratio=0.1, lr_scheduler="cosine",
-        weight_decay=0.01, d_model=768, num_layers=12, num_heads=12, d_ff=3072, max_seq_len=512,
+        epochs=10,
+        batch_size=32,
+        learning_rate=3e-4,
+        warmup_ratio=0.1,
+        lr_scheduler="cosine",
+        weight_decay=0.01,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        d_ff=3072,
+        max_seq_len=512,
     )
 
 
 def production() -> TrainingConfig:
     """20 epochs, mixed precision, early stopping, retention and an export bundle at the end."""
     return dataclasses.replace(
-        baseline(), epochs=20, use_amp=True, early_stopping_patience=5, keep_best_k=3,
-        keep_last_n=3, export_formats=["onnx", "pytorch"], max_failures=2,
+        baseline(),
+        epochs=20,
+        use_amp=True,
+        early_stopping_patience=5,
+        keep_best_k=3,
+        keep_last_n=3,
+        export_formats=["onnx", "pytorch"],
+        max_failures=2,
     )
 
 
 def distributed() -> TrainingConfig:
     """DDP over 4 GPU workers (nccl); set ``use_gpu=False`` for CPU workers (gloo)."""
-    return dataclasses.replace(baseline(), num_workers=4, use_gpu=True, use_amp=True, max_failures=3)
+    return dataclasses.replace(
+        baseline(), num_workers=4, use_gpu=True, use_amp=True, max_failures=3
+    )
 
 
 def low_memory() -> TrainingConfig:
     """Batch 2 with 8x gradient accumulation (effective batch 16) and mixed precision."""
     return dataclasses.replace(
-        baseline(), batch_size=2, gradient_accumulation_steps=8, use_amp=True, keep_best_k=1,
+        baseline(),
+        batch_size=2,
+        gradient_accumulation_steps=8,
+        use_amp=True,
+        keep_best_k=1,
         keep_last_n=1,
     )
 
@@ -67,7 +97,8 @@ PRESETS: dict[str, Callable[[], TrainingConfig]] = {
 
 # Seed-style spellings accepted by with_hardware, mapped onto real fields.
 _PRECISIONS = {
-    "32": {"use_amp": False}, "32-true": {"use_amp": False},
+    "32": {"use_amp": False},
+    "32-true": {"use_amp": False},
     "bf16-mixed": {"use_amp": True, "amp_dtype": "bf16"},
     "16-mixed": {"use_amp": True, "amp_dtype": "fp16"},
 }
@@ -128,9 +159,7 @@ class TrainingConfigBuilder:
         if "precision" in kwargs:
             precision = kwargs.pop("precision")
             if precision not in _PRECISIONS:
-                raise ConfigError(
-                    f"precision={precision!r} is not one of {', '.join(_PRECISIONS)}"
-                )
+                raise ConfigError(f"precision={precision!r} is not one of {', '.join(_PRECISIONS)}")
             for key, value in _PRECISIONS[precision].items():
                 kwargs.setdefault(key, value)
         return self._with("hardware", kwargs)

@@ -45,7 +45,9 @@ class TaskSpec:
             errors.append(f"task_type={self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
         if self.modality not in MODALITIES:
             errors.append(f"modality={self.modality!r} is not one of {', '.join(MODALITIES)}")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int) or self.num_classes < 2
+        ):
             errors.append(f"num_classes={self.num_classes!r} must be an integer >= 2")
         if (
             self.class_names is not None
@@ -65,11 +67,21 @@ class TaskSpec:
     # factories ------------------------------------------------------------
     @classmethod
     def classification(
-        cls, name: str = "classification", num_classes: int | None = None,
-        class_names: list[str] | None = None, modality: str = "tabular", **kwargs: Any,
+        cls,
+        name: str = "classification",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        modality: str = "tabular",
+        **kwargs: Any,
     ) -> TaskSpec:
-        return cls(name=name, modality=modality, task_type="classification",
-                   num_classes=num_classes, class_names=class_names, **kwargs)
+        return cls(
+            name=name,
+            modality=modality,
+            task_type="classification",
+            num_classes=num_classes,
+            class_names=class_names,
+            **kwargs,
+        )
 
     @classmethod
     def regression(cls, name: str = "regression", num_outputs: int = 1, **kwargs: Any) -> TaskSpec:
@@ -78,19 +90,38 @@ class TaskSpec:
 
     @classmethod
     def language_modeling(
-        cls, name: str = "language_modeling", vocab_size: int | None = None,
-        pad_token_id: int | None = None, **kwargs: Any,
+        cls,
+        name: str = "language_modeling",
+        vocab_size: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
     ) -> TaskSpec:
         kwargs.setdefault("modality", "text")
-        return cls(name=name, task_type="language_modeling", vocab_size=vocab_size,
-                   pad_token_id=pad_token_id, **kwargs)
+        return cls(
+            name=name,
+            task_type="language_modeling",
+            vocab_size=vocab_size,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
 
     @classmethod
-    def vision_tiny(cls, name: str = "vision_tiny", num_classes: int = 10,
-                    input_shape: tuple[int, ...] = (1, 28, 28), **kwargs: Any) -> TaskSpec:
+    def vision_tiny(
+        cls,
+        name: str = "vision_tiny",
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        **kwargs: Any,
+    ) -> TaskSpec:
         """A small image-classification task (MNIST-sized) for tests and demos."""
-        return cls(name=name, modality="vision", task_type="image_classification",
-                   num_classes=num_classes, input_shape=input_shape, **kwargs)
+        return cls(
+            name=name,
+            modality="vision",
+            task_type="image_classification",
+            num_classes=num_classes,
+            input_shape=input_shape,
+            **kwargs,
+        )
 
     # helpers --------------------------------------------------------------
     @property

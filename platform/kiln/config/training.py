@@ -86,6 +86,7 @@ class TrainingConfig:
     tracking: bool = _f(True, "logging", "Record the run in the experiment database.")
     tracking_db: str | None = _f(None, "logging", "SQLite path; None uses $KILN_HOME/kiln.db.")
     register_as: str | None = _f(None, "logging", "Register the best checkpoint under this name.")
+    log_every_n_steps: int = _f(0, "logging", "Record loss/lr every N steps (0: per epoch only).")
     export_formats: list[str] = _f(list, "logging", "Export a bundle in these formats at the end.")
     wandb_project: str | None = _f(None, "logging", "Accepted for seed compatibility; unused.")
     # Data
@@ -181,7 +182,9 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -198,21 +201,45 @@ def _unknown_field_message(key: str, names: set[str]) -> str:
 
 
 _INT_FIELDS = (
-    "random_seed", "batch_size", "epochs", "gradient_accumulation_steps", "num_workers",
-    "save_every_n_epochs", "keep_best_k", "keep_last_n", "max_failures",
+    "random_seed",
+    "batch_size",
+    "epochs",
+    "gradient_accumulation_steps",
+    "num_workers",
+    "save_every_n_epochs",
+    "keep_best_k",
+    "keep_last_n",
+    "max_failures",
+    "log_every_n_steps",
 )
 _OPT_INT_FIELDS = (
-    "early_stopping_patience", "vocab_size", "max_seq_len", "d_model", "num_layers",
-    "num_heads", "d_ff",
+    "early_stopping_patience",
+    "vocab_size",
+    "max_seq_len",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "d_ff",
 )
 _FLOAT_FIELDS = (
-    "learning_rate", "warmup_ratio", "validation_split", "early_stopping_min_delta",
-    "weight_decay", "momentum",
+    "learning_rate",
+    "warmup_ratio",
+    "validation_split",
+    "early_stopping_min_delta",
+    "weight_decay",
+    "momentum",
 )
 _BOOL_FIELDS = ("deterministic", "use_gpu", "use_amp", "tracking")
 _OPT_STR_FIELDS = (
-    "loss", "checkpoint_dir", "run_name", "tracking_db", "register_as", "wandb_project",
-    "dataset", "model_name", "compile_mode",
+    "loss",
+    "checkpoint_dir",
+    "run_name",
+    "tracking_db",
+    "register_as",
+    "wandb_project",
+    "dataset",
+    "model_name",
+    "compile_mode",
 )
 
 
@@ -287,13 +314,22 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         c.early_stopping_patience is None or c.early_stopping_patience >= 1,
         f"early_stopping_patience={c.early_stopping_patience!r} must be >= 1, or null to disable",
     )
-    need(c.early_stopping_min_delta >= 0, f"early_stopping_min_delta={c.early_stopping_min_delta!r} must be >= 0")
-    need(c.optimizer in OPTIMIZERS, f"optimizer={c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(
+        c.early_stopping_min_delta >= 0,
+        f"early_stopping_min_delta={c.early_stopping_min_delta!r} must be >= 0",
+    )
+    need(
+        c.optimizer in OPTIMIZERS,
+        f"optimizer={c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}",
+    )
     need(
         c.lr_scheduler in LR_SCHEDULERS,
         f"lr_scheduler={c.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}",
     )
-    need(c.amp_dtype in AMP_DTYPES, f"amp_dtype={c.amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}")
+    need(
+        c.amp_dtype in AMP_DTYPES,
+        f"amp_dtype={c.amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}",
+    )
     need(
         c.compile_mode in COMPILE_MODES,
         f"compile_mode={c.compile_mode!r} is not one of null, default, reduce-overhead, max-autotune",
@@ -304,6 +340,7 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         f"cpus_per_worker={c.cpus_per_worker!r} must be > 0",
     )
     need(c.max_failures >= -1, f"max_failures={c.max_failures!r} must be >= 0, or -1 for unlimited")
+    need(c.log_every_n_steps >= 0, f"log_every_n_steps={c.log_every_n_steps!r} must be >= 0")
     need(c.save_every_n_epochs >= 1, f"save_every_n_epochs={c.save_every_n_epochs!r} must be >= 1")
     need(c.keep_best_k >= 0, f"keep_best_k={c.keep_best_k!r} must be >= 0")
     need(

@@ -1,0 +1,81 @@
+"""The ``kiln`` command.
+
+    kiln train examples/digits_mlp.yaml [--set key=value ...] [--workers N] [--resume latest]
+    kiln datasets
+    kiln runs list | show | compare | plot
+    kiln models list | show | promote | history | rollback | retire
+    kiln export CHECKPOINT|NAME@TAG -o DIR
+    kiln serve BUNDLE|NAME@TAG [--port 8000]
+    kiln tune CONFIG --space SPACE.yaml --samples N
+
+Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
+traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from kiln.errors import KilnError
+
+# Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
+_COMMANDS = ("train", "datasets", "runs", "models", "export", "serve", "tune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Train, track, export and serve PyTorch models on Ray."
+    )
+    parser.add_argument("--home", help="kiln's home directory (default: $KILN_HOME or ~/.kiln)")
+    parser.add_argument("--db", help="SQLite database (default: <home>/kiln.db)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"kiln.cli.{name}")
+        except ModuleNotFoundError as exc:  # an optional piece that is not installed
+            if exc.name and exc.name.startswith("kiln.cli"):
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.home:
+        import os
+
+        os.environ["KILN_HOME"] = args.home
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (KilnError, FileNotFoundError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

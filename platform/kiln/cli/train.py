@@ -1,0 +1,180 @@
+"""``kiln train CONFIG``: run the training described by a YAML/JSON run file.
+
+A run file holds TrainingConfig fields plus an optional ``task:`` mapping (TaskSpec
+fields). ``--set key=value`` overrides any field (values are YAML: numbers, lists,
+booleans); dotted keys reach into mappings (``--set model.hidden=[64,32]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from kiln.config import TaskSpec, TrainingConfig, read_mapping
+from kiln.engine.callbacks import TrainingHooks
+from kiln.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model from a run file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="run file (.yaml/.yml/.json)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field (repeatable)",
+    )
+    p.add_argument("--workers", type=int, help="Ray Train workers (0: in-process)")
+    p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=run)
+
+
+def load_run_file(
+    path: str, overrides: list[str], workers: int | None
+) -> tuple[TrainingConfig, TaskSpec | None]:
+    """Read a run file, apply ``--set`` overrides, and validate both parts."""
+    raw = read_mapping(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} must look like key=value (e.g. --set epochs=5)")
+        _assign(raw, key.strip(), _parse_value(value))
+    if workers is not None:
+        raw["num_workers"] = workers
+    task_raw = raw.pop("task", None)
+    errors: list[str] = []
+    config = task = None
+    try:
+        config = TrainingConfig.from_dict(raw)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if task_raw is not None:
+        try:
+            if not isinstance(task_raw, dict):
+                raise ConfigError(f"task={task_raw!r} must be a mapping of TaskSpec fields")
+            task = TaskSpec.from_dict({"name": raw.get("dataset") or "task", **task_raw})
+        except ConfigError as exc:
+            errors.extend(f"task.{e}" for e in exc.errors)
+    if errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    return config, task
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.engine.trainer import Trainer
+
+    config, task = load_run_file(args.config, args.overrides, args.workers)
+    _init_ray(args.address)
+    hooks = [] if args.quiet else [ProgressHook(config.epochs)]
+    print(
+        f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs "
+        f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'})",
+        flush=True,
+    )
+    trainer = Trainer(training_config=config, task_spec=task, hooks=hooks, db_path=args.db)
+    results = trainer.train(resume_from=args.resume)
+    print_summary(results)
+    return 0
+
+
+def _init_ray(address: str | None) -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
+
+
+class ProgressHook(TrainingHooks):
+    """Prints one line per epoch on rank 0 (forwarded by Ray from worker actors)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.rank = 0
+
+    def on_training_start(self) -> None:
+        import ray.train
+
+        self.rank = ray.train.get_context().get_world_rank()
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        shown = "  ".join(
+            f"{k} {_fmt(k, v)}"
+            for k, v in metrics.items()
+            if k.startswith(("train_", "val_")) and isinstance(v, float)
+        )
+        print(
+            f"epoch {epoch:>3}/{self.epochs}  {shown}  ({metrics.get('epoch_duration_seconds', 0):.2f} s)",
+            flush=True,
+        )
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    final, history = results["final_metrics"], results["history"]
+    best = next((h for h in history if h["epoch"] == results["best_epoch"]), final)
+    table = Table(title=f"run {results['run_name']}")
+    table.add_column("metric")
+    table.add_column(f"final (epoch {final.get('epoch')})", justify="right")
+    table.add_column(f"best (epoch {results['best_epoch']})", justify="right")
+    for key, value in final.items():
+        if key.startswith(("train_", "val_")) and isinstance(value, float):
+            table.add_row(key, _fmt(key, value), _fmt(key, best.get(key)))
+    console = Console(file=sys.stdout, width=110)
+    console.print(table)
+    acc = best.get("val_accuracy")
+    if acc is not None:
+        print(
+            f"held-out accuracy: {acc * 100:.2f}% (validation split, best epoch {results['best_epoch']})"
+        )
+    print(f"best checkpoint: {results['checkpoint_path']}")
+    if results.get("stopped_early"):
+        print(f"stopped early after epoch {final.get('epoch')}")
+    if results.get("run_id") is not None:
+        print(f"run id: {results['run_id']}  (kiln runs show {results['run_id']})")
+    if results.get("model_id") is not None:
+        print(f"registered model id: {results['model_id']}")
+    print(f"total time: {results['total_time']:.1f} s")
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if "accuracy" in key:
+        return f"{value * 100:.2f}%"
+    return f"{value:.4f}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,238 @@
+"""Turn whatever the user passed as data into what the worker loop reads.
+
+Accepted: a dataset id or local file path, a ``kiln.data`` dataset, a
+``ray.data.Dataset``, a torch ``Dataset``/``DataLoader``, or an ``(X, y)`` pair of
+arrays or tensors. Dataset ids, arrays and Ray datasets reach the workers through
+Ray Data (``get_dataset_shard``); torch datasets and loaders go through
+``ray.train.torch.prepare_data_loader``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.config import TaskSpec, TrainingConfig
+from kiln.errors import ConfigError, DatasetError
+
+
+@dataclass
+class DataPlan:
+    """Data resolved in the driver: Ray datasets or torch loaders, plus the task."""
+
+    kind: str  # "ray" or "torch"
+    task: TaskSpec
+    input_shape: tuple[int, ...]
+    num_train_rows: int
+    datasets: dict[str, Any] | None = None
+    loaders: dict[str, Any] | None = None
+    cache_shards: bool = True
+    dataset_id: str | None = None
+
+
+def plan_data(
+    train_data: Any,
+    val_data: Any,
+    task: TaskSpec | None,
+    config: TrainingConfig,
+    *,
+    data_dir: str | Path | None = None,
+) -> DataPlan:
+    """Resolve train/val data and complete the task spec from the data where it is silent."""
+    from kiln import data as kdata
+
+    dataset_id = None
+    if train_data is None:
+        if config.dataset is None:
+            raise ConfigError(
+                "no training data: pass train_data to Trainer.train(), or set 'dataset' in the "
+                "config to a dataset id (see `kiln datasets`) or a local parquet/csv/jsonl path"
+            )
+        train_data = config.dataset
+    if isinstance(train_data, (str, Path)):
+        dataset_id = str(train_data)
+        train_data = kdata.get_dataset(dataset_id, data_dir=data_dir)
+    elif _is_pair(train_data):
+        train_data = kdata.from_arrays(*train_data)
+    if _is_pair(val_data):
+        val_data = kdata.from_arrays(*val_data)
+    elif isinstance(val_data, (str, Path)):
+        val_data = kdata.get_dataset(str(val_data), data_dir=data_dir)
+
+    if isinstance(train_data, kdata.KilnDataset):
+        return _plan_kiln(train_data, val_data, task, config, dataset_id)
+    if _is_ray_dataset(train_data):
+        return _plan_ray(train_data, val_data, task, config)
+    if isinstance(train_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        return _plan_torch(train_data, val_data, task, config)
+    raise DatasetError(
+        f"train_data of type {type(train_data).__name__} is not supported; pass a dataset id, "
+        "a local file path, a ray.data.Dataset, a torch Dataset or DataLoader, or an (X, y) pair"
+    )
+
+
+def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
+    from kiln import data as kdata
+
+    if val is None and config.validation_split > 0:
+        train, val = train.split(config.validation_split, config.random_seed)
+    info = train.info
+    task = complete_task(
+        task,
+        info.task_type,
+        info.input_shape,
+        num_classes=info.num_classes,
+        class_names=info.class_names,
+        num_outputs=info.num_outputs,
+        name=dataset_id or info.id,
+    )
+    datasets = {"train": train.to_ray()}
+    if val is not None:
+        if not isinstance(val, kdata.KilnDataset):
+            raise DatasetError("val_data must be the same kind of data as train_data")
+        datasets["val"] = val.to_ray()
+    cache = info.source != "file"
+    return DataPlan(
+        "ray",
+        task,
+        tuple(info.input_shape),
+        len(train),
+        datasets=datasets,
+        cache_shards=cache,
+        dataset_id=dataset_id,
+    )
+
+
+def _plan_ray(train, val, task, config) -> DataPlan:
+    if val is None and config.validation_split > 0:
+        train, val = train.train_test_split(
+            test_size=config.validation_split, shuffle=True, seed=config.random_seed
+        )
+    input_col = task.input_column if task else "x"
+    label_col = task.label_column if task else "y"
+    first = train.take(1)
+    if not first:
+        raise DatasetError("train_data is an empty ray.data.Dataset")
+    row = first[0]
+    missing = [c for c in (input_col, label_col) if c not in row]
+    if missing:
+        raise DatasetError(
+            f"the ray.data.Dataset has columns {sorted(row)}, but the task reads input column "
+            f"{input_col!r} and label column {label_col!r}; rename the columns or set "
+            "TaskSpec(input_column=..., label_column=...)"
+        )
+    x, y = np.asarray(row[input_col]), np.asarray(row[label_col])
+    task_type = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+    if (
+        np.issubdtype(x.dtype, np.integer)
+        and task is not None
+        and task.task_type == "language_modeling"
+    ):
+        task_type = "language_modeling"
+    task = complete_task(task, task_type, tuple(x.shape), num_outputs=int(y.size) or 1)
+    if task.is_classification and task.num_classes is None:
+        task = task.replace(num_classes=int(train.max(label_col)) + 1)
+    datasets = {"train": train} if val is None else {"train": train, "val": val}
+    return DataPlan(
+        "ray", task, tuple(x.shape), train.count(), datasets=datasets, cache_shards=False
+    )
+
+
+def _plan_torch(train, val, task, config) -> DataPlan:
+    loader_kwargs = {"batch_size": config.batch_size}
+    if isinstance(train, torch.utils.data.DataLoader):
+        dataset = train.dataset
+        train_loader = train
+    else:
+        dataset = train
+        if val is None and config.validation_split > 0:
+            n_val = max(1, int(len(dataset) * config.validation_split))
+            gen = torch.Generator().manual_seed(config.random_seed)
+            train_part, val = torch.utils.data.random_split(
+                dataset, [len(dataset) - n_val, n_val], generator=gen
+            )
+            dataset = train_part
+        gen = torch.Generator().manual_seed(config.random_seed)
+        train_loader = torch.utils.data.DataLoader(
+            dataset, shuffle=True, generator=gen, **loader_kwargs
+        )
+    loaders = {"train": train_loader}
+    if val is not None:
+        loaders["val"] = (
+            val
+            if isinstance(val, torch.utils.data.DataLoader)
+            else (torch.utils.data.DataLoader(val, shuffle=False, **loader_kwargs))
+        )
+    sample = dataset[0]
+    x, y = (sample["x"], sample["y"]) if isinstance(sample, dict) else (sample[0], sample[1])
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    task_type = "classification" if not torch.is_floating_point(y) else "regression"
+    task = complete_task(task, task_type, tuple(x.shape), num_outputs=max(1, y.numel()))
+    if task.is_classification and task.num_classes is None:
+        raise ConfigError(
+            "task_spec.num_classes is needed with a torch Dataset (kiln does not scan it); "
+            "pass TaskSpec.classification(num_classes=...)"
+        )
+    return DataPlan("torch", task, tuple(x.shape), len(dataset), loaders=loaders)
+
+
+def complete_task(
+    task: TaskSpec | None,
+    task_type: str,
+    input_shape: tuple[int, ...],
+    *,
+    num_classes: int | None = None,
+    class_names: Any = None,
+    num_outputs: int | None = None,
+    name: str = "task",
+) -> TaskSpec:
+    """Fill the task's unknowns from the data, and check what the user stated against it."""
+    if task is None:
+        if task_type == "language_modeling":
+            task = TaskSpec.language_modeling(name=name)
+        elif task_type == "regression":
+            task = TaskSpec.regression(name=name, num_outputs=num_outputs or 1)
+        else:
+            task = TaskSpec.classification(name=name)
+    changes: dict[str, Any] = {}
+    if task.input_shape is None:
+        changes["input_shape"] = tuple(input_shape)
+    if task.is_classification:
+        if task.num_classes is None and num_classes is not None:
+            changes["num_classes"] = num_classes
+        elif (
+            task.num_classes is not None
+            and num_classes is not None
+            and task.num_classes < num_classes
+        ):
+            raise DatasetError(
+                f"task_spec.num_classes={task.num_classes} but the labels go up to class "
+                f"{num_classes - 1}; set num_classes to at least {num_classes}"
+            )
+        if task.class_names is None and class_names:
+            names = list(class_names)
+            if len(names) == (changes.get("num_classes") or task.num_classes):
+                changes["class_names"] = names
+    elif task.task_type == "regression" and task.num_outputs is None:
+        changes["num_outputs"] = num_outputs or 1
+    return task.replace(**changes) if changes else task
+
+
+def _is_pair(obj: Any) -> bool:
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and all(isinstance(a, (np.ndarray, torch.Tensor, list)) for a in obj)
+    )
+
+
+def _is_ray_dataset(obj: Any) -> bool:
+    try:
+        import ray.data
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, ray.data.Dataset)

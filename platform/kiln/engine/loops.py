@@ -1,0 +1,278 @@
+"""One training epoch and one validation pass (seed 002's TrainingLoop / ValidationLoop).
+
+These are the step loops the worker loop (:mod:`kiln.engine.worker`) calls once per
+epoch; they are also usable on their own with any iterable of batches. The hot path
+keeps running sums as tensors and never calls ``.item()`` per step unless a hook asks
+for the per-batch loss, so a kiln epoch costs what a hand-written loop costs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.engine.gradients import GradientAccumulator, GradientMonitor
+from kiln.engine.loss import LossStrategy, ModelOutput
+from kiln.engine.optim import Precision
+
+
+@dataclass
+class EpochResult:
+    """What one pass over the data produced (means over samples; sums for reduction)."""
+
+    epoch: int
+    loss: float
+    metrics: dict[str, float]
+    epoch_duration_seconds: float
+    num_samples: int
+    num_batches: int
+    learning_rate: float
+    step_log: list[dict[str, float]] = field(default_factory=list)
+    # [loss_sum, correct, abs_err, samples]: all-reduced across ranks by the worker loop.
+    sums: torch.Tensor | None = field(default=None, repr=False)
+
+
+def unpack_batch(batch: Any, input_column: str = "x", label_column: str = "y") -> tuple[Any, Any]:
+    """Split a batch (dict of columns, or an (inputs, labels) pair) into inputs and labels."""
+    if isinstance(batch, dict):
+        try:
+            return batch[input_column], batch[label_column]
+        except KeyError as exc:
+            raise KeyError(
+                f"batch has columns {sorted(batch)}, but the task expects input column "
+                f"{input_column!r} and label column {label_column!r} (TaskSpec.input_column / "
+                "label_column)"
+            ) from exc
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"a batch must be a dict with {input_column!r}/{label_column!r} or an (inputs, labels) "
+        f"pair, got {type(batch).__name__}"
+    )
+
+
+class _Sums:
+    """Running per-epoch sums kept as tensors (no host sync inside the loop)."""
+
+    def __init__(self, classification: bool, regression: bool) -> None:
+        self.classification = classification
+        self.regression = regression
+        self.acc: torch.Tensor | None = None  # [loss_sum, correct, abs_err] on the device
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        self.samples += n
+        self.batches += 1
+        if self.acc is None:
+            self.acc = torch.zeros(3, dtype=torch.float64, device=loss.device)
+        self.acc[0] += loss.detach().double() * n
+        if self.classification:
+            self.acc[1] += (logits.detach().argmax(dim=-1) == labels).sum()
+        elif self.regression:
+            err = (logits.detach().float().reshape(n, -1) - labels.float().reshape(n, -1)).abs()
+            self.acc[2] += err.mean(dim=1).sum().double()
+
+    def as_tensor(self) -> torch.Tensor:
+        """[loss_sum, correct, abs_err, samples] on the CPU, for an all-reduce across ranks."""
+        acc = self.acc.cpu() if self.acc is not None else torch.zeros(3, dtype=torch.float64)
+        return torch.cat([acc, torch.tensor([float(self.samples)], dtype=torch.float64)])
+
+
+def metrics_from_sums(
+    sums: torch.Tensor, classification: bool, regression: bool, prefix: str
+) -> dict[str, float]:
+    """Turn (possibly all-reduced) sums into mean metrics named ``<prefix>_loss`` etc."""
+    loss_sum, correct, abs_err, samples = (float(v) for v in sums)
+    samples = max(samples, 1.0)
+    out = {f"{prefix}_loss": loss_sum / samples}
+    if classification:
+        out[f"{prefix}_accuracy"] = correct / samples
+    elif regression:
+        out[f"{prefix}_mae"] = abs_err / samples
+    return out
+
+
+class TrainingLoop:
+    """Runs one training epoch: forward, loss, backward, accumulate, clip, step."""
+
+    def __init__(
+        self,
+        gradient_accumulator: GradientAccumulator,
+        gradient_monitor: GradientMonitor | None,
+        loss_strategy: LossStrategy,
+        gradient_clip_norm: float | None = 1.0,
+        *,
+        precision: Precision | None = None,
+        task_type: str = "classification",
+        input_column: str = "x",
+        label_column: str = "y",
+        log_every_n_steps: int = 0,
+    ) -> None:
+        self.accumulator = gradient_accumulator
+        self.monitor = gradient_monitor
+        self.loss_strategy = loss_strategy
+        self.gradient_clip_norm = gradient_clip_norm
+        self.precision = precision
+        self.classification = task_type in ("classification", "image_classification")
+        self.regression = task_type == "regression"
+        self.columns = (input_column, label_column)
+        self.log_every_n_steps = log_every_n_steps
+        self.global_step = 0  # batches seen over the whole run (restored on resume)
+        self.last_grad_norm: float | None = None
+
+    def run_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        device: torch.device | str = "cpu",
+        metrics_callback: Callable[[float, int], None] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> EpochResult:
+        """Train for one epoch; ``metrics_callback(loss, batch_idx)`` fires per batch."""
+        device = torch.device(device)
+        precision = self.precision or Precision(False, device.type)
+        model.train()
+        sums = _Sums(self.classification, self.regression)
+        step_log: list[dict[str, Any]] = []
+        accumulating = False
+        start = time.perf_counter()
+        n_accum = self.accumulator.accumulation_steps
+        no_sync = getattr(model, "no_sync", None)
+        for batch_idx, batch in enumerate(train_loader):
+            inputs, labels = unpack_batch(batch, *self.columns)
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            update = self.accumulator.should_update_optimizer(batch_idx)
+            sync_ctx = no_sync() if (no_sync is not None and not update and n_accum > 1) else _NULL
+            with sync_ctx:
+                with precision.autocast():
+                    logits = ModelOutput.from_raw(model(inputs)).logits
+                    loss = self.loss_strategy.compute_loss(logits, labels)
+                scaled = loss / n_accum if n_accum > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            accumulating = not update
+            if update:
+                self._optimizer_step(model, optimizer, scheduler, scaler)
+            sums.add(loss, logits, labels)
+            self.global_step += 1
+            if self.log_every_n_steps and self.global_step % self.log_every_n_steps == 0:
+                step_log.append(
+                    {"step": self.global_step, "loss": loss.detach(), "lr": _lr(optimizer)}
+                )
+            if metrics_callback is not None:
+                metrics_callback(float(loss.detach()), batch_idx)
+        if accumulating:  # a last partial accumulation still updates the weights
+            self._optimizer_step(model, optimizer, scheduler, scaler)
+        totals = sums.as_tensor()
+        metrics = metrics_from_sums(totals, self.classification, self.regression, "train")
+        for row in step_log:
+            row["loss"] = float(row["loss"])
+        return EpochResult(
+            epoch=epoch,
+            loss=metrics["train_loss"],
+            metrics=metrics,
+            epoch_duration_seconds=time.perf_counter() - start,
+            num_samples=sums.samples,
+            num_batches=sums.batches,
+            learning_rate=_lr(optimizer),
+            step_log=step_log,
+            sums=totals,
+        )
+
+    def _optimizer_step(self, model, optimizer, scheduler, scaler) -> None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.gradient_clip_norm is not None:
+            self.last_grad_norm = self.accumulator.clip_gradients(model)
+        if self.monitor is not None:
+            self.monitor.check_step(model)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+
+class ValidationLoop:
+    """Evaluates the model over a loader without gradients."""
+
+    def __init__(
+        self,
+        loss_strategy: LossStrategy,
+        *,
+        precision: Precision | None = None,
+        task_type: str = "classification",
+        input_column: str = "x",
+        label_column: str = "y",
+    ) -> None:
+        self.loss_strategy = loss_strategy
+        self.precision = precision
+        self.classification = task_type in ("classification", "image_classification")
+        self.regression = task_type == "regression"
+        self.columns = (input_column, label_column)
+
+    @torch.no_grad()
+    def run_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        val_loader: Iterable[Any],
+        device: torch.device | str = "cpu",
+        metrics_callback: Callable[[float, int], None] | None = None,
+    ) -> EpochResult:
+        """Evaluate once over ``val_loader``."""
+        device = torch.device(device)
+        precision = self.precision or Precision(False, device.type)
+        model.eval()
+        sums = _Sums(self.classification, self.regression)
+        start = time.perf_counter()
+        for batch_idx, batch in enumerate(val_loader):
+            inputs, labels = unpack_batch(batch, *self.columns)
+            inputs, labels = inputs.to(device), labels.to(device)
+            with precision.autocast():
+                logits = ModelOutput.from_raw(model(inputs)).logits
+                loss = self.loss_strategy.compute_loss(logits, labels)
+            sums.add(loss, logits, labels)
+            if metrics_callback is not None:
+                metrics_callback(float(loss), batch_idx)
+        totals = sums.as_tensor()
+        metrics = metrics_from_sums(totals, self.classification, self.regression, "val")
+        return EpochResult(
+            epoch=epoch,
+            loss=metrics["val_loss"],
+            metrics=metrics,
+            epoch_duration_seconds=time.perf_counter() - start,
+            num_samples=sums.samples,
+            num_batches=sums.batches,
+            learning_rate=0.0,
+            sums=totals,
+        )
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _NullContext()
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])

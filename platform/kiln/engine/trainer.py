@@ -1,0 +1,414 @@
+"""Trainer: the driver side of a run.
+
+It assembles a config, a data plan and a Ray Train ``TorchTrainer`` around the one
+worker loop (:func:`kiln.engine.worker.train_loop_per_worker`), then hands the
+outcome to small objects that record the run and register the model. With
+``num_workers=0`` the loop runs in this process (Ray Train local mode); with
+``num_workers>=1`` it runs in that many Ray Train worker actors with DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.config import TaskSpec, TrainingConfig
+from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
+from kiln.engine.data_plan import DataPlan, plan_data
+from kiln.engine.worker import WorkerPlan, train_loop_per_worker
+from kiln.errors import CheckpointError, ConfigError, ModelConfigError
+
+logger = logging.getLogger(__name__)
+
+# Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default) and each ray.train.report waits for that poll. kiln reports once per epoch,
+# so a short interval costs little and removes up to 2 s per epoch (benchmarks/).
+DEFAULT_REPORT_POLL_S = "0.1"
+
+
+class Trainer:
+    """Train a model on Ray Train and return the run's results (seed 002).
+
+    Args:
+        model: an ``nn.Module``, a zero-argument factory returning one, or None to build
+            the architecture described by ``training_config.model`` / ``config``.
+        config: optional architecture config (dict or SimpleNamespace) merged into
+            ``training_config.model``.
+        training_config: hyperparameters and run settings.
+        task_spec: what is predicted; completed from the data where it is silent.
+        hooks: a TrainingHooks/CallbackBase object or a list of them (run in the workers).
+        device: "cpu" or "cuda" (cuda sets ``use_gpu``).
+        storage_path: where run folders go (Ray Train storage_path); default
+            ``$KILN_HOME/runs``. On a cluster this must be shared storage.
+        db_path: experiment/registry database; default ``training_config.tracking_db`` or
+            ``$KILN_HOME/kiln.db``.
+        data_dir: where local datasets such as MNIST live; default ``$KILN_HOME/datasets``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
+        config: dict[str, Any] | SimpleNamespace | None = None,
+        training_config: TrainingConfig | None = None,
+        task_spec: TaskSpec | None = None,
+        hooks: Any = None,
+        device: str = "cpu",
+        *,
+        storage_path: str | os.PathLike[str] | None = None,
+        db_path: str | os.PathLike[str] | None = None,
+        artifacts_dir: str | os.PathLike[str] | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        cfg = training_config or TrainingConfig()
+        if config is not None:
+            extra = vars(config) if isinstance(config, SimpleNamespace) else dict(config)
+            cfg = cfg.replace(model={**cfg.model, **extra})
+        if device not in ("cpu", "cuda") and not str(device).startswith("cuda"):
+            raise ConfigError(f"device={device!r} must be 'cpu' or 'cuda'")
+        if str(device).startswith("cuda") and not cfg.use_gpu:
+            cfg = cfg.replace(use_gpu=True)
+        if cfg.use_gpu and cfg.num_workers == 0 and not torch.cuda.is_available():
+            raise ConfigError(
+                "device='cuda' / use_gpu=true, but this machine has no CUDA device; use 'cpu'"
+            )
+        self.model = model
+        self.training_config = cfg.validate()
+        self.task_spec = task_spec
+        self.hooks = _as_list(hooks)
+        self.device = device
+        self._paths = _Paths(storage_path, db_path, artifacts_dir, data_dir, cfg)
+        self.trained_model: nn.Module | None = None
+        self.results: dict[str, Any] | None = None
+
+    def train(
+        self, train_data: Any = None, val_data: Any = None, resume_from: str | None = None
+    ) -> dict[str, Any]:
+        """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
+        cfg = self.training_config
+        plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self._paths.data_dir)
+        if "val" not in (plan.datasets or plan.loaders or {}) and cfg.monitor.startswith("val_"):
+            fallback = "train_" + cfg.monitor[len("val_") :]
+            logger.warning("no validation data: monitoring %r instead of %r", fallback, cfg.monitor)
+            cfg = cfg.replace(monitor=fallback)
+        factory, model_config = self._model_factory(plan)
+        run_name = _unique_run_name(cfg.run_name or plan.task.name)
+        run_dir = self._paths.storage / run_name
+        checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
+        resume = self._resolve_resume(resume_from)
+        worker_plan = WorkerPlan(
+            config=cfg,
+            task=plan.task,
+            model_factory=factory,
+            checkpoint_dir=str(checkpoint_dir),
+            data=plan.kind,
+            num_train_rows=plan.num_train_rows,
+            cache_shards=plan.cache_shards,
+            loaders=plan.loaders,
+            hooks=self.hooks,
+            resume_from=resume,
+            checkpoint_metadata={
+                "model_config": model_config,
+                "input_shape": list(plan.input_shape),
+                "num_outputs": plan.task.output_dim,
+                "task_spec": plan.task.to_dict(),
+                "training_config": cfg.to_dict(),
+                "run_name": run_name,
+            },
+        )
+        tracker = _tracker(cfg, self._paths)
+        run_id = tracker.start(run_name, cfg, plan, resume) if tracker else None
+        started = time.perf_counter()
+        try:
+            result = _fit(worker_plan, plan, cfg, run_name, self._paths.storage)
+        except BaseException as exc:
+            if tracker:
+                tracker.finish(
+                    run_id, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed", error=exc
+                )
+            raise
+        summary = result.return_value or {}
+        total_time = time.perf_counter() - started
+        results = _results(summary, cfg, plan, run_name, run_dir, total_time)
+        self.trained_model = self._final_model(factory, summary.get("latest_checkpoint"))
+        if tracker:
+            results["run_id"] = run_id
+            results["model_id"] = tracker.complete(run_id, results, cfg, plan, self.trained_model)
+        self.results = results
+        return results
+
+    # ------------------------------------------------------------------ helpers
+    def _model_factory(
+        self, plan: DataPlan
+    ) -> tuple[Callable[[], nn.Module], dict[str, Any] | None]:
+        model = self.model
+        if isinstance(model, nn.Module):
+            return _ModuleFactory(model), None
+        if model is not None:
+            if not callable(model):
+                raise ModelConfigError(
+                    f"model must be an nn.Module, a zero-argument factory, or None; got {type(model).__name__}"
+                )
+            return model, None
+        from kiln.models import validate_model_config
+
+        spec = self.training_config.model_spec() or _default_architecture(plan)
+        problems = validate_model_config(
+            spec, input_shape=plan.input_shape, num_outputs=plan.task.output_dim
+        )
+        if problems:
+            dataset = plan.dataset_id or plan.task.name
+            raise ModelConfigError(
+                f"the model does not fit dataset {dataset!r} (input shape {list(plan.input_shape)}, "
+                f"{plan.task.output_dim} outputs):\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+        return _SpecFactory(spec, plan.input_shape, plan.task.output_dim), spec
+
+    def _resolve_resume(self, resume_from: str | None) -> str | None:
+        if resume_from is None:
+            return None
+        if resume_from in ("latest", "best"):
+            runs = _runs_newest_first(self._paths.storage, self.training_config.run_name)
+            for run in runs:
+                try:
+                    return str(resolve_checkpoint(resume_from, run / "checkpoints"))
+                except CheckpointError:
+                    continue
+            raise CheckpointError(
+                f"resume_from={resume_from!r}, but no run under {str(self._paths.storage)!r} has a "
+                "checkpoint; pass a checkpoint directory instead"
+            )
+        return str(resolve_checkpoint(resume_from, None))
+
+    def _final_model(
+        self, factory: Callable[[], nn.Module], latest: str | None
+    ) -> nn.Module | None:
+        if latest is None:
+            return None
+        state = load_checkpoint_state(latest).model_state
+        target = self.model if isinstance(self.model, nn.Module) else factory()
+        target.load_state_dict(state)
+        return target
+
+
+# ---------------------------------------------------------------------- Ray Train
+def _fit(
+    worker_plan: WorkerPlan, plan: DataPlan, cfg: TrainingConfig, run_name: str, storage: Path
+):
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if cfg.num_workers > 0:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_REPORT_POLL_S)
+    if plan.datasets or cfg.num_workers > 0:
+        _ensure_ray()
+    if cfg.num_workers > 0:
+        _check_resources(cfg)
+    resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
+    data_config = DataConfig(datasets_to_split="all")
+    if worker_plan.cache_shards:  # a fixed row order, so cached shards are reproducible
+        data_config = DataConfig(datasets_to_split="all", execution_options=_ordered_execution())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": worker_plan},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        datasets=plan.datasets,
+        dataset_config=data_config,
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    return trainer.fit()
+
+
+def _ordered_execution():
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, configure_logging=True)
+
+
+def _check_resources(cfg: TrainingConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus = (cfg.cpus_per_worker or 1) * cfg.num_workers
+    problems = []
+    if cpus > total.get("CPU", 0):
+        problems.append(
+            f"num_workers={cfg.num_workers} x {cfg.cpus_per_worker or 1} CPU needs {cpus:g} CPUs but the "
+            f"Ray cluster has {total.get('CPU', 0):g}; lower num_workers or cpus_per_worker, or add nodes"
+        )
+    if cfg.use_gpu and cfg.num_workers > total.get("GPU", 0):
+        problems.append(
+            f"use_gpu=true with num_workers={cfg.num_workers} needs {cfg.num_workers} GPUs but the Ray "
+            f"cluster has {total.get('GPU', 0):g}; set use_gpu=false or lower num_workers"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---------------------------------------------------------------------- results
+def _results(
+    summary: dict,
+    cfg: TrainingConfig,
+    plan: DataPlan,
+    run_name: str,
+    run_dir: Path,
+    total_time: float,
+) -> dict[str, Any]:
+    history = summary.get("history", [])
+    sign = 1 if cfg.mode == "min" else -1
+    scored = [h for h in history if cfg.monitor in h]
+    best = (
+        min(scored, key=lambda h: sign * h[cfg.monitor])
+        if scored
+        else (history[-1] if history else {})
+    )
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k != "steps"}
+    return {
+        "best_epoch": best.get("epoch"),
+        "best_val_loss": best.get("val_loss", best.get("train_loss")),
+        "best_metric": {cfg.monitor: best.get(cfg.monitor)},
+        "total_time": total_time,
+        "final_metrics": final,
+        "history": history,
+        "checkpoint_path": summary.get("best_checkpoint") or summary.get("latest_checkpoint"),
+        "latest_checkpoint_path": summary.get("latest_checkpoint"),
+        "checkpoints": summary.get("checkpoints", []),
+        "world_size": summary.get("world_size", max(1, cfg.num_workers)),
+        "stopped_early": summary.get("stopped_early", False),
+        "resumed_from": summary.get("resumed_from"),
+        "run_name": run_name,
+        "run_dir": str(run_dir),
+        "task": plan.task.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------- small pieces
+class _ModuleFactory:
+    """Ships a user's module to workers; each call returns an independent copy."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        return copy.deepcopy(self.module)
+
+
+class _SpecFactory:
+    """Builds a kiln architecture inside each worker (after seeding, so ranks agree)."""
+
+    def __init__(
+        self, spec: dict[str, Any], input_shape: Sequence[int], num_outputs: int | None
+    ) -> None:
+        self.spec, self.input_shape, self.num_outputs = spec, tuple(input_shape), num_outputs
+
+    def __call__(self) -> nn.Module:
+        from kiln.models import build_model
+
+        return build_model(self.spec, input_shape=self.input_shape, num_outputs=self.num_outputs)
+
+
+def _default_architecture(plan: DataPlan) -> dict[str, Any]:
+    if plan.task.task_type == "language_modeling":
+        return {"name": "tiny_transformer", "vocab_size": plan.task.vocab_size or 32}
+    if len(plan.input_shape) == 3:
+        return {"name": "cnn"}
+    return {"name": "mlp", "hidden": [128]}
+
+
+def _as_list(hooks: Any) -> list[Any]:
+    if hooks is None:
+        return []
+    if isinstance(hooks, (list, tuple)):
+        return list(hooks)
+    return [hooks]
+
+
+def _unique_run_name(base: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "run"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{slug}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
+    if not storage.is_dir():
+        return []
+    runs = [p for p in storage.iterdir() if (p / "checkpoints").is_dir()]
+    if run_name:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")
+        named = [p for p in runs if p.name.startswith(slug + "-") or p.name == slug]
+        runs = named or runs
+    return sorted(runs, key=lambda p: (p / "checkpoints").stat().st_mtime, reverse=True)
+
+
+class _Paths:
+    """Resolves storage, database and data locations once (the entry point's job)."""
+
+    def __init__(self, storage_path, db_path, artifacts_dir, data_dir, cfg: TrainingConfig) -> None:
+        self._explicit = (storage_path, db_path or cfg.tracking_db, artifacts_dir, data_dir)
+
+    def _home(self) -> Path:
+        from kiln.paths import kiln_home
+
+        return kiln_home()
+
+    @property
+    def storage(self) -> Path:
+        from kiln.paths import default_runs_dir
+
+        path = Path(self._explicit[0]) if self._explicit[0] else default_runs_dir(self._home())
+        path.mkdir(parents=True, exist_ok=True)
+        return path.resolve()
+
+    @property
+    def db(self) -> Path:
+        from kiln.paths import default_db_path
+
+        return Path(self._explicit[1]) if self._explicit[1] else default_db_path(self._home())
+
+    @property
+    def artifacts(self) -> Path:
+        from kiln.paths import default_artifacts_dir
+
+        return Path(self._explicit[2]) if self._explicit[2] else default_artifacts_dir(self._home())
+
+    @property
+    def data_dir(self) -> Path | None:
+        from kiln.paths import default_datasets_dir
+
+        return Path(self._explicit[3]) if self._explicit[3] else default_datasets_dir(self._home())
+
+
+def _tracker(cfg: TrainingConfig, paths: _Paths):
+    if not cfg.tracking and not cfg.register_as:
+        return None
+    from kiln.engine._tracking import RunTracker
+
+    return RunTracker(paths.db, paths.artifacts, record=cfg.tracking)

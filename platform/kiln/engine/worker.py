@@ -1,0 +1,464 @@
+"""The one training loop. Every kiln entry point ends here.
+
+``train_loop_per_worker`` is what Ray Train's ``TorchTrainer`` runs: in the driver
+process when ``num_workers=0`` (Ray Train local mode), or in each of N worker actors
+with DDP otherwise. It reads top to bottom:
+
+    setup:      seed -> model (DDP) -> optimizer/scheduler -> data shards -> resume
+    for epoch:  hooks.on_epoch_start
+                TrainingLoop.run_epoch     (steps: forward, loss, backward, clip, step)
+                ValidationLoop.run_epoch
+                all-reduce sums -> metrics are means over every rank's samples
+                hooks.on_validation_end / on_epoch_end   (every rank, same metrics)
+                early-stop decision (agreed across ranks)
+                rank 0: checkpoint (snapshot now, write in the background)
+                ray.train.report(metrics)  (every rank: it is a barrier)
+    teardown:   wait for checkpoint writes; rank 0 returns the run summary
+
+Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.config import TaskSpec, TrainingConfig
+from kiln.engine.callbacks import CallbackBase, EarlyStoppingCallback
+from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
+from kiln.engine.gradients import GradientAccumulator
+from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
+from kiln.engine.loss import get_loss_strategy, loss_for_task
+from kiln.engine.optim import Precision, build_optimizer, build_scheduler
+from kiln.engine.seed import set_random_seed, set_rng_state
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker needs, as plain picklable values."""
+
+    config: TrainingConfig
+    task: TaskSpec
+    model_factory: Callable[[], nn.Module]
+    checkpoint_dir: str
+    data: str  # "ray": Ray Data shards "train"/"val"; "torch": the DataLoaders below
+    num_train_rows: int
+    cache_shards: bool = True
+    loaders: dict[str, Any] | None = None
+    hooks: list[Any] = field(default_factory=list)
+    resume_from: str | None = None
+    checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point: ``loop_config = {"plan": WorkerPlan}``."""
+    plan: WorkerPlan = loop_config["plan"]
+    cfg, task = plan.config, plan.task
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    # ---- setup -------------------------------------------------------------
+    set_random_seed(cfg.random_seed, cfg.deterministic)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    model = plan.model_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+    # Resume: an explicit checkpoint, else this run's own latest (a restart after a failure).
+    resume = plan.resume_from
+    if resume is None and rank == 0:
+        resume = _latest_or_none(plan.checkpoint_dir)
+    resume = _broadcast(resume, distributed)
+    restored = load_checkpoint_state(resume) if resume else None
+    if restored is not None:
+        model.load_state_dict(restored[0])  # before DDP wraps it: every rank loads
+    if cfg.compile_mode:
+        model = torch.compile(model, mode=cfg.compile_mode)
+    model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
+    train_batches, val_batches, rows_per_rank = _data_for_rank(plan, device, world_size)
+
+    batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    precision = Precision.from_config(cfg, device)
+    scaler = precision.make_scaler()
+    loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
+    if task.task_type == "language_modeling" and task.pad_token_id is not None:
+        loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
+    accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
+    columns = {"input_column": task.input_column, "label_column": task.label_column}
+    train_loop = TrainingLoop(
+        accumulator,
+        None,
+        loss,
+        cfg.max_grad_norm,
+        precision=precision,
+        task_type=task.task_type,
+        log_every_n_steps=cfg.log_every_n_steps,
+        **columns,
+    )
+    val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
+
+    hooks = _Hooks(copy.deepcopy(plan.hooks), cfg, model, optimizer, rank, world_size)
+    manager = (
+        CheckpointManager(
+            plan.checkpoint_dir,
+            keep_best_k=cfg.keep_best_k,
+            keep_last_n=cfg.keep_last_n,
+            monitor=cfg.monitor,
+            mode=cfg.mode,
+            save_interval_epochs=cfg.save_every_n_epochs,
+        )
+        if rank == 0
+        else None
+    )
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if restored is not None:
+        _, train_state, meta = restored
+        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None and train_state.get(name) is not None:
+                obj.load_state_dict(train_state[name])
+        set_rng_state(train_state["rng"])
+        extra = meta.get("user", {})
+        start_epoch = int(meta["epoch"])
+        history = list(extra.get("history", []))
+        train_loop.global_step = int(extra.get("global_step", 0))
+        hooks.restore(extra.get("callbacks"))
+
+    # ---- epochs ------------------------------------------------------------
+    hooks.training_start()
+    stopped_early = False
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        hooks.epoch_start(epoch)
+        train = train_loop.run_epoch(
+            epoch,
+            model,
+            train_batches(epoch),
+            optimizer,
+            scheduler,
+            device,
+            metrics_callback=hooks.batch_end if hooks.wants_batch_end else None,
+            scaler=scaler,
+        )
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update(_reduce(train.sums, train_loop, "train", distributed))
+        if val_batches is not None:
+            val = val_loop.run_epoch(epoch, model, val_batches(epoch), device)
+            val_metrics = _reduce(val.sums, val_loop, "val", distributed)
+            metrics.update(val_metrics)
+            hooks.validation_end(val_metrics)
+        metrics["learning_rate"] = train.learning_rate
+        metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
+        metrics["global_step"] = train_loop.global_step
+        metrics["timestamp"] = time.time()
+        if train_loop.last_grad_norm is not None:
+            metrics["grad_norm"] = float(train_loop.last_grad_norm)
+        if train.step_log:
+            metrics["steps"] = train.step_log
+        hooks.epoch_end(epoch, metrics)
+        stop = _agree(hooks.stop_training, distributed)
+        history.append(metrics)
+        last = stop or epoch == cfg.epochs
+        if manager is not None and (manager.should_save(epoch) or last):
+            extra = {
+                **plan.checkpoint_metadata,
+                "history": history,
+                "global_step": train_loop.global_step,
+                "callbacks": hooks.state(),
+                "world_size": world_size,
+            }
+            manager.save_checkpoint(
+                epoch,
+                _scalars(metrics),
+                _unwrap(model),
+                optimizer,
+                scheduler,
+                metadata=extra,
+                scaler=scaler,
+                blocking=False,
+            )
+        _report(_scalars(metrics))
+        if stop:
+            stopped_early = True
+            break
+
+    # ---- teardown ----------------------------------------------------------
+    hooks.training_end()
+    if manager is None:
+        return None
+    manager.wait()
+    manager.close()
+    return {
+        "history": history,
+        "stopped_early": stopped_early,
+        "world_size": world_size,
+        "best_checkpoint": manager.get_best_checkpoint(),
+        "latest_checkpoint": manager.get_latest_checkpoint(),
+        "checkpoints": [c.path for c in manager.checkpoints],
+        "resumed_from": resume,
+    }
+
+
+# ---------------------------------------------------------------------- data
+def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
+    """Return (train_batches(epoch), val_batches(epoch) or None, rows on this rank)."""
+    cfg = plan.config
+    if plan.data == "torch":
+        import ray.train.torch
+
+        loaders = {
+            k: ray.train.torch.prepare_data_loader(v) for k, v in (plan.loaders or {}).items()
+        }
+        train = loaders["train"]
+        rows = math.ceil(plan.num_train_rows / world_size)
+        return (
+            _loader_epochs(train),
+            (_loader_epochs(loaders["val"]) if "val" in loaders else None),
+            rows,
+        )
+
+    import ray.train
+
+    shards = {"train": ray.train.get_dataset_shard("train")}
+    try:
+        shards["val"] = ray.train.get_dataset_shard("val")
+    except (KeyError, AssertionError, ValueError):
+        pass
+    columns = (plan.task.input_column, plan.task.label_column)
+    if plan.cache_shards:
+        train = _CachedShard(
+            shards["train"], columns, cfg.batch_size, cfg.random_seed, shuffle=True
+        )
+        val = (
+            _CachedShard(shards["val"], columns, cfg.batch_size, cfg.random_seed, shuffle=False)
+            if "val" in shards
+            else None
+        )
+        return train.epoch, (val.epoch if val else None), len(train)
+    rows = math.ceil(plan.num_train_rows / world_size)
+
+    def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
+        def epoch_batches(epoch: int) -> Iterator[Any]:
+            return iter(
+                shards[name].iter_torch_batches(
+                    batch_size=cfg.batch_size,
+                    local_shuffle_buffer_size=max(cfg.batch_size * 8, 1024) if shuffle else None,
+                    local_shuffle_seed=cfg.random_seed + epoch if shuffle else None,
+                )
+            )
+
+        return epoch_batches
+
+    return stream("train", True), (stream("val", False) if "val" in shards else None), rows
+
+
+def _loader_epochs(loader: Any) -> Callable[[int], Any]:
+    def epoch_batches(epoch: int) -> Any:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        return loader
+
+    return epoch_batches
+
+
+class _CachedShard:
+    """A shard read once through Ray Data and kept as tensors; reshuffled per epoch.
+
+    The epoch order depends only on (seed, epoch), so a resumed run sees the same
+    batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self, shard: Any, columns: tuple[str, str], batch_size: int, seed: int, *, shuffle: bool
+    ):
+        xs, ys = [], []
+        for batch in shard.iter_torch_batches(batch_size=8192):
+            xs.append(batch[columns[0]])
+            ys.append(batch[columns[1]])
+        self.x = torch.cat(xs) if xs else torch.empty(0)
+        self.y = torch.cat(ys) if ys else torch.empty(0)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        if self.shuffle:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
+            x, y = self.x[order], self.y[order]
+        else:
+            x, y = self.x, self.y
+        for start in range(0, n, self.batch_size):
+            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+
+
+# ---------------------------------------------------------------------- ranks
+def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
+    if distributed:
+        sums = sums.clone()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return metrics_from_sums(sums, loop.classification, loop.regression, prefix)
+
+
+def _agree(flag: bool, distributed: bool) -> bool:
+    """True when any rank wants to stop (ranks must leave the loop together)."""
+    if not distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _broadcast(value: Any, distributed: bool) -> Any:
+    if not distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _latest_or_none(checkpoint_dir: str) -> str | None:
+    from kiln.errors import CheckpointError
+
+    try:
+        return str(resolve_checkpoint("latest", checkpoint_dir))
+    except CheckpointError:
+        return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "steps"}
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    """Hand one epoch's metrics to Ray (Tune's session when run in-process in a trial)."""
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if _in_tune_session():
+        import ray.tune
+
+        ray.tune.report(metrics)
+    else:
+        import ray.train
+
+        ray.train.report(metrics)
+
+
+# ---------------------------------------------------------------------- hooks
+_TRAINING_HOOKS = (
+    "on_training_start",
+    "on_epoch_start",
+    "on_batch_end",
+    "on_validation_end",
+    "on_epoch_end",
+    "on_training_end",
+)
+
+
+class _Hooks:
+    """Dispatches loop events to seed-002 TrainingHooks and seed-001 callbacks alike."""
+
+    def __init__(
+        self, hooks: list[Any], cfg: TrainingConfig, model, optimizer, rank: int, world_size: int
+    ):
+        if cfg.early_stopping_patience:
+            hooks.append(
+                EarlyStoppingCallback(
+                    monitor=cfg.monitor,
+                    patience=cfg.early_stopping_patience,
+                    min_delta=cfg.early_stopping_min_delta,
+                    mode=cfg.mode,
+                )
+            )
+        self.callbacks = [h for h in hooks if isinstance(h, CallbackBase)]
+        self.hooks = [h for h in hooks if not isinstance(h, CallbackBase)]
+        for cb in self.callbacks:
+            cb.set_context(model=model, optimizer=optimizer, rank=rank, world_size=world_size)
+        self.wants_batch_end = any(
+            type(cb).on_batch_end is not CallbackBase.on_batch_end for cb in self.callbacks
+        ) or any(_defines(h, "on_batch_end") for h in self.hooks)
+        self._epoch_start = 0.0
+
+    @property
+    def stop_training(self) -> bool:
+        return any(getattr(h, "stop_training", False) for h in self.callbacks + self.hooks)
+
+    def _call(self, name: str, *args: Any) -> None:
+        for h in self.hooks:
+            fn = getattr(h, name, None)
+            if fn is not None:
+                fn(*args)
+
+    def training_start(self) -> None:
+        self._call("on_training_start")
+        for cb in self.callbacks:
+            cb.on_train_begin({})
+
+    def epoch_start(self, epoch: int) -> None:
+        self._epoch_start = time.perf_counter()
+        self._call("on_epoch_start", epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_begin(epoch, {})
+
+    def batch_end(self, loss: float, batch_idx: int) -> None:
+        self._call("on_batch_end", batch_idx, loss)
+        for cb in self.callbacks:
+            cb.on_batch_end(batch_idx, {"loss": loss})
+
+    def validation_end(self, metrics: dict[str, float]) -> None:
+        self._call("on_validation_end", dict(metrics))
+
+    def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self._call("on_epoch_end", epoch, _scalars(metrics))
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, _scalars(metrics))
+
+    def training_end(self) -> None:
+        self._call("on_training_end")
+        for cb in self.callbacks:
+            cb.on_train_end({})
+
+    def state(self) -> list[dict[str, Any]]:
+        """Early-stopping state (best, wait) so a resumed run keeps counting."""
+        return [
+            {"best": cb.best, "wait": cb.wait}
+            for cb in self.callbacks
+            if isinstance(cb, EarlyStoppingCallback)
+        ]
+
+    def restore(self, state: list[dict[str, Any]] | None) -> None:
+        stoppers = [cb for cb in self.callbacks if isinstance(cb, EarlyStoppingCallback)]
+        for cb, saved in zip(stoppers, state or []):
+            cb.best, cb.wait = saved["best"], saved["wait"]
+
+
+def _defines(obj: Any, name: str) -> bool:
+    fn = getattr(type(obj), name, None)
+    if fn is None:
+        return callable(getattr(obj, name, None))
+    from kiln.engine.callbacks import TrainingHooks
+
+    return fn is not getattr(TrainingHooks, name, None)
