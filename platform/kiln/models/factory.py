@@ -114,12 +114,9 @@ def _named(model_cfg: dict) -> tuple[str | None, dict[str, Any], list[str]]:
     kwargs = {k: v for k, v in model_cfg.items() if k not in _NAME_KEYS and v is not None}
     keys = _ARCHITECTURES[name].keys
     unknown = sorted(set(kwargs) - set(keys)) if keys is not None else []
-    if unknown:
-        return (
-            name,
-            kwargs,
-            [f"{name} does not take {unknown}; allowed keys: {', '.join(['name', *keys])}"],
-        )  # type: ignore[list-item]
+    if keys is not None and unknown:
+        allowed = ", ".join(["name", *keys])
+        return name, kwargs, [f"{name} does not take {unknown}; allowed keys: {allowed}"]
     return name, kwargs, []
 
 
