@@ -1,0 +1,166 @@
+"""`kiln models`: the model registry from the command line.
+
+    kiln models list [--name NAME] [--limit N] [--active]
+    kiln models show NAME[:VERSION|@TAG]
+    kiln models promote NAME:VERSION TAG
+    kiln models history NAME [--tag TAG]
+    kiln models rollback NAME TAG
+    kiln models retire NAME:VERSION
+
+The registry lives in ``--db`` (artifacts beside it in ``artifacts/``) or in
+``$KILN_HOME/kiln.db`` and ``$KILN_HOME/artifacts``. Unknown names, versions or tags
+print a message listing what exists and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kiln.cli.runs import db_path, handles_errors, print_table
+from kiln.errors import KilnError
+
+__all__ = ["register"]
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from kiln.paths import default_artifacts_dir, kiln_home
+    from kiln.tracking.registry import ModelRegistry
+
+    if getattr(args, "artifacts", None):
+        artifacts = Path(args.artifacts)
+    elif getattr(args, "db", None):
+        artifacts = Path(args.db).expanduser().parent / "artifacts"
+    else:
+        artifacts = default_artifacts_dir(kiln_home())
+    return ModelRegistry(db_path(args), artifacts)
+
+
+def _pinned(ref: str) -> tuple[str, str]:
+    if ":" not in ref:
+        raise KilnError(f"{ref!r} names no version; write NAME:VERSION, e.g. {ref}:1.0.0")
+    name, version = ref.rsplit(":", 1)
+    return name, version
+
+
+@handles_errors
+def cmd_list(args: argparse.Namespace) -> int:
+    df = _open(args).list_models(limit=args.limit, name=args.name, include_retired=not args.active)
+    if df.empty:
+        print("no models registered yet")
+        return 0
+    df["created_at"] = df["created_at"].str.slice(0, 19)
+    df = df.drop(columns=["config_hash", "sha256", "parent_model_id"])
+    print_table(df, title="models (newest first)")
+    return 0
+
+
+@handles_errors
+def cmd_show(args: argparse.Namespace) -> int:
+    reg = _open(args)
+    entry = reg.resolve(args.ref)
+    rows = [
+        ("model_id", entry.model_id),
+        ("name", entry.name),
+        ("version", entry.version),
+        ("status", entry.status),
+        ("tags", ", ".join(entry.tags)),
+        ("task_type", entry.task_type),
+        ("created_at", entry.created_at),
+        ("checkpoint_path", entry.checkpoint_path),
+        ("sha256", entry.sha256),
+        ("model_size_mb", entry.model_size_mb),
+        ("export_formats", ", ".join(entry.export_formats)),
+        ("training_run_id", entry.training_run_id),
+        ("parent_model_id", entry.parent_model_id),
+        ("config_hash", entry.config_hash),
+        ("description", entry.description),
+    ]
+    print_table(pd.DataFrame(rows, columns=["field", "value"]), title=entry.ref)
+    if entry.metrics:
+        print_table(pd.DataFrame(sorted(entry.metrics.items()), columns=["metric", "value"]))
+    lineage = reg.lineage(entry.model_id)
+    if len(lineage) > 1:
+        print("lineage: " + " <- ".join(e.ref for e in lineage))
+    return 0
+
+
+@handles_errors
+def cmd_promote(args: argparse.Namespace) -> int:
+    reg = _open(args)
+    name, version = _pinned(args.ref)
+    entry = reg.get_model(name=name, version=version)
+    reg.promote_model(entry.model_id, args.tag)
+    print(f"{entry.ref} is now {name}@{args.tag}")
+    return 0
+
+
+@handles_errors
+def cmd_history(args: argparse.Namespace) -> int:
+    df = _open(args).tag_history(args.name, tag=args.tag)
+    if df.empty:
+        print(f"no tag has been moved for {args.name!r}")
+        return 0
+    df["at"] = df["at"].str.slice(0, 19)
+    for col in ("metrics", "previous_metrics"):
+        df[col] = [json.dumps(m, sort_keys=True) if m else "" for m in df[col]]
+    print_table(df, title=f"tag history of {args.name}")
+    return 0
+
+
+@handles_errors
+def cmd_rollback(args: argparse.Namespace) -> int:
+    entry = _open(args).rollback(args.name, args.tag)
+    print(f"{args.name}@{args.tag} rolled back to {entry.ref}")
+    return 0
+
+
+@handles_errors
+def cmd_retire(args: argparse.Namespace) -> int:
+    reg = _open(args)
+    name, version = _pinned(args.ref)
+    entry = reg.get_model(name=name, version=version)
+    reg.delete_model(entry.model_id)
+    print(
+        f"{entry.ref} retired" + (f" (removed tags: {', '.join(entry.tags)})" if entry.tags else "")
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``models`` command and its subcommands to the kiln CLI."""
+    models = subparsers.add_parser("models", help="list, show, tag and retire registered models")
+    sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="registered models, newest first")
+    p.add_argument("--name", help="only versions of this model")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.add_argument("--active", action="store_true", help="hide retired models")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="one model: NAME, NAME:VERSION or NAME@TAG")
+    p.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("promote", help="point TAG at NAME:VERSION (moving it)")
+    p.add_argument("ref", metavar="NAME:VERSION")
+    p.add_argument("tag", metavar="TAG")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("history", help="every tag move of NAME, with metrics of both versions")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--tag", help="only this tag")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("rollback", help="move TAG of NAME back to its previous holder")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("tag", metavar="TAG")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("retire", help="retire NAME:VERSION (it loses its tags)")
+    p.add_argument("ref", metavar="NAME:VERSION")
+    p.set_defaults(func=cmd_retire)

@@ -1,0 +1,220 @@
+"""`kiln runs`: list, show, compare and plot recorded training runs.
+
+    kiln runs list [--group G] [--status S] [--limit N]
+    kiln runs show RUN
+    kiln runs compare RUN RUN... [--metric NAME ...] [--agg last|min|max|mean]
+    kiln runs plot RUN [--metric NAME ...] [-o out.png]
+
+RUN is a run id or a run name (the newest run of that name). The database is
+``--db`` or ``$KILN_HOME/kiln.db``. Unknown runs print a message and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kiln.errors import KilnError
+
+__all__ = ["db_path", "print_table", "register"]
+
+
+def db_path(args: argparse.Namespace) -> Path:
+    """``--db`` when given, else ``kiln_home()/kiln.db`` (reads ``$KILN_HOME``)."""
+    from kiln.paths import default_db_path, kiln_home
+
+    given = getattr(args, "db", None)
+    return Path(given).expanduser() if given else default_db_path(kiln_home())
+
+
+def handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn kiln's errors into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (KilnError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 120))
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def print_table(df: pd.DataFrame, title: str | None = None) -> None:
+    """Print a DataFrame as a rich table."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in df.columns:
+        table.add_column(str(col), overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    _console().print(table)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from kiln.tracking.experiments import ExperimentDB
+
+    return ExperimentDB(db_path(args))
+
+
+@handles_errors
+def cmd_list(args: argparse.Namespace) -> int:
+    df = _open(args).list_runs(group=args.group, status=args.status, limit=args.limit)
+    if df.empty:
+        print("no runs recorded yet")
+        return 0
+    df["started_at"] = df["started_at"].str.slice(0, 19)
+    print_table(df.drop(columns=["ended_at"]), title="runs (newest first)")
+    return 0
+
+
+def _epoch_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    per_epoch = metrics[metrics["epoch"].notna()]
+    if per_epoch.empty:
+        return per_epoch
+    wide = per_epoch.pivot_table(index="epoch", columns="name", values="value", aggfunc="last")
+    wide = wide.reset_index()
+    wide.columns.name = None
+    return wide
+
+
+@handles_errors
+def cmd_show(args: argparse.Namespace) -> int:
+    db = _open(args)
+    run = db.get_run(args.run)
+    console = _console()
+    console.print(f"[bold]run {run['run_id']}[/bold]  {run['run_name']}  status: {run['status']}")
+    for key in ("group", "notes", "started_at", "ended_at", "duration_s", "error"):
+        if run[key] not in (None, ""):
+            console.print(f"  {key}: {run[key]}")
+    if run["config"]:
+        items = pd.DataFrame(
+            [(k, json.dumps(v, default=str)) for k, v in sorted(run["config"].items())],
+            columns=["key", "value"],
+        )
+        print_table(items, title="config")
+    if run["params"]:
+        items = pd.DataFrame(sorted(run["params"].items()), columns=["param", "value"])
+        print_table(items, title="params")
+    metrics = db.get_metrics(run["run_id"])
+    table = _epoch_table(metrics)
+    if not table.empty:
+        print_table(table, title="metrics per epoch")
+    elif not metrics.empty:
+        print_table(pd.DataFrame(sorted(run["metrics"].items()), columns=["metric", "last"]),
+                    title="metrics (last values)")  # fmt: skip
+    if run["artifacts"]:
+        print_table(pd.DataFrame(run["artifacts"]), title="checkpoints and artifacts")
+    return 0
+
+
+@handles_errors
+def cmd_compare(args: argparse.Namespace) -> int:
+    df = _open(args).compare_runs(args.runs, metrics=args.metric, agg=args.agg)
+    print_table(df, title=f"runs compared ({args.agg} value of each metric)")
+    return 0
+
+
+def _plot_names(table: pd.DataFrame, wanted: list[str] | None) -> list[str]:
+    names = [c for c in table.columns if c not in ("epoch", "step")]
+    if wanted:
+        missing = [m for m in wanted if m not in names]
+        if missing:
+            raise KilnError(f"metrics {missing!r} were not logged per epoch; logged: {names}")
+        return list(wanted)
+    return [n for n in names if "loss" in n.lower() or "acc" in n.lower()]
+
+
+@handles_errors
+def cmd_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    db = _open(args)
+    run = db.get_run(args.run)
+    table = _epoch_table(db.get_metrics(run["run_id"]))
+    if table.empty:
+        raise KilnError(f"run {run['run_id']} ({run['run_name']}) has no per-epoch metrics to plot")
+    names = _plot_names(table, args.metric)
+    if not names:
+        raise KilnError(
+            f"run {run['run_id']} has no loss or accuracy metrics; pick some with --metric "
+            f"from: {[c for c in table.columns if c != 'epoch']}"
+        )
+    panels = {"loss": [n for n in names if "loss" in n.lower()]}
+    panels["accuracy" if not args.metric else "other"] = [
+        n for n in names if n not in panels["loss"]
+    ]
+    panels = {k: v for k, v in panels.items() if v}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, cols) in zip(axes[0], panels.items(), strict=True):
+        for col in cols:
+            ax.plot(table["epoch"], table[col], marker="o", label=col)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"run {run['run_id']}: {run['run_name']}")
+    fig.tight_layout()
+    out = Path(args.output or f"run-{run['run_id']}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``runs`` command and its subcommands to the kiln CLI."""
+    runs = subparsers.add_parser("runs", help="list, show, compare and plot training runs")
+    sub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="recorded runs, newest first")
+    p.add_argument("--group", help="only runs of this group (e.g. a Tune search id)")
+    p.add_argument("--status", help="only runs with this status")
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="a run's config, params, metrics and checkpoints")
+    p.add_argument("run", help="run id or name")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compare", help="runs side by side")
+    p.add_argument("runs", nargs="+", help="run ids or names")
+    p.add_argument("--metric", action="extend", nargs="+", help="metrics to show (default all)")
+    p.add_argument("--agg", default="last", choices=["last", "min", "max", "mean"])
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="loss and accuracy curves per epoch, as a PNG")
+    p.add_argument("run", help="run id or name")
+    p.add_argument("--metric", action="extend", nargs="+", help="metrics to plot")
+    p.add_argument("-o", "--output", help="PNG path (default run-<id>.png)")
+    p.set_defaults(func=cmd_plot)
