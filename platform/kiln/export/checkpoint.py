@@ -1,0 +1,140 @@
+"""Export from what training leaves behind: a checkpoint folder or a registry tag.
+
+A kiln checkpoint folder holds ``model.pt`` (a state dict, loaded with
+``weights_only=True``) and ``metadata.json`` with ``model_config``,
+``input_shape``, ``num_outputs``, ``task_spec`` and ``training_config``; the
+model is rebuilt with ``kiln.models.build_model``. ``NAME@TAG`` resolves through
+``kiln.tracking.ModelRegistry`` (imported lazily, only when a tag is used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import CheckpointError
+from kiln.export.bundle import create_export_bundle
+from kiln.export.formats import DEFAULT_FORMATS, ExportError
+from kiln.export.manifest import load_bundle, sha256_file
+
+__all__ = [
+    "REQUIRED_METADATA",
+    "is_model_ref",
+    "load_checkpoint_model",
+    "export_checkpoint",
+    "export_registered",
+]
+
+REQUIRED_METADATA = ("model_config", "input_shape", "num_outputs")
+
+
+def is_model_ref(source: str) -> bool:
+    """True for ``NAME@TAG`` (a registry reference) rather than a path on disk."""
+    return "@" in source and not Path(source).exists()
+
+
+def load_checkpoint_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model saved in a kiln checkpoint folder.
+
+    Returns:
+        ``(model, metadata)`` with the model in eval mode on CPU.
+
+    Raises:
+        CheckpointError: missing files or metadata keys, or weights that do not fit.
+    """
+    root = Path(checkpoint_dir)
+    weights, meta_path = root / "model.pt", root / "metadata.json"
+    missing = [p.name for p in (weights, meta_path) if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r} lacks {missing}; a kiln checkpoint has model.pt and metadata.json"
+        )
+    meta = json.loads(meta_path.read_text())
+    absent = [k for k in REQUIRED_METADATA if k not in meta]
+    if absent:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r}: metadata.json lacks {absent}; export needs {list(REQUIRED_METADATA)}"
+        )
+    from kiln.models import build_model
+
+    model = build_model(
+        meta["model_config"],
+        input_shape=tuple(meta["input_shape"]),
+        num_outputs=meta["num_outputs"],
+    )
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r}: weights do not fit the model: {exc}"
+        ) from None
+    return model.eval(), meta
+
+
+def export_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    formats: str | Iterable[str] = DEFAULT_FORMATS,
+    *,
+    bundle_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Rebuild the model of a checkpoint folder and export it as a bundle."""
+    model, meta = load_checkpoint_model(checkpoint_dir)
+    return create_export_bundle(
+        model,
+        meta.get("model_config"),
+        meta.get("task_spec"),
+        meta.get("training_config"),
+        output_dir,
+        formats,
+        input_shape=meta["input_shape"],
+        bundle_name=bundle_name,
+        overwrite=overwrite,
+    )
+
+
+def export_registered(
+    ref: str,
+    db_path: str | os.PathLike[str],
+    artifacts_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    formats: str | Iterable[str] = DEFAULT_FORMATS,
+) -> tuple[Path, Any]:
+    """Bundle for ``NAME@TAG``, exported once into ``cache_dir`` keyed by the weights' sha256.
+
+    Returns:
+        ``(bundle_dir, registry_entry)``; a cached bundle that still verifies is reused.
+    """
+    from kiln.tracking import ModelRegistry
+
+    registry = ModelRegistry(db_path, artifacts_dir)
+    entry = registry.resolve(ref)
+    checkpoint = Path(registry.load_checkpoint_path(entry))
+    digest = sha256_file(checkpoint / "model.pt")
+    fmt_key = "-".join(sorted(formats.split(",") if isinstance(formats, str) else formats))
+    name = f"{_safe(ref.split('@')[0])}-v{getattr(entry, 'version', 'x')}-{digest[:16]}-{fmt_key}"
+    cached = Path(cache_dir) / name
+    if cached.exists():
+        try:
+            load_bundle(cached, verify=True)
+            return cached, entry
+        except Exception:
+            pass  # a broken cache entry is rebuilt below
+    try:
+        bundle = export_checkpoint(checkpoint, cache_dir, formats, bundle_name=name, overwrite=True)
+    except CheckpointError as exc:
+        raise ExportError(f"{ref!r}: {exc}") from exc
+    return bundle, entry
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
