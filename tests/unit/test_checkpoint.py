@@ -133,6 +133,8 @@ def test_unwraps_dataparallel_and_compile(tmp_path):
     inner = _model()
     wrapped = torch.nn.DataParallel(inner)
     assert unwrap_model(wrapped) is inner
+    compiled = torch.compile(inner)  # wrapping only; nothing is compiled until called
+    assert unwrap_model(torch.nn.DataParallel(compiled)) is inner
     mgr = CheckpointManager(tmp_path)
     mgr.save_checkpoint(0, {"val_loss": 1.0}, wrapped)
     state, _, _ = load_checkpoint_state(tmp_path / "epoch_0000")

@@ -159,8 +159,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(model, wrappers):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = inner
         else:
             return model
 

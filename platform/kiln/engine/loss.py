@@ -291,7 +291,7 @@ class PEFTAwareLoss:
         if self.l2_weight == 0.0 or not params:
             device = params[0].device if params else None
             return torch.zeros((), device=device)
-        return self.l2_weight * sum(p.pow(2).sum() for p in params)
+        return self.l2_weight * torch.stack([p.pow(2).sum() for p in params]).sum()
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError when ``base_model_frozen`` but nothing (or everything) is frozen."""
