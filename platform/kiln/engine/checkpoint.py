@@ -71,7 +71,12 @@ _KEYWORDS = ("latest", "best")
 
 @dataclass
 class CheckpointMetadata:
-    """What is known about one saved checkpoint."""
+    """What is known about one saved checkpoint.
+
+    ``user`` is the ``metadata`` given to ``save_checkpoint``; it is stored in the
+    checkpoint's ``metadata.json`` only, so ``CheckpointManager.checkpoints``
+    leaves it empty and ``load_checkpoint`` fills it.
+    """
 
     path: str
     epoch: int
@@ -263,7 +268,6 @@ def _entry_from_metadata(name: str, meta: Mapping[str, Any]) -> dict[str, Any]:
         "timestamp": str(meta.get("timestamp", "")),
         "model_size_mb": float(meta.get("model_size_mb", 0.0)),
         "optimizer_state_size_mb": float(meta.get("optimizer_state_size_mb", 0.0)),
-        "user": dict(meta.get("user", {})),
     }
 
 
@@ -561,7 +565,6 @@ class CheckpointManager:
             model_size_mb=float(entry.get("model_size_mb", 0.0)),
             optimizer_state_size_mb=float(entry.get("optimizer_state_size_mb", 0.0)),
             step=int(entry.get("step", 0)),
-            user=dict(entry.get("user", {})),
         )
 
     @property
@@ -715,6 +718,9 @@ class CheckpointManager:
                 files=[MODEL_FILE, TRAIN_STATE_FILE],
             )
             meta.pop("name")
+            entry.pop(
+                "user"
+            )  # user metadata lives in metadata.json only (keeps the manifest small)
             _write_json_synced(meta, tmp / METADATA_FILE)
             _fsync_dir(tmp)
             if final.exists():
