@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (0: in-process)")
     p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start the local Ray with its dashboard (slower start)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run)
 
@@ -76,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from kiln.engine.trainer import Trainer
 
     config, task = load_run_file(args.config, args.overrides, args.workers)
-    _init_ray(args.address)
+    if args.address or args.dashboard:
+        from kiln._ray import ensure_ray
+
+        ensure_ray(args.address, dashboard=args.dashboard)
     hooks = [] if args.quiet else [ProgressHook(config.epochs)]
     print(
         f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs "
@@ -87,15 +95,6 @@ def run(args: argparse.Namespace) -> int:
     results = trainer.train(resume_from=args.resume)
     print_summary(results)
     return 0
-
-
-def _init_ray(address: str | None) -> None:
-    import logging
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
 
 
 class ProgressHook(TrainingHooks):

@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 MODES = ("min", "max")
+DATA_BACKENDS = ("auto", "ray", "memory")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 EXPORT_FORMATS = ("onnx", "pytorch", "torchscript", "torch_export", "safetensors")
 
@@ -91,6 +92,12 @@ class TrainingConfig:
     wandb_project: str | None = _f(None, "logging", "Accepted for seed compatibility; unused.")
     # Data
     dataset: str | None = _f(None, "data", "Dataset id or local parquet/csv/jsonl path.")
+    data_backend: str = _f(
+        "auto",
+        "data",
+        "auto: in-memory data of an in-process run is fed from memory (no Ray cluster needed), "
+        "everything else through Ray Data; 'ray' forces Ray Data; 'memory' forces memory.",
+    )
     # Model
     model_name: str | None = _f(None, "model", "Architecture name (mlp, cnn, tiny_transformer).")
     model: dict[str, Any] = _f(dict, "model", "Architecture parameters for kiln.models.")
@@ -277,7 +284,15 @@ def _type_errors(c: TrainingConfig) -> list[str]:
         v = getattr(c, name)
         if v is not None and not isinstance(v, str):
             errors.append(f"{name}={v!r} must be a string or null")
-    for name in ("optimizer", "lr_scheduler", "amp_dtype", "monitor", "mode", "notes"):
+    for name in (
+        "optimizer",
+        "lr_scheduler",
+        "amp_dtype",
+        "monitor",
+        "mode",
+        "notes",
+        "data_backend",
+    ):
         v = getattr(c, name)
         if not isinstance(v, str):
             errors.append(f"{name}={v!r} must be a string")
@@ -348,6 +363,10 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         f"keep_last_n={c.keep_last_n!r} must be >= 1 (the latest checkpoint is always kept)",
     )
     need(c.mode in MODES, f"mode={c.mode!r} must be 'min' or 'max'")
+    need(
+        c.data_backend in DATA_BACKENDS,
+        f"data_backend={c.data_backend!r} is not one of {', '.join(DATA_BACKENDS)}",
+    )
     need(bool(c.monitor), f"monitor={c.monitor!r} must name a metric such as 'val_loss'")
     bad_formats = [f for f in c.export_formats if f not in EXPORT_FORMATS]
     need(

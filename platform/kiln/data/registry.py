@@ -117,7 +117,7 @@ def get_dataset(
     key = str(id_or_path)
     entry = _REGISTRY.get(key)
     if entry is not None:
-        if entry.takes_data_dir or data_dir is not None:
+        if entry.takes_data_dir:  # ids backed by generated/bundled data ignore data_dir
             kwargs["data_dir"] = data_dir
         try:
             return entry.loader(**kwargs)

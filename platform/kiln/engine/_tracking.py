@@ -122,13 +122,16 @@ class RunTracker:
 
 def _profile(plan: Any, model: Any) -> dict[str, Any] | None:
     """Histograms of the training inputs (and the model's predictions) for drift checks."""
-    if not plan.datasets or "train" not in plan.datasets:
-        return None
     try:
         from kiln.tracking.drift import compute_profile
 
-        batch = plan.datasets["train"].take_batch(PROFILE_SAMPLE_ROWS, batch_format="numpy")
-        x = np.asarray(batch[plan.task.input_column])
+        if plan.arrays:
+            x = np.asarray(plan.arrays["train"][0][:PROFILE_SAMPLE_ROWS])
+        elif plan.datasets:
+            batch = plan.datasets["train"].take_batch(PROFILE_SAMPLE_ROWS, batch_format="numpy")
+            x = np.asarray(batch[plan.task.input_column])
+        else:
+            return None
         predictions = None
         if model is not None and x.dtype.kind == "f":
             import torch

@@ -24,12 +24,13 @@ from kiln.errors import ConfigError, DatasetError
 class DataPlan:
     """Data resolved in the driver: Ray datasets or torch loaders, plus the task."""
 
-    kind: str  # "ray" or "torch"
+    kind: str  # "ray", "memory" or "torch"
     task: TaskSpec
     input_shape: tuple[int, ...]
     num_train_rows: int
-    datasets: dict[str, Any] | None = None
-    loaders: dict[str, Any] | None = None
+    datasets: dict[str, Any] | None = None  # kind "ray": ray.data.Dataset per split
+    arrays: dict[str, tuple[Any, Any]] | None = None  # kind "memory": (x, y) per split
+    loaders: dict[str, Any] | None = None  # kind "torch": DataLoader per split
     cache_shards: bool = True
     dataset_id: str | None = None
 
@@ -55,13 +56,13 @@ def plan_data(
         train_data = config.dataset
     if isinstance(train_data, (str, Path)):
         dataset_id = str(train_data)
-        train_data = kdata.get_dataset(dataset_id, data_dir=data_dir)
+        train_data = kdata.get_dataset(dataset_id, data_dir=_dir_for(data_dir, dataset_id))
     elif _is_pair(train_data):
         train_data = kdata.from_arrays(*train_data)
     if _is_pair(val_data):
         val_data = kdata.from_arrays(*val_data)
     elif isinstance(val_data, (str, Path)):
-        val_data = kdata.get_dataset(str(val_data), data_dir=data_dir)
+        val_data = kdata.get_dataset(str(val_data), data_dir=_dir_for(data_dir, str(val_data)))
 
     if isinstance(train_data, kdata.KilnDataset):
         return _plan_kiln(train_data, val_data, task, config, dataset_id)
@@ -90,19 +91,36 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
         num_outputs=info.num_outputs,
         name=dataset_id or info.id,
     )
-    datasets = {"train": train.to_ray()}
-    if val is not None:
-        if not isinstance(val, kdata.KilnDataset):
-            raise DatasetError("val_data must be the same kind of data as train_data")
-        datasets["val"] = val.to_ray()
-    cache = info.source != "file"
+    splits = {"train": train} if val is None else {"train": train, "val": val}
+    if val is not None and not isinstance(val, kdata.KilnDataset):
+        raise DatasetError("val_data must be the same kind of data as train_data")
+    in_memory = all(isinstance(d, kdata.ArrayDataset) for d in splits.values())
+    backend = config.data_backend
+    if backend == "auto":
+        backend = "memory" if in_memory and config.num_workers == 0 else "ray"
+    if backend == "memory":
+        if not in_memory:
+            raise ConfigError(
+                f"data_backend='memory' needs in-memory data, but {info.id!r} is read from "
+                "files; use data_backend='auto' or 'ray'"
+            )
+        arrays = {k: (d.x, d.y) for k, d in splits.items()}
+        return DataPlan(
+            "memory",
+            task,
+            tuple(info.input_shape),
+            len(train),
+            arrays=arrays,
+            dataset_id=dataset_id,
+        )
+    datasets = {k: d.to_ray() for k, d in splits.items()}
     return DataPlan(
         "ray",
         task,
         tuple(info.input_shape),
         len(train),
         datasets=datasets,
-        cache_shards=cache,
+        cache_shards=in_memory,
         dataset_id=dataset_id,
     )
 
@@ -220,6 +238,11 @@ def complete_task(
     elif task.task_type == "regression" and task.num_outputs is None:
         changes["num_outputs"] = num_outputs or 1
     return task.replace(**changes) if changes else task
+
+
+def _dir_for(root: str | Path | None, dataset_id: str) -> Path | None:
+    """``<datasets root>/<id>``: where a dataset id that reads local files looks."""
+    return Path(root) / dataset_id if root is not None else None
 
 
 def _is_pair(obj: Any) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TrainingConfig
 from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, plan_data
@@ -98,7 +99,9 @@ class Trainer:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
         cfg = self.training_config
         plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self._paths.data_dir)
-        if "val" not in (plan.datasets or plan.loaders or {}) and cfg.monitor.startswith("val_"):
+        if "val" not in (
+            plan.datasets or plan.arrays or plan.loaders or {}
+        ) and cfg.monitor.startswith("val_"):
             fallback = "train_" + cfg.monitor[len("val_") :]
             logger.warning("no validation data: monitoring %r instead of %r", fallback, cfg.monitor)
             cfg = cfg.replace(monitor=fallback)
@@ -116,6 +119,7 @@ class Trainer:
             num_train_rows=plan.num_train_rows,
             cache_shards=plan.cache_shards,
             loaders=plan.loaders,
+            arrays=plan.arrays,
             hooks=self.hooks,
             resume_from=resume,
             checkpoint_metadata={
@@ -206,14 +210,13 @@ class Trainer:
 def _fit(
     worker_plan: WorkerPlan, plan: DataPlan, cfg: TrainingConfig, run_name: str, storage: Path
 ):
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if cfg.num_workers > 0:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_REPORT_POLL_S)
     if plan.datasets or cfg.num_workers > 0:
-        _ensure_ray()
+        ensure_ray()
     if cfg.num_workers > 0:
         _check_resources(cfg)
     resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
@@ -244,13 +247,6 @@ def _ordered_execution():
     options = ExecutionOptions()
     options.preserve_order = True
     return options
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
 
 
 def _check_resources(cfg: TrainingConfig) -> None:

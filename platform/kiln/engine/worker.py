@@ -20,6 +20,7 @@ Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -49,10 +50,11 @@ class WorkerPlan:
     task: TaskSpec
     model_factory: Callable[[], nn.Module]
     checkpoint_dir: str
-    data: str  # "ray": Ray Data shards "train"/"val"; "torch": the DataLoaders below
+    data: str  # "ray": Ray Data shards; "memory": the arrays below; "torch": the DataLoaders
     num_train_rows: int
     cache_shards: bool = True
     loaders: dict[str, Any] | None = None
+    arrays: dict[str, tuple[Any, Any]] | None = None
     hooks: list[Any] = field(default_factory=list)
     resume_from: str | None = None
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
@@ -231,20 +233,35 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             rows,
         )
 
+    if plan.data == "memory":
+        rank = _rank()
+        parts = {
+            name: _CachedShard(
+                torch.as_tensor(x)[rank::world_size],
+                torch.as_tensor(y)[rank::world_size],
+                cfg.batch_size,
+                cfg.random_seed,
+                shuffle=name == "train",
+            )
+            for name, (x, y) in (plan.arrays or {}).items()
+        }
+        val = parts.get("val")
+        return parts["train"].epoch, (val.epoch if val else None), len(parts["train"])
+
     import ray.train
 
     shards = {"train": ray.train.get_dataset_shard("train")}
-    try:
+    with contextlib.suppress(KeyError, AssertionError, ValueError):
         shards["val"] = ray.train.get_dataset_shard("val")
-    except (KeyError, AssertionError, ValueError):
-        pass
     columns = (plan.task.input_column, plan.task.label_column)
     if plan.cache_shards:
-        train = _CachedShard(
+        train = _CachedShard.read(
             shards["train"], columns, cfg.batch_size, cfg.random_seed, shuffle=True
         )
         val = (
-            _CachedShard(shards["val"], columns, cfg.batch_size, cfg.random_seed, shuffle=False)
+            _CachedShard.read(
+                shards["val"], columns, cfg.batch_size, cfg.random_seed, shuffle=False
+            )
             if "val" in shards
             else None
         )
@@ -277,22 +294,30 @@ def _loader_epochs(loader: Any) -> Callable[[int], Any]:
 
 
 class _CachedShard:
-    """A shard read once through Ray Data and kept as tensors; reshuffled per epoch.
+    """A rank's rows kept as tensors and reshuffled per epoch.
 
     The epoch order depends only on (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one.
     """
 
     def __init__(
-        self, shard: Any, columns: tuple[str, str], batch_size: int, seed: int, *, shuffle: bool
-    ):
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, *, shuffle: bool
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+
+    @classmethod
+    def read(
+        cls, shard: Any, columns: tuple[str, str], batch_size: int, seed: int, *, shuffle: bool
+    ) -> _CachedShard:
+        """Read a Ray Data shard once (``iter_torch_batches``) into tensors."""
         xs, ys = [], []
         for batch in shard.iter_torch_batches(batch_size=8192):
             xs.append(batch[columns[0]])
             ys.append(batch[columns[1]])
-        self.x = torch.cat(xs) if xs else torch.empty(0)
-        self.y = torch.cat(ys) if ys else torch.empty(0)
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        x = torch.cat(xs) if xs else torch.empty(0)
+        y = torch.cat(ys) if ys else torch.empty(0)
+        return cls(x, y, batch_size, seed, shuffle=shuffle)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -311,6 +336,12 @@ class _CachedShard:
 
 
 # ---------------------------------------------------------------------- ranks
+def _rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
 def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
     if distributed:
         sums = sums.clone()
@@ -401,6 +432,7 @@ class _Hooks:
             type(cb).on_batch_end is not CallbackBase.on_batch_end for cb in self.callbacks
         ) or any(_defines(h, "on_batch_end") for h in self.hooks)
         self._epoch_start = 0.0
+        self.epochs = cfg.epochs
 
     @property
     def stop_training(self) -> bool:
@@ -415,7 +447,7 @@ class _Hooks:
     def training_start(self) -> None:
         self._call("on_training_start")
         for cb in self.callbacks:
-            cb.on_train_begin({})
+            cb.on_train_begin({"epochs": self.epochs})
 
     def epoch_start(self, epoch: int) -> None:
         self._epoch_start = time.perf_counter()
@@ -451,7 +483,7 @@ class _Hooks:
 
     def restore(self, state: list[dict[str, Any]] | None) -> None:
         stoppers = [cb for cb in self.callbacks if isinstance(cb, EarlyStoppingCallback)]
-        for cb, saved in zip(stoppers, state or []):
+        for cb, saved in zip(stoppers, state or [], strict=False):
             cb.best, cb.wait = saved["best"], saved["wait"]
 
 
