@@ -8,6 +8,7 @@ booleans); dotted keys reach into mappings (``--set model.hidden=[64,32]``).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln.engine.trainer import Trainer
 
     config, task = load_run_file(args.config, args.overrides, args.workers)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     if args.address or args.dashboard:
         from kiln._ray import ensure_ray
 

@@ -215,6 +215,9 @@ def _fit(
 
     if cfg.num_workers > 0:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_REPORT_POLL_S)
+        # Ray Train also logs every print() of a worker, so each line would reach the
+        # driver twice; kiln's progress lines are plain prints.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if plan.datasets or cfg.num_workers > 0:
         ensure_ray()
     if cfg.num_workers > 0:
