@@ -57,21 +57,21 @@ class DriftMetrics:
 
 def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
     """Jensen-Shannon divergence (base 2, in [0, 1]) of two histograms (counts or probs)."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape:
-        raise ValueError(f"histograms differ in length: {p.shape[0]} vs {q.shape[0]} bins")
-    ps, qs = p.sum(), q.sum()
+    pa = np.asarray(p, dtype=np.float64)
+    qa = np.asarray(q, dtype=np.float64)
+    if pa.shape != qa.shape:
+        raise ValueError(f"histograms differ in length: {pa.shape[0]} vs {qa.shape[0]} bins")
+    ps, qs = pa.sum(), qa.sum()
     if ps <= 0 or qs <= 0:
         return 0.0 if ps <= 0 and qs <= 0 else 1.0
-    p, q = p / ps, q / qs
-    m = 0.5 * (p + q)
+    pa, qa = pa / ps, qa / qs
+    m = 0.5 * (pa + qa)
 
     def kl(a: np.ndarray) -> float:
         mask = a > 0
         return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
 
-    return float(min(1.0, max(0.0, 0.5 * kl(p) + 0.5 * kl(q))))
+    return float(min(1.0, max(0.0, 0.5 * kl(pa) + 0.5 * kl(qa))))
 
 
 def drift_status(score: float, warning: float, critical: float) -> str:

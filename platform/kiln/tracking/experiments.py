@@ -364,7 +364,8 @@ class ExperimentDB:
     ) -> pd.DataFrame:
         """Runs, newest first: run_id, run_name, group, status, started_at, ended_at,
         duration_s, notes."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if group is not None:
             where.append("group_name = ?")
             args.append(group)

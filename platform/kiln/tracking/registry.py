@@ -493,7 +493,8 @@ class ModelRegistry:
     ) -> pd.DataFrame:
         """Models, newest first, with their tags and metrics (one column per metric)."""
         sql = f"SELECT {_COLUMNS} FROM models"
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if name is not None:
             where.append("name = ?")
             args.append(name)
