@@ -12,6 +12,7 @@ from kiln.export.checkpoint import (
     export_registered,
     is_model_ref,
     load_checkpoint_model,
+    registered_checkpoint,
 )
 from kiln.export.formats import DEFAULT_FORMATS, EXPORTERS, ExportError
 from kiln.export.manifest import Bundle, load_bundle, public_metadata
@@ -31,4 +32,5 @@ __all__ = [
     "load_bundle",
     "load_checkpoint_model",
     "public_metadata",
+    "registered_checkpoint",
 ]

@@ -28,14 +28,15 @@ __all__ = [
     "load_checkpoint_model",
     "export_checkpoint",
     "export_registered",
+    "registered_checkpoint",
 ]
 
 REQUIRED_METADATA = ("model_config", "input_shape", "num_outputs")
 
 
 def is_model_ref(source: str) -> bool:
-    """True for ``NAME@TAG`` (a registry reference) rather than a path on disk."""
-    return "@" in source and not Path(source).exists()
+    """True for ``NAME@TAG`` or ``NAME:VERSION`` (registry references), not a path on disk."""
+    return ("@" in source or ":" in source) and not Path(source).exists()
 
 
 def load_checkpoint_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
@@ -102,6 +103,20 @@ def export_checkpoint(
     )
 
 
+def registered_checkpoint(
+    ref: str, db_path: str | os.PathLike[str], artifacts_dir: str | os.PathLike[str]
+) -> tuple[Path, Any]:
+    """``(checkpoint_dir, entry)`` for a registry reference, the stored hash verified."""
+    from kiln.tracking import ModelRegistry
+
+    registry = ModelRegistry(db_path, artifacts_dir)
+    try:
+        entry = registry.resolve(ref)
+        return Path(registry.load_checkpoint_path(entry)), entry
+    finally:
+        registry.close()
+
+
 def export_registered(
     ref: str,
     db_path: str | os.PathLike[str],
@@ -114,14 +129,10 @@ def export_registered(
     Returns:
         ``(bundle_dir, registry_entry)``; a cached bundle that still verifies is reused.
     """
-    from kiln.tracking import ModelRegistry
-
-    registry = ModelRegistry(db_path, artifacts_dir)
-    entry = registry.resolve(ref)
-    checkpoint = Path(registry.load_checkpoint_path(entry))
-    digest = sha256_file(checkpoint / "model.pt")
+    checkpoint, entry = registered_checkpoint(ref, db_path, artifacts_dir)
+    digest = getattr(entry, "sha256", None) or sha256_file(checkpoint / "model.pt")
     fmt_key = "-".join(sorted(formats.split(",") if isinstance(formats, str) else formats))
-    name = f"{_safe(ref.split('@')[0])}-v{getattr(entry, 'version', 'x')}-{digest[:16]}-{fmt_key}"
+    name = f"{_safe(entry.name)}-{_safe(str(entry.version))}-{digest[:16]}-{fmt_key}"
     cached = Path(cache_dir) / name
     if cached.exists():
         try:

@@ -1,0 +1,139 @@
+"""The Ray Serve deployment of a bundle, and ``build_app`` that binds it.
+
+One replica loads and verifies the bundle once, then answers::
+
+    POST /predict   {"inputs": [[...], ...]} -> {"predictions": [...], "probabilities": [[...]]}
+    GET  /healthz   {"status": "ok", ...}
+    GET  /metadata  the manifest without file paths
+
+Requests are plain Starlette requests routed by their last path segment (no
+FastAPI app in the hot path). Concurrent requests may be grouped by
+``@serve.batch`` when ``ServeOptions.batching`` is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kiln.export.manifest import Bundle, load_bundle
+from kiln.serve.options import ServeOptions
+from kiln.serve.predictor import Predictor, RequestError
+
+__all__ = ["KilnModelDeployment", "build_app"]
+
+logger = logging.getLogger(__name__)
+_JSON = "application/json"
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(json.dumps({"error": message}).encode(), status_code=status, media_type=_JSON)
+
+
+class KilnModelDeployment:
+    """Serves one verified bundle on onnxruntime (one instance per replica)."""
+
+    def __init__(self, bundle_path: str, artifact_sha256: dict[str, str], options: dict) -> None:
+        bundle = load_bundle(bundle_path, verify=True)
+        if bundle.artifact_sha256 != artifact_sha256:
+            raise RuntimeError(
+                f"bundle {bundle_path!r} changed since the app was built; refusing to serve it"
+            )
+        self.options = ServeOptions.from_dict(options)
+        self.predictor = Predictor(bundle, intra_op_threads=self.options.intra_op_threads)
+        self.max_body = self.options.max_body_bytes
+        self.batching = self.options.batching
+        if self.batching:
+            self._run_batched.set_max_batch_size(self.options.max_batch_size)
+            self._run_batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+        meta = bundle.metadata()
+        self._metadata = json.dumps(meta).encode()
+        self._health = json.dumps(
+            {"status": "ok", "name": meta["name"], "sha256": bundle.artifact_sha256.get("onnx")}
+        ).encode()
+
+    async def __call__(self, request: Request) -> Response:
+        route = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        method = request.method
+        try:
+            if route == "predict":
+                if method != "POST":
+                    return _error(405, "use POST /predict")
+                return await self._predict(request)
+            if method != "GET":
+                return _error(405, f"use GET /{route}")
+            if route == "healthz":
+                return Response(self._health, media_type=_JSON)
+            if route == "metadata":
+                return Response(self._metadata, media_type=_JSON)
+            return _error(404, "unknown route; use POST /predict, GET /healthz, GET /metadata")
+        except RequestError as exc:
+            return _error(exc.status, exc.message)
+        except Exception as exc:  # a bug must not take the replica down
+            logger.exception("unexpected error serving %s", request.url.path)
+            return _error(500, f"internal error: {type(exc).__name__}")
+
+    async def _predict(self, request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise RequestError(413, f"body of {length} bytes is over the limit of {self.max_body}")
+        body = await request.body()
+        if len(body) > self.max_body:
+            raise RequestError(
+                413, f"body of {len(body)} bytes is over the limit of {self.max_body}"
+            )
+        x = self.predictor.parse(body)
+        out = await self._run_batched(x) if self.batching else self.predictor.run(x)
+        return Response(json.dumps(self.predictor.format(out)).encode(), media_type=_JSON)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _run_batched(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        if len(batches) == 1:
+            return [self.predictor.run(batches[0])]
+        out = self.predictor.run(np.concatenate(batches))
+        return np.split(out, np.cumsum([len(b) for b in batches])[:-1])
+
+
+def build_app(
+    bundle: Bundle | str,
+    options: ServeOptions | None = None,
+    **overrides: Any,
+) -> serve.Application:
+    """A Serve application for a bundle, ready for ``serve.run``.
+
+    Args:
+        bundle: A ``Bundle`` or a bundle directory (verified here, and again in each replica).
+        options: ``ServeOptions``; keyword ``overrides`` replace single fields
+            (``build_app(path, max_batch_size=32, num_replicas=2)``).
+
+    Raises:
+        IntegrityError: the bundle's files do not match its manifest.
+        KilnError: the bundle has no ONNX artifact (the only format served).
+    """
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=True)
+    loaded.artifact_path("onnx")  # raises if the bundle cannot be served
+    opts = options or ServeOptions()
+    if overrides:
+        opts = ServeOptions.from_dict({**opts.to_dict(), **overrides})
+    deployment_options: dict[str, Any] = {
+        "name": "KilnModel",
+        "max_ongoing_requests": opts.max_ongoing_requests,
+        "max_queued_requests": opts.max_queued_requests,
+        "ray_actor_options": {"num_cpus": opts.num_cpus},
+    }
+    if opts.runtime_env_vars:
+        deployment_options["ray_actor_options"]["runtime_env"] = {
+            "env_vars": dict(opts.runtime_env_vars)
+        }
+    if opts.autoscaling_config:
+        deployment_options["autoscaling_config"] = opts.autoscaling_config
+    else:
+        deployment_options["num_replicas"] = opts.num_replicas
+    deployment = serve.deployment(KilnModelDeployment).options(**deployment_options)
+    return deployment.bind(str(loaded.path), loaded.artifact_sha256, opts.to_dict())

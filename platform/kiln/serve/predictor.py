@@ -1,0 +1,125 @@
+"""The request path of a served bundle, free of Ray: parse, validate, run, format.
+
+``Predictor`` owns one onnxruntime session over a verified bundle's ONNX file
+(never TorchScript or pickle). Every bad request becomes a ``RequestError``
+carrying the HTTP status to answer with, so the Serve deployment around it
+only maps exceptions to responses and a bad request never takes a replica down.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.export.manifest import Bundle, load_bundle
+from kiln.export.preprocess import softmax, stats_array
+
+__all__ = ["RequestError", "Predictor"]
+
+
+@dataclass
+class RequestError(Exception):
+    """A request the server answers with ``status`` and ``message`` instead of a prediction."""
+
+    status: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+
+class Predictor:
+    """Runs one bundle's ONNX model on validated JSON batches.
+
+    Args:
+        bundle: A ``Bundle`` or a bundle path (verified against its manifest when a path).
+        intra_op_threads: onnxruntime threads per session (0 lets onnxruntime choose).
+    """
+
+    def __init__(self, bundle: Bundle | str, intra_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=True)
+        manifest = self.bundle.manifest
+        self.row_shape = tuple(int(d) for d in self.bundle.input_shape)
+        self.dtype = np.dtype(self.bundle.input_dtype)
+        self.expected = f"[batch, {', '.join(map(str, self.row_shape))}]"
+        self.task_type = self.bundle.task_type
+        pre = manifest.get("preprocessing") or {}
+        self.allow_non_finite = bool(pre.get("allow_non_finite", False))
+        self.class_names = pre.get("class_names")
+        norm = pre.get("normalize")
+        self.mean = stats_array(norm["mean"], self.row_shape) if norm else None
+        self.inv_std = 1.0 / stats_array(norm["std"], self.row_shape) if norm else None
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        self.input_name = manifest["inputs"][0]["name"]
+        self.output_name = manifest["outputs"][0]["name"]
+        self.session = ort.InferenceSession(
+            str(self.bundle.artifact_path("onnx")), opts, providers=["CPUExecutionProvider"]
+        )
+
+    def parse(self, body: bytes) -> np.ndarray:
+        """Decode ``{"inputs": [...]}`` into a validated, preprocessed batch."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict) or "inputs" not in payload:
+            raise RequestError(
+                422,
+                f'body must be an object {{"inputs": ...}} with inputs of shape {self.expected}',
+            )
+        return self.validate(payload["inputs"])
+
+    def validate(self, inputs: Any) -> np.ndarray:
+        """Turn nested lists into a ``[batch, *row_shape]`` array, or raise ``RequestError``."""
+        if not isinstance(inputs, list) or not inputs:
+            raise RequestError(
+                422, f"inputs must be a non-empty list of rows, expected shape {self.expected}"
+            )
+        try:
+            x = np.array(inputs, dtype=self.dtype)
+        except (ValueError, TypeError):
+            raise RequestError(
+                422,
+                f"inputs must be {self.dtype.name} numbers in a regular array of shape {self.expected}",
+            ) from None
+        if x.shape[1:] != self.row_shape:
+            raise RequestError(
+                422, f"inputs have shape {list(x.shape)}, expected shape {self.expected}"
+            )
+        if not self.allow_non_finite and self.dtype.kind == "f" and not np.isfinite(x).all():
+            raise RequestError(422, f"inputs contain NaN or inf; expected finite {self.dtype.name}")
+        if self.mean is not None:
+            x = ((x - self.mean) * self.inv_std).astype(self.dtype, copy=False)
+        return x
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Raw model output for one batch."""
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def format(self, out: np.ndarray) -> dict[str, Any]:
+        """Turn raw outputs into the response body."""
+        if self.task_type == "regression":
+            preds = out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
+            return {"predictions": preds.tolist()}
+        if self.task_type != "classification":
+            return {"predictions": out.tolist()}
+        probs = softmax(out.astype(np.float32, copy=True))
+        idx = probs.argmax(axis=1)
+        if self.class_names:
+            names = self.class_names
+            preds: list[Any] = [names[i] for i in idx]
+        else:
+            preds = idx.tolist()
+        return {"predictions": preds, "probabilities": probs.tolist()}
+
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        """Validate, run and format in one call (for tests and in-process use)."""
+        return self.format(self.run(self.validate(inputs)))

