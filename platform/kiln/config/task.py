@@ -146,14 +146,14 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
         names = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if "type" in data and "task_type" not in data:  # tolerate {type: classification} in YAML
+            data["task_type"] = data.pop("type")
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(
                 f"task has unknown keys {unknown!r}; allowed: {', '.join(sorted(names))}"
             )
-        data = dict(data)
-        if "type" in data:  # tolerate {type: classification} in YAML
-            data["task_type"] = data.pop("type")
         return cls(**data)
 
     def replace(self, **changes: Any) -> TaskSpec:
