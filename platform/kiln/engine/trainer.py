@@ -56,6 +56,8 @@ class Trainer:
         db_path: experiment/registry database; default ``training_config.tracking_db`` or
             ``$KILN_HOME/kiln.db``.
         data_dir: where local datasets such as MNIST live; default ``$KILN_HOME/datasets``.
+        ray_callbacks: extra Ray Train ``RunConfig`` callbacks, e.g. Tune's
+            ``TuneReportCallback`` when a Tune trial runs this Trainer with num_workers>=1.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Trainer:
         db_path: str | os.PathLike[str] | None = None,
         artifacts_dir: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
+        ray_callbacks: Sequence[Any] = (),
     ) -> None:
         cfg = training_config or TrainingConfig()
         if config is not None:
@@ -90,6 +93,7 @@ class Trainer:
         self.hooks = _as_list(hooks)
         self.device = device
         self._paths = _Paths(storage_path, db_path, artifacts_dir, data_dir, cfg)
+        self.ray_callbacks = list(ray_callbacks)
         self.trained_model: nn.Module | None = None
         self.results: dict[str, Any] | None = None
 
@@ -135,7 +139,7 @@ class Trainer:
         run_id = tracker.start(run_name, cfg, plan, resume) if tracker else None
         started = time.perf_counter()
         try:
-            result = _fit(worker_plan, plan, cfg, run_name, self._paths.storage)
+            result = _fit(worker_plan, plan, cfg, run_name, self._paths.storage, self.ray_callbacks)
         except BaseException as exc:
             if tracker:
                 tracker.finish(
@@ -208,7 +212,12 @@ class Trainer:
 
 # ---------------------------------------------------------------------- Ray Train
 def _fit(
-    worker_plan: WorkerPlan, plan: DataPlan, cfg: TrainingConfig, run_name: str, storage: Path
+    worker_plan: WorkerPlan,
+    plan: DataPlan,
+    cfg: TrainingConfig,
+    run_name: str,
+    storage: Path,
+    callbacks: Sequence[Any] = (),
 ):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -239,6 +248,7 @@ def _fit(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=list(callbacks) or None,
         ),
     )
     return trainer.fit()

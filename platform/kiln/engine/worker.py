@@ -67,8 +67,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world_size = _world()
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
 
     # ---- setup -------------------------------------------------------------
@@ -222,9 +221,9 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
     if plan.data == "torch":
         import ray.train.torch
 
-        loaders = {
-            k: ray.train.torch.prepare_data_loader(v) for k, v in (plan.loaders or {}).items()
-        }
+        loaders = dict(plan.loaders or {})
+        if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
+            loaders = {k: ray.train.torch.prepare_data_loader(v) for k, v in loaders.items()}
         train = loaders["train"]
         rows = math.ceil(plan.num_train_rows / world_size)
         return (
@@ -336,10 +335,25 @@ class _CachedShard:
 
 
 # ---------------------------------------------------------------------- ranks
-def _rank() -> int:
+def _in_tune() -> bool:
+    """True in-process in a Ray Tune trial, where ``ray.train.get_context()`` raises."""
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    return bool(_in_tune_session())
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); an in-process run inside a Tune trial is rank 0 of 1."""
+    if _in_tune():
+        return 0, 1
     import ray.train
 
-    return ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _rank() -> int:
+    return _world()[0]
 
 
 def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
@@ -386,9 +400,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _report(metrics: dict[str, Any]) -> None:
     """Hand one epoch's metrics to Ray (Tune's session when run in-process in a trial)."""
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    if _in_tune_session():
+    if _in_tune():
         import ray.tune
 
         ray.tune.report(metrics)
