@@ -1,0 +1,318 @@
+"""Engine benchmarks (issue 2): kiln against hand-written PyTorch, side by side.
+
+    python benchmarks/bench_engine.py [--reps 5] [--only a,b,c,d,e]
+
+Each row runs both sides in the same process run, interleaved, and reports the
+median of ``--reps`` repetitions and the ratio kiln / baseline. Prints a markdown
+table (benchmarks/run.py collects it into RESULTS.md).
+
+Rows:
+  a  Trainer(num_workers=0) vs a hand-written loop: steady-state epoch time, same weights
+  b  Trainer(num_workers=2) vs torch.multiprocessing DDP (gloo): end-to-end wall
+  c  `kiln train` on the quickstart config vs the same epochs by hand in one script
+  d  per-step metrics (log_every_n_steps=1) vs none: step time
+  e  checkpoint of a 100M-parameter model: loop blocked vs torch.save; durable write vs raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 0
+
+
+# ---------------------------------------------------------------------- shared workload
+def synthetic(n: int = 20_000, d: int = 64, classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 0.15, size=(classes, d))  # overlapping classes: the loss stays O(1)
+    y = rng.integers(0, classes, size=n)
+    x = centers[y] + rng.normal(0, 1.0, size=(n, d))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def mlp(d: int = 64, classes: int = 10, width: int = 512) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes)
+    )
+
+
+def kiln_config(epochs: int, batch: int, **overrides):
+    from kiln import TrainingConfig
+
+    return TrainingConfig(
+        epochs=epochs, batch_size=batch, learning_rate=1e-3, warmup_ratio=0.0,
+        lr_scheduler="constant", weight_decay=0.0, max_grad_norm=None, validation_split=0.0,
+        random_seed=SEED, tracking=False, keep_best_k=0, keep_last_n=1, monitor="train_loss",
+        **overrides,
+    )
+
+
+def hand_loop(x: np.ndarray, y: np.ndarray, epochs: int, batch: int):
+    """The loop a PyTorch user writes: same seed, init, optimizer and batch order as kiln."""
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    model = mlp()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    times = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(SEED * 100_003 + epoch))
+        xe, ye = xt[order], yt[order]
+        total, correct = 0.0, 0
+        for i in range(0, len(xe), batch):
+            xb, yb = xe[i:i + batch], ye[i:i + batch]
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(yb)
+            correct += (logits.argmax(-1) == yb).sum().item()
+        times.append(time.perf_counter() - start)
+    return model, times
+
+
+def kiln_run(x, y, epochs, batch, tmp, **overrides):
+    from kiln import Trainer
+
+    torch.manual_seed(SEED)
+    trainer = Trainer(model=mlp, training_config=kiln_config(epochs, batch, **overrides),
+                      storage_path=tmp / "runs", db_path=tmp / "kiln.db", artifacts_dir=tmp / "art")
+    results = trainer.train((x, y))
+    return trainer.trained_model, [h["epoch_duration_seconds"] for h in results["history"]], results
+
+
+def steady(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+# ---------------------------------------------------------------------- rows
+def row_a(reps: int, tmp: Path) -> dict:
+    x, y = synthetic()
+    epochs, batch = 6, 128
+    k_times, h_times, same = [], [], True
+    for r in range(reps):
+        hm, ht = hand_loop(x, y, epochs, batch)
+        km, kt, _ = kiln_run(x, y, epochs, batch, tmp / f"a{r}")
+        h_times.append(steady(ht))
+        k_times.append(steady(kt))
+        same &= all(torch.equal(a, b) for a, b in zip(hm.state_dict().values(), km.state_dict().values()))
+    k, h = statistics.median(k_times), statistics.median(h_times)
+    return {"row": "a: Trainer in-process vs hand-written loop (epoch time, MLP 20k x 64, batch 128)",
+            "kiln": f"{k * 1000:.1f} ms", "baseline": f"{h * 1000:.1f} ms", "ratio": k / h,
+            "target": "<= 1.03", "note": f"final weights identical: {same}"}
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import os, sys, time, numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch import nn
+    sys.path.insert(0, {bench_dir!r})
+    from bench_engine import synthetic, mlp, SEED
+
+    def work(rank, world, epochs, batch, port):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        x, y = synthetic()
+        xt, yt = torch.from_numpy(x[rank::world]), torch.from_numpy(y[rank::world])
+        torch.manual_seed(SEED)
+        model = nn.parallel.DistributedDataParallel(mlp())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(xt), batch):
+                idx = order[i:i + batch]
+                loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        epochs, batch, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+        start = time.perf_counter()
+        mp.spawn(work, args=(2, epochs, batch, port), nprocs=2, join=True)
+        print(f"WALL {{time.perf_counter() - start:.3f}}")
+''')
+
+
+def row_b(reps: int, tmp: Path) -> dict:
+    import ray
+
+    from kiln._ray import ensure_ray
+
+    ensure_ray()
+    x, y = synthetic()
+    epochs, batch = 20, 128
+    script = tmp / "ddp_baseline.py"
+    script.write_text(DDP_SCRIPT.format(bench_dir=str(Path(__file__).parent)))
+    k_walls, d_walls = [], []
+    for r in range(reps):
+        out = subprocess.run([sys.executable, str(script), str(epochs), str(batch), str(29_500 + r)],
+                             capture_output=True, text=True, check=True).stdout
+        d_walls.append(float(out.split("WALL")[1]))
+        start = time.perf_counter()
+        kiln_run(x, y, epochs, batch, tmp / f"b{r}", num_workers=2)
+        k_walls.append(time.perf_counter() - start)
+    k, d = statistics.median(k_walls), statistics.median(d_walls)
+    ray.shutdown()
+    return {"row": f"b: Trainer 2 Ray workers vs torch.multiprocessing DDP (wall, {epochs} epochs)",
+            "kiln": f"{k:.1f} s", "baseline": f"{d:.1f} s", "ratio": k / d, "target": "<= 1.4",
+            "note": "Ray already running (as under ray job submit); both gloo, 1 thread/worker"}
+
+
+HAND_SCRIPT = textwrap.dedent('''
+    import time
+    start = time.perf_counter()
+    import numpy as np, torch
+    from torch import nn
+    from importlib import resources
+    torch.manual_seed(0)
+    with resources.files("kiln.data").joinpath("_bundled/digits.npz").open("rb") as f:
+        d = np.load(f)
+        x, y = d["x"].astype(np.float32), d["y"].astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    n_val = int(len(x) * 0.2)
+    xv, yv, xt, yt = (torch.from_numpy(a) for a in (x[order[:n_val]], y[order[:n_val]], x[order[n_val:]], y[order[n_val:]]))
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 128), nn.ReLU(),
+                          nn.Dropout(0.1), nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=1e-4)
+    epochs = 30
+    steps = epochs * ((len(xt) + 31) // 32)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.002, total_steps=steps, pct_start=0.05)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 32):
+            idx = perm[i:i + 32]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(); opt.zero_grad(); sched.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(xv).argmax(-1) == yv).float().mean().item()
+        torch.save(model.state_dict(), "/tmp/kiln_bench_hand.pt")
+    print(f"held-out accuracy {acc:.4f}  wall {time.perf_counter() - start:.2f}")
+''')
+
+
+def row_c(reps: int, tmp: Path) -> list[dict]:
+    script = tmp / "hand_digits.py"
+    script.write_text(HAND_SCRIPT)
+    env = dict(os.environ, KILN_HOME=str(tmp / "c_home"))
+    kiln_cmd = [sys.executable, "-m", "kiln.cli", "train", str(ROOT / "examples/digits_mlp.yaml"), "--quiet"]
+    rows = []
+    for label, extra, target in (("in-process", [], "<= 1.1"), ("2 Ray workers", ["--workers", "2"], "<= hand + 8 s")):
+        k_walls, h_walls = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(script)], check=True, capture_output=True, env=env)
+            h_walls.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            subprocess.run(kiln_cmd + extra, check=True, capture_output=True, env=env)
+            k_walls.append(time.perf_counter() - start)
+        k, h = statistics.median(k_walls), statistics.median(h_walls)
+        rows.append({"row": f"c: `kiln train` quickstart ({label}) vs hand-written script (wall)",
+                     "kiln": f"{k:.1f} s", "baseline": f"{h:.1f} s", "ratio": k / h, "target": target,
+                     "note": f"difference {k - h:+.1f} s (Ray started by the command)"})
+    return rows
+
+
+def row_d(reps: int, tmp: Path) -> dict:
+    x, y = synthetic()
+    epochs, batch = 4, 64
+    with_steps, without = [], []
+    for r in range(reps):
+        _, t0, _ = kiln_run(x, y, epochs, batch, tmp / f"d0{r}")
+        _, t1, _ = kiln_run(x, y, epochs, batch, tmp / f"d1{r}", log_every_n_steps=1)
+        steps = len(x) // batch
+        without.append(steady(t0) / steps)
+        with_steps.append(steady(t1) / steps)
+    k, b = statistics.median(with_steps), statistics.median(without)
+    return {"row": "d: metrics every step vs none (step time)", "kiln": f"{k * 1e6:.0f} us",
+            "baseline": f"{b * 1e6:.0f} us", "ratio": k / b, "target": "<= 1.02",
+            "note": "step metrics buffered in the worker, reported once per epoch"}
+
+
+def row_e(reps: int, tmp: Path) -> list[dict]:
+    from kiln.engine.checkpoint import CheckpointManager
+
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(24)])  # 100.7M parameters
+    n_params = sum(p.numel() for p in model.parameters())
+    state_bytes = n_params * 4
+    blocked, saves, durable, raw = [], [], [], []
+    blob = os.urandom(state_bytes)
+    for r in range(reps):
+        path = tmp / f"plain{r}.pt"
+        start = time.perf_counter()
+        torch.save(model.state_dict(), path)
+        saves.append(time.perf_counter() - start)
+        path.unlink()
+        manager = CheckpointManager(tmp / f"ckpt{r}", keep_best_k=0, keep_last_n=1)
+        start = time.perf_counter()
+        manager.save_checkpoint(1, {"val_loss": 1.0}, model, blocking=False)
+        blocked.append(time.perf_counter() - start)
+        manager.wait()
+        durable.append(time.perf_counter() - start)
+        manager.close()
+        raw_path = tmp / f"raw{r}.bin"
+        start = time.perf_counter()
+        with open(raw_path, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        raw.append(time.perf_counter() - start)
+        raw_path.unlink()
+    m = statistics.median
+    return [
+        {"row": f"e: checkpoint {n_params / 1e6:.0f}M params: loop blocked vs plain torch.save",
+         "kiln": f"{m(blocked):.2f} s", "baseline": f"{m(saves):.2f} s", "ratio": m(blocked) / m(saves),
+         "target": "<= 0.3", "note": "snapshot to CPU, then write in a background thread"},
+        {"row": "e: durable checkpoint write (fsync'd, renamed) vs raw write+fsync of the same bytes",
+         "kiln": f"{m(durable):.2f} s", "baseline": f"{m(raw):.2f} s", "ratio": m(durable) / m(raw),
+         "target": "<= 1.25", "note": f"{state_bytes / 2**20:.0f} MiB"},
+    ]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| benchmark | kiln | baseline | ratio | target | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['kiln']} | {r['baseline']} | {r['ratio']:.3f} | {r['target']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", default="a,b,c,d,e")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in args.only.split(","):
+            out = globals()[f"row_{name}"](args.reps, tmp)
+            rows.extend(out if isinstance(out, list) else [out])
+            print(table(rows[-len(out) if isinstance(out, list) else -1:]), file=sys.stderr, flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
