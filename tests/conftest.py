@@ -18,7 +18,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        # address="local": always a fresh Ray for the tests, even if `ray start` runs here.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
