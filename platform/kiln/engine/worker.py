@@ -21,7 +21,6 @@ Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     )
     val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
 
-    hooks = _Hooks(copy.deepcopy(plan.hooks), cfg, model, optimizer, rank, world_size)
+    # In-process runs call the user's own hook objects; worker actors get pickled copies.
+    hooks = _Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size)
     manager = (
         CheckpointManager(
             plan.checkpoint_dir,
