@@ -107,6 +107,18 @@ def test_from_dict_unknown_keys_suggest_close_fields():
     assert "Did you mean 'batch_size'" in errors[1]
 
 
+def test_from_dict_reports_unknown_keys_and_invalid_values_together():
+    with pytest.raises(ConfigError) as info:
+        TrainingConfig.from_dict({"epochz": 2, "epochs": 0, "optimizer": "lamb"})
+    errors = info.value.errors
+    assert len(errors) == 3
+    assert "Did you mean 'epochs'" in errors[0]
+    assert errors[1:] == [
+        "epochs=0 must be >= 1",
+        "optimizer='lamb' is not one of adamw, adam, sgd",
+    ]
+
+
 def test_from_dict_rejects_a_non_mapping_and_validates():
     with pytest.raises(ConfigError, match="must be a mapping"):
         TrainingConfig.from_dict([("epochs", 1)])
@@ -148,13 +160,28 @@ def test_save_load_round_trip(tmp_path, suffix):
     assert TrainingConfig.load(path) == cfg
 
 
+def test_yaml_scientific_notation_is_a_number(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-3\nweight_decay: 5E-4\nepochs: 2\nrun_name: 1e3x\n")
+    cfg = TrainingConfig.load(path)
+    assert cfg.learning_rate == 1e-3
+    assert cfg.weight_decay == 5e-4
+    assert cfg.run_name == "1e3x"
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         TrainingConfig.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*not valid yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid yaml") as info:
         TrainingConfig.load(bad)
+    assert "\n" not in str(info.value)  # one line, with the position
+    assert "line 2, column 1" in str(info.value)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"epochs": 1,}')
+    with pytest.raises(ConfigError, match="bad.json.*not valid json.*line 1"):
+        TrainingConfig.load(bad_json)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

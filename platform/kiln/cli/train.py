@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kiln.config import TaskSpec, TrainingConfig, read_mapping
+from kiln.config.training import load_yaml
 from kiln.engine.callbacks import TrainingHooks
 from kiln.errors import ConfigError
 
@@ -165,7 +166,7 @@ def _fmt(key: str, value: Any) -> str:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,13 @@ class TrainingConfig:
             raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
         names = field_names()
         unknown = [k for k in data if k not in names]
-        if unknown:
-            raise ConfigError([_unknown_field_message(k, names) for k in unknown])
+        if unknown:  # report the known fields' problems too: every error at once
+            errors = [_unknown_field_message(k, names) for k in unknown]
+            try:
+                cls(**{k: v for k, v in data.items() if k in names}).validate()
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+            raise ConfigError(errors)
         return cls(**data).validate()
 
     def replace(self, **changes: Any) -> TrainingConfig:
@@ -187,10 +193,11 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(
-            f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}"
+            f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: "
+            f"{_parse_error(exc)}"
         ) from None
     if data is None:
         data = {}
@@ -199,6 +206,33 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             f"config file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}"
         )
     return data
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 needs ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, reading scientific notation such as ``1e-3`` as a number."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _parse_error(exc: Exception) -> str:
+    """A one-line description of a JSON/YAML parse error (YAML's own spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.YAMLError) and mark is not None:
+        problem = getattr(exc, "problem", None) or "syntax error"
+        context = getattr(exc, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{problem} ({context}) at {where}" if context else f"{problem} at {where}"
+    return " ".join(str(exc).split())
 
 
 def _unknown_field_message(key: str, names: set[str]) -> str:
