@@ -56,6 +56,13 @@ def load_checkpoint_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[torch
             f"checkpoint {str(root)!r} lacks {missing}; a kiln checkpoint has model.pt and metadata.json"
         )
     meta = json.loads(meta_path.read_text())
+    meta = {**meta, **meta.get("user", {})}  # CheckpointManager keeps run details under "user"
+    if "model_config" in meta and meta["model_config"] is None:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r} was trained from a user-defined nn.Module, so kiln cannot "
+            "rebuild it from metadata; export it from Python with "
+            "kiln.export.create_export_bundle(model, ...)"
+        )
     absent = [k for k in REQUIRED_METADATA if k not in meta]
     if absent:
         raise CheckpointError(
