@@ -1,0 +1,453 @@
+"""``kiln.tune.search``: hyperparameter search where every trial is one kiln Trainer run.
+
+    from ray import tune
+    from kiln.tune import search
+
+    result = search(
+        TrainingConfig(epochs=8, model={"name": "mlp", "hidden": [32]}),
+        None, "iris", None,
+        {"learning_rate": tune.loguniform(1e-5, 1e-1), "batch_size": tune.choice([8, 32])},
+        num_samples=8, scheduler="asha", metric="val_loss", mode="min",
+    )
+    result.best_config, result.best_metrics, result.best_checkpoint, result.trials
+
+How it runs (the driver is the process that calls ``search``)::
+
+    driver:  check space, metric, scheduler and resources      (ConfigError before any trial)
+             tune.Tuner(with_resources(with_parameters(run_trial, data...)), ...).fit()
+    trial:   run_trial(params) -> Trainer(training_config=trial config).train(data)
+               num_workers=0: the one worker loop runs inside the trial actor and reports
+                              each epoch to Tune (ray.tune.report)
+               num_workers>=1: Ray Train workers report through TuneReportCallback
+             the scheduler (ASHA, median) reads the per-epoch reports and stops losers
+    driver:  trials table; each trial recorded as a run grouped under the search id;
+             the best trial's best checkpoint registered when ``register_as`` is given
+
+Trials write no database (only the driver does). A search interrupted (Ctrl-C, a
+crash) continues with ``resume=True``: Tune restores its experiment state and a
+restarted trial resumes from its own latest kiln checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kiln.config import TaskSpec, TrainingConfig
+from kiln.errors import ConfigError
+from kiln.tune import schedulers as _sched
+from kiln.tune import spaces
+
+logger = logging.getLogger(__name__)
+
+TRIALS_DIR = "kiln_trials"
+
+
+@dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        best_config: the winning trial's validated TrainingConfig (the base config's
+            tracking/registration settings kept).
+        best_metrics: the winner's metrics at its best epoch (by ``metric``).
+        best_checkpoint: path of the winner's best kiln checkpoint (or None).
+        trials: one row per trial: trial_id, the searched params, epochs, max_epochs,
+            final_<metric>, best_<metric>, status, stopped_early, run_id, error.
+        search_id: the experiment name; every trial's run is grouped under it.
+    """
+
+    best_config: TrainingConfig
+    best_metrics: dict[str, Any]
+    best_checkpoint: str | None
+    trials: pd.DataFrame
+    search_id: str
+    metric: str = "val_loss"
+    mode: str = "min"
+    best_trial_id: str | None = None
+    experiment_path: str | None = None
+    model_id: int | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class TrialSetup:
+    """The picklable part every trial shares (the data travels separately, via ray.put)."""
+
+    base: TrainingConfig
+    task: TaskSpec
+    trials_dir: str
+    metric: str
+    mode: str
+    data_dir: str | None = None
+    hooks: list[Any] = field(default_factory=list)
+
+    def config_for(self, params: Mapping[str, Any], trial_id: str) -> TrainingConfig:
+        """The trial's config: sampled params on the base, plus kiln's per-trial settings."""
+        cfg = spaces.trial_config(self.base, params)
+        ranked = self.metric.startswith(("train_", "val_"))
+        return cfg.replace(
+            tracking=False,
+            register_as=None,
+            export_formats=[],
+            run_name=trial_id,
+            checkpoint_dir=str(Path(self.trials_dir) / trial_id / "checkpoints"),
+            monitor=self.metric if ranked else cfg.monitor,
+            mode=self.mode if ranked else cfg.mode,
+        )
+
+
+def run_trial(
+    params: dict[str, Any],
+    *,
+    setup: TrialSetup,
+    train_data: Any = None,
+    val_data: Any = None,
+    model: Any = None,
+) -> None:
+    """Tune function trainable: one kiln Trainer run with this trial's config."""
+    from ray import tune
+
+    from kiln.engine.trainer import Trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = setup.config_for(params, trial_id)
+    callbacks = []
+    if cfg.num_workers > 0:  # Ray Train workers report through Train; forward to Tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
+    trainer = Trainer(
+        model=model,
+        training_config=cfg,
+        task_spec=setup.task,
+        hooks=list(setup.hooks),
+        storage_path=Path(setup.trials_dir) / trial_id,
+        data_dir=setup.data_dir,
+        ray_callbacks=callbacks,
+    )
+    trainer.train(train_data, val_data)
+
+
+class TrialResources:
+    """Resources of one trial from its config (Tune calls this with the sampled params)."""
+
+    def __init__(self, base: TrainingConfig, override: Mapping[str, float] | None) -> None:
+        self.base, self.override = base, dict(override) if override else None
+
+    def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
+        return trial_resources(spaces.trial_config(self.base, params), self.override)
+
+
+def trial_resources(cfg: TrainingConfig, override: Mapping[str, float] | None) -> dict[str, float]:
+    """What the trial actor reserves. In-process trials hold the CPUs (and GPU) they train
+    on; with num_workers>=1 the trial only drives Ray Train, whose workers reserve their own."""
+    if override:
+        return {
+            k.upper() if k.lower() in ("cpu", "gpu") else k: float(v) for k, v in override.items()
+        }
+    if cfg.num_workers == 0:
+        return {"CPU": float(cfg.cpus_per_worker or 1), "GPU": 1.0 if cfg.use_gpu else 0.0}
+    return {"CPU": 0.01}
+
+
+def search(
+    training_config: TrainingConfig | None,
+    task_spec: TaskSpec | None,
+    train_data: Any,
+    val_data: Any,
+    search_space: Mapping[str, Any] | str | os.PathLike[str],
+    num_samples: int = 1,
+    scheduler: Any = "asha",
+    metric: str = "val_loss",
+    mode: str = "min",
+    max_concurrent_trials: int | None = None,
+    resources_per_trial: Mapping[str, float] | None = None,
+    model: Any = None,
+    time_budget_s: float | None = None,
+    register_as: str | None = None,
+    storage_path: str | os.PathLike[str] | None = None,
+    db_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    *,
+    plateau: Any = None,
+    grace_period: int = 1,
+    reduction_factor: float = 2,
+    hooks: Sequence[Any] = (),
+    callbacks: Sequence[Any] = (),
+    verbose: int = 0,
+    artifacts_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> SearchResult:
+    """Search hyperparameters with Ray Tune; every trial is one kiln Trainer run.
+
+    Args:
+        training_config: the base config every trial starts from.
+        task_spec: what is predicted (completed from the data where silent).
+        train_data, val_data: anything ``Trainer.train`` accepts (dataset id, (X, y), ...).
+        search_space: field -> Tune domain (``model.<param>``, ``preset`` allowed), its
+            YAML form, or a path to a YAML search file (see :mod:`kiln.tune.spaces`).
+        num_samples: samples drawn from the space (each grid point is repeated this often).
+        scheduler: "asha", "median", "fifo" (or a Tune TrialScheduler).
+        metric, mode: what ranks trials; must be a metric every trial reports.
+        max_concurrent_trials: at most this many trials at once (default: what fits).
+        resources_per_trial: e.g. ``{"cpu": 2}``; default from the trial's config.
+        model: an nn.Module or factory shared by all trials (None: built from config).
+        time_budget_s: stop the whole search after this many seconds.
+        register_as: register the best trial's best checkpoint under this name.
+        storage_path: where searches live (default ``$KILN_HOME/tune``).
+        db_path: the experiment database (default ``$KILN_HOME/kiln.db``).
+        resume: continue the interrupted search ``name`` (or the newest one) instead of
+            starting over.
+        name: the search id (default: generated).
+        plateau: True or TrialPlateauStopper options: stop trials whose metric plateaus.
+        grace_period, reduction_factor: ASHA/median settings (in epochs).
+        hooks: kiln hooks/callbacks run inside every trial's loop.
+        callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
+        verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
+    """
+    base = (training_config or TrainingConfig()).validate()
+    space = _load_space(search_space)
+    plan = _plan(train_data, val_data, task_spec, base, data_dir)
+    errors = _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model)
+    if errors:
+        raise ConfigError(errors)
+
+    from ray import tune
+
+    from kiln._ray import ensure_ray
+
+    ensure_ray()
+    _check_resources(space, base, resources_per_trial)
+
+    home = _Home(storage_path, db_path, artifacts_dir, data_dir)
+    search_id, experiment = _experiment(home.storage, name, resume)
+    setup = TrialSetup(
+        base=base,
+        task=plan.task,
+        trials_dir=str(experiment / TRIALS_DIR),
+        metric=metric,
+        mode=mode,
+        data_dir=str(home.data_dir) if home.data_dir else None,
+        hooks=list(hooks),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, setup=setup, train_data=train_data, val_data=val_data, model=model
+        ),
+        TrialResources(base, resources_per_trial),
+    )
+    max_t = spaces.epoch_bound(space, base)
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(
+            str(experiment), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=dict(space),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                scheduler=_sched.create_scheduler(
+                    scheduler,
+                    max_t=max_t,
+                    grace_period=grace_period,
+                    reduction_factor=reduction_factor,
+                ),
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent_trials or _default_concurrency(space, base),
+                time_budget_s=time_budget_s,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=search_id,
+                storage_path=str(home.storage),
+                stop=_sched.create_stopper(plateau, metric, mode),
+                callbacks=list(callbacks) or None,
+                verbose=verbose,
+            ),
+        )
+    results = tuner.fit()
+    return _summarize(results, setup, space, search_id, home, register_as, plan)
+
+
+# ---------------------------------------------------------------------- checks
+def _load_space(search_space: Any) -> dict[str, Any]:
+    if isinstance(search_space, (str, os.PathLike)):
+        space, settings = spaces.load_search_file(search_space)
+        if settings:
+            logger.warning("search(): the file's tune: settings are read by `kiln tune` only")
+        return space
+    return spaces.parse_space(search_space)
+
+
+def _plan(train_data, val_data, task_spec, base, data_dir):
+    """Resolve the data once in the driver: the task, and whether validation data exists."""
+    from kiln.engine.data_plan import plan_data
+
+    probe = base.replace(num_workers=0, data_backend="auto")
+    return plan_data(train_data, val_data, task_spec, probe, data_dir=data_dir)
+
+
+def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model) -> list[str]:
+    errors = []
+    if not isinstance(num_samples, int) or num_samples < 1:
+        errors.append(f"num_samples={num_samples!r} must be an integer >= 1")
+    model_check = None if model is not None else _model_checker(plan)
+    errors += spaces.check_space(space, base, model_check=model_check)
+    has_val = plan.kind == "memory" and "val" in (plan.arrays or {})
+    has_val = has_val or "val" in (plan.datasets or {}) or "val" in (plan.loaders or {})
+    errors += spaces.check_metric(metric, mode, plan.task.task_type, has_val)
+    errors += _sched.check_scheduler(scheduler)
+    if plan.kind == "ray" and any(c.num_workers == 0 for c in _safe_candidates(space, base)):
+        errors.append(
+            "in-process trials (num_workers=0) read in-memory data, but this data is read "
+            "through Ray Data; pass arrays or a bundled dataset id, or set num_workers>=1"
+        )
+    return errors
+
+
+def _model_checker(plan):
+    from kiln.models import validate_model_config
+
+    def check(spec: dict[str, Any]) -> list[str]:
+        return validate_model_config(
+            spec, input_shape=plan.input_shape, num_outputs=plan.task.output_dim
+        )
+
+    return check
+
+
+def _safe_candidates(space, base) -> list[TrainingConfig]:
+    try:
+        return spaces.hardware_candidates(space, base)
+    except ConfigError:
+        return [base]
+
+
+def _check_resources(space, base, override) -> None:
+    """Every trial must fit on the cluster; otherwise Tune would wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    problems = []
+    for cfg in spaces.hardware_candidates(space, base):
+        need = dict(trial_resources(cfg, override))
+        if cfg.num_workers > 0:
+            need["CPU"] = need.get("CPU", 0) + cfg.num_workers * (cfg.cpus_per_worker or 1)
+            need["GPU"] = need.get("GPU", 0) + (cfg.num_workers if cfg.use_gpu else 0)
+        for res, amount in need.items():
+            have = total.get(res, 0)
+            if amount > have + 1e-9:
+                problems.append(
+                    f"a trial with num_workers={cfg.num_workers}, use_gpu={cfg.use_gpu}, "
+                    f"cpus_per_worker={cfg.cpus_per_worker} needs {amount:g} {res} but the Ray "
+                    f"cluster has {have:g}; lower resources_per_trial / num_workers, set "
+                    "use_gpu=false, or add nodes"
+                )
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+
+
+def _default_concurrency(space, base) -> int | None:
+    """Trials driving Ray Train workers: as many as the cluster's CPUs can hold at once."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    need = max(
+        (c.num_workers * (c.cpus_per_worker or 1) for c in spaces.hardware_candidates(space, base)),
+        default=0,
+    )
+    return max(1, int(cpus // need)) if need else None
+
+
+# ---------------------------------------------------------------------- paths
+class _Home:
+    """Storage, database and artifact locations, resolved once (defaults under KILN_HOME)."""
+
+    def __init__(self, storage_path, db_path, artifacts_dir, data_dir) -> None:
+        from kiln import paths
+
+        home = (
+            paths.kiln_home() if None in (storage_path, db_path, artifacts_dir, data_dir) else None
+        )
+        self.storage = Path(storage_path or home / "tune").resolve()  # type: ignore[operator]
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.db = Path(db_path) if db_path else paths.default_db_path(home)  # type: ignore[arg-type]
+        self.artifacts = (
+            Path(artifacts_dir) if artifacts_dir else paths.default_artifacts_dir(home)  # type: ignore[arg-type]
+        )
+        self.data_dir = Path(data_dir) if data_dir else paths.default_datasets_dir(home)  # type: ignore[arg-type]
+
+
+def _experiment(storage: Path, name: str | None, resume: bool) -> tuple[str, Path]:
+    from ray import tune
+
+    if resume and name is None:
+        found = sorted(
+            (p for p in storage.iterdir() if p.is_dir() and tune.Tuner.can_restore(str(p))),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not found:
+            raise ConfigError(
+                f"resume=True, but {str(storage)!r} holds no search to resume; start one first"
+            )
+        return found[-1].name, found[-1]
+    if name is None:
+        name = f"search-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    path = storage / name
+    if resume and not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"resume=True, but there is no search {name!r} under {str(storage)!r}")
+    if not resume and tune.Tuner.can_restore(str(path)):
+        raise ConfigError(
+            f"a search named {name!r} already exists under {str(storage)!r}; pass resume=True "
+            "to continue it or choose another name"
+        )
+    return name, path
+
+
+# ---------------------------------------------------------------------- results
+def _summarize(results, setup, space, search_id, home, register_as, plan) -> SearchResult:
+    from kiln.tune import _record
+
+    trials = _record.collect_trials(results, setup, space)
+    if setup.base.tracking:
+        _record.record_trials(home.db, search_id, trials, plan)
+    frame = _record.trials_frame(trials, spaces.searched_keys(space), setup.metric)
+    interrupted = any(t.status == "unfinished" for t in trials)
+    best = _record.best_trial(trials, setup.metric, setup.mode)
+    if best is None:
+        errors = [t.error for t in trials if t.error]
+        raise ConfigError(
+            f"no trial of search {search_id!r} reported {setup.metric!r}"
+            + (f"; first error: {errors[0]}" if errors else "")
+        )
+    best_config = spaces.trial_config(setup.base, best.params)
+    model_id = None
+    if register_as and best.best_checkpoint:
+        model_id = _record.register_best(
+            home.db, home.artifacts, register_as, best, best_config, search_id, plan, setup.metric
+        )
+    return SearchResult(
+        best_config=best_config,
+        best_metrics=best.best_row,
+        best_checkpoint=best.best_checkpoint,
+        trials=frame,
+        search_id=search_id,
+        metric=setup.metric,
+        mode=setup.mode,
+        best_trial_id=best.trial_id,
+        experiment_path=str(results.experiment_path),
+        model_id=model_id,
+        interrupted=interrupted,
+    )
