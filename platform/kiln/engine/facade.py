@@ -54,11 +54,14 @@ class TrainingSession:
 
 
 def default_engine_config() -> TrainingConfig:
-    """10 epochs of AdamW at 1e-3, batch 32: a sound default for small MLPs."""
+    """10 epochs of AdamW at 1e-2, batch 32: a sound default for small MLPs.
+
+    (At 1e-3, 10 epochs of iris are ~50 optimizer steps, too few to leave chance level.)
+    """
     return TrainingConfig(
         epochs=10,
         batch_size=32,
-        learning_rate=1e-3,
+        learning_rate=1e-2,
         warmup_ratio=0.0,
         lr_scheduler="constant",
         weight_decay=0.0,
