@@ -1,0 +1,218 @@
+"""``kiln tune CONFIG --space SPACE.yaml``: search hyperparameters over kiln runs.
+
+    kiln tune examples/digits_mlp.yaml --space examples/tune_space.yaml --samples 8
+    kiln tune examples/digits_mlp.yaml --space examples/tune_space.yaml --resume
+
+CONFIG is a run file as for ``kiln train``; SPACE.yaml maps fields to domains
+(``learning_rate: {loguniform: [1.0e-4, 1.0e-1]}``, ``model.hidden: [[64], [128]]``,
+``preset: [quick_prototype, baseline]``) and may hold search settings under
+``tune:``. Flags override the file. Prints a table of trials as they report and
+the winner at the end; ``--resume`` continues an interrupted search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kiln.cli.train import load_run_file
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="run file (.yaml/.yml/.json)")
+    p.add_argument("--space", required=True, help="search space file (.yaml/.json)")
+    p.add_argument("--samples", type=int, help="samples drawn from the space (default 1)")
+    p.add_argument("--scheduler", help="asha (default), median or fifo")
+    p.add_argument("--metric", help="metric that ranks trials (default val_loss)")
+    p.add_argument("--mode", choices=("min", "max"), help="min or max (default min)")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials")
+    p.add_argument("--time-budget", type=float, dest="time_budget_s", metavar="SECONDS")
+    p.add_argument("--name", help="search id (default: generated; --resume: the newest)")
+    p.add_argument("--register-as", dest="register_as", help="register the winner's checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln._ray import ensure_ray
+    from kiln.tune import search
+    from kiln.tune.spaces import load_search_file
+
+    config, task = load_run_file(args.config, args.overrides, None)
+    space, settings = load_search_file(args.space)
+    for key in ("scheduler", "metric", "mode", "max_concurrent_trials", "time_budget_s"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    for key in ("name", "register_as"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.samples is not None:
+        settings["num_samples"] = args.samples
+    ensure_ray(args.address)
+    metric = settings.get("metric", "val_loss")
+    table = live_table(metric)
+    print(
+        f"kiln: searching {len(space)} field(s) of {config.dataset or 'data'} "
+        f"with {settings.get('num_samples', 1)} sample(s), "
+        f"scheduler {settings.get('scheduler', 'asha')}",
+        flush=True,
+    )
+    try:
+        result = search(
+            config,
+            task,
+            None,
+            None,
+            space,
+            resume=args.resume,
+            db_path=args.db,
+            callbacks=[table],
+            **settings,
+        )
+    finally:
+        table.close()
+    print_result(result)
+    return 0
+
+
+def live_table(metric: str) -> Any:
+    """A Tune callback that keeps a rich table of trials up to date while they run
+    (one line per finished trial when stdout is not a terminal, e.g. under Ray Jobs)."""
+    from ray.tune import Callback
+
+    class _Live(Callback):
+        def __init__(self) -> None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.metric = metric
+            self.rows: dict[str, dict[str, Any]] = {}
+            self.console = Console(file=sys.stdout, width=120)
+            self.live = Live(console=self.console, auto_refresh=False)
+            self.started = False
+
+        def _update(self, trial, status: str, result: dict | None = None) -> None:
+            row = self.rows.setdefault(trial.trial_id, {"params": _params(trial.config)})
+            row["status"] = status
+            if result:
+                row["epoch"] = result.get("epoch")
+                value = result.get(self.metric)
+                if isinstance(value, (int, float)):
+                    row["last"] = value
+            if not self.console.is_terminal:
+                if status != "running" or result is None:
+                    print(f"trial {trial.trial_id} {status}: {_fmt_row(row)}", flush=True)
+                return
+            if not self.started:
+                self.live.start()
+                self.started = True
+            self.live.update(self._table(), refresh=True)
+
+        def _table(self):
+            from rich.table import Table
+
+            table = Table(title="trials")
+            for col in ("trial", "params", "epoch", self.metric, "status"):
+                table.add_column(col)
+            for tid, row in self.rows.items():
+                last = row.get("last")
+                table.add_row(
+                    tid,
+                    row["params"],
+                    str(row.get("epoch", "-")),
+                    "-" if last is None else f"{last:.4f}",
+                    row["status"],
+                )
+            return table
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._update(trial, "running")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._update(trial, "running", result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._update(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._update(trial, "error")
+
+        def close(self) -> None:
+            if self.started:
+                self.live.stop()
+
+    return _Live()
+
+
+def print_result(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    frame = result.trials
+    table = Table(title=f"search {result.search_id}")
+    for col in frame.columns:
+        if col not in ("error", "run_id"):
+            table.add_column(str(col))
+    for _, row in frame.iterrows():
+        table.add_row(*[_cell(row[c]) for c in frame.columns if c not in ("error", "run_id")])
+    Console(file=sys.stdout, width=160).print(table)
+    value = result.best_metrics.get(result.metric)
+    print(
+        f"winner: trial {result.best_trial_id}  {result.metric}={value:.4f} "
+        f"at epoch {result.best_metrics.get('epoch')}"
+    )
+    searched = [
+        c
+        for c in frame.columns
+        if c not in _FIXED_COLUMNS and not c.startswith(("final_", "best_"))
+    ]
+    best_row = frame[frame["trial_id"] == result.best_trial_id].iloc[0]
+    for key in searched:
+        print(f"  {key} = {best_row[key]!r}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    stopped = int(frame["stopped_early"].sum())
+    print(
+        f"{len(frame)} trials, {stopped} stopped early, {int(frame['epochs'].sum())} epochs in all"
+    )
+    if result.model_id is not None:
+        print(f"registered model id: {result.model_id}")
+    if result.interrupted:
+        print("the search was interrupted; continue it with --resume")
+
+
+_FIXED_COLUMNS = {
+    "trial_id", "epochs", "max_epochs", "status", "stopped_early", "run_id", "error",
+}  # fmt: skip
+
+
+def _params(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_cell(v)}" for k, v in config.items())
+
+
+def _fmt_row(row: dict[str, Any]) -> str:
+    last = row.get("last")
+    return f"{row['params']}  epoch {row.get('epoch', '-')}  " + (
+        "-" if last is None else f"{last:.4f}"
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
