@@ -210,9 +210,27 @@ def _adapt(callback: Any, config: TrainingConfig) -> Any:
 
     if isinstance(callback, (CallbackBase, TrainingHooks)):
         return callback
-    if any(hasattr(callback, m) for m in ("on_step_end", "on_training_start")):
+    if _is_seed_style(callback):
         return SeedCallbackAdapter(callback, config)
     return callback
+
+
+def _is_seed_style(callback: Any) -> bool:
+    """Seed-004 callbacks take the trainer first: ``on_epoch_end(trainer, epoch, metrics)``."""
+    import inspect
+
+    if callable(getattr(callback, "on_step_end", None)):
+        return True
+    for name, kiln_arity in (("on_training_start", 0), ("on_epoch_start", 1), ("on_epoch_end", 2)):
+        fn = getattr(callback, name, None)
+        if callable(fn):
+            try:
+                arity = len(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                continue
+            if arity > kiln_arity:
+                return True
+    return False
 
 
 def _first_batch(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
