@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -104,6 +105,45 @@ def test_accumulation_steps_optimizer_ceil_batches_over_n(num_batches, accumulat
     assert optimizer.steps == math.ceil(num_batches / accumulation)
     assert scheduler.last_epoch == math.ceil(num_batches / accumulation)
     assert loop.global_step == num_batches
+
+
+class FakeDDP(nn.Module):
+    """Records, per forward, whether it ran inside ``no_sync()`` (as DDP skips the all-reduce)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.syncing = True
+        self.synced: list[bool] = []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
+
+    def forward(self, x):
+        self.synced.append(self.syncing)
+        return self.module(x)
+
+
+@pytest.mark.parametrize(
+    "num_batches, accumulation, expected",
+    [
+        (5, 2, [False, True, False, True, True]),  # the last, partial window syncs too
+        (6, 3, [False, False, True, False, False, True]),
+        (3, 1, [True, True, True]),
+    ],
+)
+def test_no_sync_skips_only_batches_that_do_not_step(num_batches, accumulation, expected):
+    x, y = _data(num_batches * 2)
+    model = FakeDDP(_model())
+    optimizer = CountingSGD(model.parameters(), lr=0.01)
+    _train_loop(accumulation).run_epoch(1, model, _batches(x, y, 2), optimizer)
+    assert model.synced == expected
+    assert optimizer.steps == sum(expected)
 
 
 def test_accumulated_step_equals_one_full_batch_step():

@@ -9,7 +9,7 @@ for the per-batch loss, so a kiln epoch costs what a hand-written loop costs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,15 +145,17 @@ class TrainingLoop:
         model.train()
         sums = _Sums(self.classification, self.regression)
         step_log: list[dict[str, Any]] = []
-        accumulating = False
         start = time.perf_counter()
         n_accum = self.accumulator.accumulation_steps
         no_sync = getattr(model, "no_sync", None)
-        for batch_idx, batch in enumerate(train_loader):
+        batches = _mark_last(train_loader) if n_accum > 1 else _never_last(train_loader)
+        for batch_idx, (batch, is_last) in enumerate(batches):
             inputs, labels = unpack_batch(batch, *self.columns)
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            update = self.accumulator.should_update_optimizer(batch_idx)
+            # A last partial accumulation window still updates the weights; its backward
+            # must run outside no_sync so DDP all-reduces those gradients too.
+            update = self.accumulator.should_update_optimizer(batch_idx) or is_last
             sync_ctx = no_sync() if (no_sync is not None and not update and n_accum > 1) else _NULL
             with sync_ctx:
                 with precision.autocast():
@@ -161,7 +163,6 @@ class TrainingLoop:
                     loss = self.loss_strategy.compute_loss(logits, labels)
                 scaled = loss / n_accum if n_accum > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            accumulating = not update
             if update:
                 self._optimizer_step(model, optimizer, scheduler, scaler)
             sums.add(loss, logits, labels)
@@ -172,8 +173,6 @@ class TrainingLoop:
                 )
             if metrics_callback is not None:
                 metrics_callback(float(loss.detach()), batch_idx)
-        if accumulating:  # a last partial accumulation still updates the weights
-            self._optimizer_step(model, optimizer, scheduler, scaler)
         totals = sums.as_tensor()
         metrics = metrics_from_sums(totals, self.classification, self.regression, "train")
         for row in step_log:
@@ -261,6 +260,25 @@ class ValidationLoop:
             learning_rate=0.0,
             sums=totals,
         )
+
+
+def _mark_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(batch, is_last)``, looking one batch ahead."""
+    it = iter(batches)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for upcoming in it:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+def _never_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(batch, False)`` without look-ahead: with no accumulation every batch steps anyway."""
+    for batch in batches:
+        yield batch, False
 
 
 class _NullContext:
