@@ -156,7 +156,7 @@ def trial_resources(cfg: TrainingConfig, override: Mapping[str, float] | None) -
         }
     if cfg.num_workers == 0:
         return {"CPU": float(cfg.cpus_per_worker or 1), "GPU": 1.0 if cfg.use_gpu else 0.0}
-    return {"CPU": 0.01}
+    return {"CPU": 0, "memory": 1}  # Ray Train reserves the workers; the trial only drives
 
 
 def search(
@@ -247,10 +247,14 @@ def search(
         TrialResources(base, resources_per_trial),
     )
     max_t = spaces.epoch_bound(space, base)
+    progress = _Samples()
     if resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(
             str(experiment), trainable, resume_unfinished=True, resume_errored=True
         )
+        # Tune restores the pickled RunConfig, callbacks included, and has no public way to
+        # replace them; the old ones would carry stale state (and this run's reporters).
+        tuner._local_tuner.get_run_config().callbacks = [*callbacks, progress]
     else:
         tuner = tune.Tuner(
             trainable,
@@ -273,12 +277,12 @@ def search(
                 name=search_id,
                 storage_path=str(home.storage),
                 stop=_sched.create_stopper(plateau, metric, mode),
-                callbacks=list(callbacks) or None,
+                callbacks=[*callbacks, progress],
                 verbose=verbose,
             ),
         )
     results = tuner.fit()
-    return _summarize(results, setup, space, search_id, home, register_as, plan)
+    return _summarize(results, setup, space, search_id, home, register_as, plan, progress.total)
 
 
 # ---------------------------------------------------------------------- checks
@@ -417,14 +421,33 @@ def _experiment(storage: Path, name: str | None, resume: bool) -> tuple[str, Pat
 
 
 # ---------------------------------------------------------------------- results
-def _summarize(results, setup, space, search_id, home, register_as, plan) -> SearchResult:
+class _Samples:
+    """Learns how many trials the search will have (Tune passes it to callbacks' setup)."""
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        class _Count(Callback):
+            total: int | None = None
+
+            def setup(self, total_num_samples: int | None = None, **info: Any) -> None:
+                self.total = total_num_samples
+
+        return _Count()
+
+
+def _summarize(
+    results, setup, space, search_id, home, register_as, plan, total: int | None
+) -> SearchResult:
     from kiln.tune import _record
 
     trials = _record.collect_trials(results, setup, space)
     if setup.base.tracking:
         _record.record_trials(home.db, search_id, trials, plan)
     frame = _record.trials_frame(trials, spaces.searched_keys(space), setup.metric)
-    interrupted = any(t.status == "unfinished" for t in trials)
+    interrupted = any(t.status == "unfinished" for t in trials) or (
+        total is not None and len(trials) < total
+    )
     best = _record.best_trial(trials, setup.metric, setup.mode)
     if best is None:
         errors = [t.error for t in trials if t.error]

@@ -57,6 +57,15 @@ NOT_SEARCHABLE = {
     "export_formats": "export the winner after the search",
 }
 
+#: Fields a preset never replaces: they describe the user's data, model and records.
+KEPT_FROM_BASE = frozenset(
+    {
+        "dataset", "data_backend", "validation_split", "random_seed", "deterministic", "loss",
+        "model", "model_name", "run_name", "notes", "tracking", "tracking_db", "register_as",
+        "checkpoint_dir", "monitor", "mode", "log_every_n_steps", "wandb_project",
+    }
+)  # fmt: skip
+
 PRESET_KEY = "preset"
 MODEL_PREFIX = "model."
 
@@ -175,14 +184,15 @@ def trial_config(base: TrainingConfig, params: Mapping[str, Any]) -> TrainingCon
 
 
 def with_preset(base: TrainingConfig, name: str) -> TrainingConfig:
-    """``base`` with every field the preset sets (the preset's non-default values)."""
-    preset, default = get_preset(name), TrainingConfig()
-    changes = {
-        f.name: getattr(preset, f.name)
-        for f in dataclasses.fields(TrainingConfig)
-        if getattr(preset, f.name) != getattr(default, f.name)
-    }
-    return base.replace(**changes)
+    """The preset's hyperparameters, with the base's data, model and bookkeeping fields."""
+    preset = get_preset(name)
+    return base.replace(
+        **{
+            f.name: getattr(preset, f.name)
+            for f in dataclasses.fields(TrainingConfig)
+            if f.name not in KEPT_FROM_BASE
+        }
+    )
 
 
 def candidate_values(domain: Any) -> list[Any] | None:
