@@ -24,6 +24,7 @@ from kiln.engine.checkpoint import load_checkpoint_state
 N_TRAIN, N_VAL, FEATURES, CLASSES = 128, 40, 6, 3
 VAL_ID_OFFSET = 10_000
 REDUCED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+EPOCHS, BATCH = 2, 16
 
 
 def _data(n: int, id_offset: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,68 +109,63 @@ class MetricHooks(TrainingHooks):
         path.write_text(json.dumps(self.received))
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.timeout(300)
-def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_local):
-    # Workers cannot import this test module by name: ship its classes by value.
+def _ship_by_value() -> None:
+    """Workers cannot import this test module by name: ship its classes by value."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    train, val = _data(N_TRAIN, 0, seed=0), _data(N_VAL, VAL_ID_OFFSET, seed=1)
+
+
+def _fit(tmp_path: Path, train, val, **overrides) -> tuple[dict, list[dict], list[list[dict]]]:
     out = tmp_path / "out"
     out.mkdir()
-    epochs, batch = 2, 16
-    config = TrainingConfig(
-        epochs=epochs,
-        batch_size=batch,
+    settings = dict(
+        epochs=EPOCHS,
+        batch_size=BATCH,
         learning_rate=2e-2,
         warmup_ratio=0.0,
         lr_scheduler="cosine",
-        # 4 batches per rank and epoch with 3-batch accumulation: one full window and one
-        # partial window per epoch, whose step must be synced across ranks too.
-        gradient_accumulation_steps=3,
         num_workers=2,
         random_seed=11,
         tracking=False,
     )
     results = Trainer(
         model=IdRecordingNet(),
-        training_config=config,
+        training_config=TrainingConfig(**{**settings, **overrides}),
         task_spec=TaskSpec.classification(name="ids", num_classes=CLASSES),
         hooks=[RankRecorder(out), MetricHooks(out)],
         storage_path=tmp_path / "runs",
         db_path=tmp_path / "kiln.db",
         artifacts_dir=tmp_path / "artifacts",
     ).train(train, val)
-
-    assert results["world_size"] == 2
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["world_size"] == 2 and r["wrapped"] for r in ranks)  # DDP-wrapped model
+    hooks = [json.loads((out / f"hooks{r}.json").read_text()) for r in (0, 1)]
+    return results, ranks, hooks
 
-    # (a) disjoint shards that cover the training rows, every epoch
-    per_rank_batches = N_TRAIN // 2 // batch
+
+def _check_disjoint_shards(ranks: list[dict], n_train: int) -> None:
+    per_rank_batches = n_train // 2 // BATCH
     for r in ranks:
-        assert len(r["seen"]) == epochs * per_rank_batches
-        assert all(len(b) == batch for b in r["seen"])
+        assert len(r["seen"]) == EPOCHS * per_rank_batches
+        assert all(len(b) == BATCH for b in r["seen"])
         assert all(i < VAL_ID_OFFSET for b in r["seen"] for i in b)  # never trained on val
-    for e in range(epochs):
+    for e in range(EPOCHS):
         window = slice(e * per_rank_batches, (e + 1) * per_rank_batches)
         ids = [{i for b in r["seen"][window] for i in b} for r in ranks]
         assert ids[0].isdisjoint(ids[1])
-        assert ids[0] | ids[1] == set(range(N_TRAIN))
-        assert sum(len(b) for r in ranks for b in r["seen"][window]) == N_TRAIN
+        assert ids[0] | ids[1] == set(range(n_train))
+        assert sum(len(b) for r in ranks for b in r["seen"][window]) == n_train
 
-    # (b) identical parameters on both ranks after every step
+
+def _check_identical_parameters(ranks: list[dict]) -> None:
     sums0, sums1 = ranks[0]["checksums"], ranks[1]["checksums"]
-    assert len(sums0) == len(sums1) == epochs * per_rank_batches
+    assert len(sums0) == len(sums1) == len(ranks[0]["seen"])
     assert sums0 == sums1
     assert len(set(sums0)) > 1  # and they did change
 
-    # (c) metrics: identical on every rank, and means over both ranks' samples
-    hooks = [json.loads((out / f"hooks{r}.json").read_text()) for r in (0, 1)]
-    assert len(hooks[0]) == len(hooks[1]) == epochs
+
+def _check_mean_metrics(results: dict, ranks: list[dict], hooks: list[list[dict]], val) -> None:
+    assert len(hooks[0]) == len(hooks[1]) == EPOCHS
     # Timings and timestamps are each rank's own; everything else must agree exactly.
     shared = [*REDUCED, "epoch", "learning_rate", "global_step", "grad_norm"]
     for row0, row1, cb0, cb1 in zip(*hooks, ranks[0]["metrics"], ranks[1]["metrics"], strict=True):
@@ -181,15 +177,49 @@ def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_lo
     for e, hist in enumerate(results["history"]):
         losses = ranks[0]["batch_losses"][e] + ranks[1]["batch_losses"][e]  # equal batch sizes
         assert hist["train_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
-
+    # The last epoch's validation ran on the final weights: evaluate them on ALL val rows.
     final = IdRecordingNet()
     final.load_state_dict(load_checkpoint_state(results["latest_checkpoint_path"]).model_state)
     final.eval()
     with torch.no_grad():
-        logits = final(torch.from_numpy(val[0]))
-        labels = torch.from_numpy(val[1])
+        logits = final(torch.as_tensor(val[0]))
+        labels = torch.as_tensor(val[1])
         val_loss = F.cross_entropy(logits, labels).item()
         val_acc = (logits.argmax(-1) == labels).double().mean().item()
     assert results["history"][-1]["val_loss"] == pytest.approx(val_loss, abs=1e-6)
     assert results["history"][-1]["val_accuracy"] == pytest.approx(val_acc, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_local):
+    """Arrays through Ray Data shards, with gradient accumulation over a partial window."""
+    _ship_by_value()
+    train, val = _data(N_TRAIN, 0, seed=0), _data(N_VAL, VAL_ID_OFFSET, seed=1)
+    # 4 batches per rank and epoch with 3-batch accumulation: one full window and one
+    # partial window per epoch, whose step must be synced across ranks too.
+    results, ranks, hooks = _fit(tmp_path, train, val, gradient_accumulation_steps=3)
+    assert results["world_size"] == 2
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 and r["wrapped"] for r in ranks)  # DDP-wrapped model
+    _check_disjoint_shards(ranks, N_TRAIN)  # (a)
+    _check_identical_parameters(ranks)  # (b)
+    _check_mean_metrics(results, ranks, hooks, val)  # (c)
     assert results["final_metrics"]["val_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_two_workers_on_a_torch_dataset(tmp_path, ray_local):
+    """A torch Dataset goes through prepare_data_loader (a DistributedSampler per rank)."""
+    _ship_by_value()
+    (x, y), val = _data(N_TRAIN, 0, seed=2), _data(N_VAL, VAL_ID_OFFSET, seed=3)
+    train_ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    val_ds = torch.utils.data.TensorDataset(*(torch.from_numpy(a) for a in val))
+    results, ranks, hooks = _fit(tmp_path, train_ds, val_ds)
+    assert results["world_size"] == 2
+    _check_disjoint_shards(ranks, N_TRAIN)
+    _check_identical_parameters(ranks)
+    _check_mean_metrics(results, ranks, hooks, val)

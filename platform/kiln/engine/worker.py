@@ -236,8 +236,8 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
         rank = _rank()
         parts = {
             name: _CachedShard(
-                torch.as_tensor(x)[rank::world_size],
-                torch.as_tensor(y)[rank::world_size],
+                _rank_rows(x, rank, world_size, equal=name == "train"),
+                _rank_rows(y, rank, world_size, equal=name == "train"),
                 cfg.batch_size,
                 cfg.random_seed,
                 shuffle=name == "train",
@@ -280,6 +280,16 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
         return epoch_batches
 
     return stream("train", True), (stream("val", False) if "val" in shards else None), rows
+
+
+def _rank_rows(a: Any, rank: int, world_size: int, *, equal: bool) -> torch.Tensor:
+    """This rank's rows (every world_size-th). ``equal`` drops the remainder so every rank
+    runs the same number of training steps (each DDP step is a collective), as Ray Data's
+    equal split does."""
+    t = torch.as_tensor(a)
+    if equal:
+        t = t[: len(t) // world_size * world_size]
+    return t[rank::world_size]
 
 
 def _loader_epochs(loader: Any) -> Callable[[int], Any]:
