@@ -356,6 +356,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     for key, value in _final_state(c).items():
         assert torch.equal(value, _final_state(again)[key]), key
 
+    # A checkpoint already at `epochs` has nothing left to train: say so, do not "succeed".
+    with pytest.raises(ConfigError, match="is at epoch 6 and epochs=6: nothing is left"):
+        _trainer(tmp_path, epochs=6, run_name="c", **kw).train("iris", resume_from="latest")
+
 
 def test_resume_from_a_missing_path_or_empty_storage(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -10,6 +10,7 @@ outcome to small objects that record the run and register the model. With
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -114,6 +115,7 @@ class Trainer:
         run_dir = self._paths.storage / run_name
         checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
         resume = self._resolve_resume(resume_from)
+        self._check_epochs_left(resume)
         worker_plan = WorkerPlan(
             config=cfg,
             task=plan.task,
@@ -198,6 +200,23 @@ class Trainer:
                 "checkpoint; pass a checkpoint directory instead"
             )
         return str(resolve_checkpoint(resume_from, None))
+
+    def _check_epochs_left(self, resume: str | None) -> None:
+        """A checkpoint already at ``epochs`` would train nothing and return no checkpoint."""
+        if resume is None:
+            return
+        from kiln.engine.checkpoint import METADATA_FILE
+
+        try:
+            epoch = int(json.loads((Path(resume) / METADATA_FILE).read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # loading it in the worker reports what is wrong with it
+        epochs = self.training_config.epochs
+        if epoch >= epochs:
+            raise ConfigError(
+                f"resume_from checkpoint {resume!r} is at epoch {epoch} and epochs={epochs}: "
+                f"nothing is left to train; set epochs above {epoch} to continue the run"
+            )
 
     def _final_model(
         self, factory: Callable[[], nn.Module], latest: str | None
