@@ -192,6 +192,24 @@ def test_in_memory_and_torch_inputs(tmp_path, make_data, as_factory):
     assert results["final_metrics"]["val_accuracy"] > 0.8
 
 
+def test_lr_schedule_follows_the_loaders_own_batch_size(tmp_path):
+    # The loader batches 16 rows while the config says 4: the schedule must be planned for
+    # the loader's 8 batches per epoch, so a linear decay reaches 0 at the very end.
+    train, _ = _data_loader()
+    results = _trainer(
+        tmp_path,
+        model=_mlp,
+        task_spec=TaskSpec.classification(num_classes=3),
+        batch_size=4,
+        lr_scheduler="linear",
+        learning_rate=1e-2,
+    ).train(train)
+    history = results["history"]
+    assert [h["global_step"] for h in history] == [8, 16]
+    assert history[0]["learning_rate"] == pytest.approx(5e-3)
+    assert history[1]["learning_rate"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_regression_on_synthetic_regression(tmp_path):
     results = _trainer(tmp_path, epochs=2).train("synthetic_regression")
     _check_results(results, epochs=2, classification=False)

@@ -86,9 +86,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.compile_mode:
         model = torch.compile(model, mode=cfg.compile_mode)
     model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
-    train_batches, val_batches, rows_per_rank = _data_for_rank(plan, device, world_size)
+    train_batches, val_batches, batches_per_epoch = _data_for_rank(plan, device, world_size)
 
-    batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.batch_size))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
@@ -216,7 +215,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------- data
 def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
-    """Return (train_batches(epoch), val_batches(epoch) or None, rows on this rank)."""
+    """Return (train_batches(epoch), val_batches(epoch) or None, train batches per epoch).
+
+    The batch count plans the LR schedule, so it comes from what this rank iterates: a
+    user's DataLoader has its own batch size, which need not be ``config.batch_size``.
+    """
     cfg = plan.config
     if plan.data == "torch":
         import ray.train.torch
@@ -225,11 +228,15 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
         if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
             loaders = {k: ray.train.torch.prepare_data_loader(v) for k, v in loaders.items()}
         train = loaders["train"]
-        rows = math.ceil(plan.num_train_rows / world_size)
+        try:
+            batches = len(train)  # sampler-aware: this rank's batches
+        except TypeError:  # an IterableDataset has no length
+            rows = math.ceil(plan.num_train_rows / world_size)
+            batches = math.ceil(rows / (getattr(train, "batch_size", None) or cfg.batch_size))
         return (
             _loader_epochs(train),
             (_loader_epochs(loaders["val"]) if "val" in loaders else None),
-            rows,
+            max(1, batches),
         )
 
     if plan.data == "memory":
@@ -245,7 +252,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             for name, (x, y) in (plan.arrays or {}).items()
         }
         val = parts.get("val")
-        return parts["train"].epoch, (val.epoch if val else None), len(parts["train"])
+        return parts["train"].epoch, (val.epoch if val else None), parts["train"].num_batches
 
     import ray.train
 
@@ -264,7 +271,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             if "val" in shards
             else None
         )
-        return train.epoch, (val.epoch if val else None), len(train)
+        return train.epoch, (val.epoch if val else None), train.num_batches
     rows = math.ceil(plan.num_train_rows / world_size)
 
     def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
@@ -279,7 +286,8 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
 
         return epoch_batches
 
-    return stream("train", True), (stream("val", False) if "val" in shards else None), rows
+    batches = max(1, math.ceil(rows / cfg.batch_size))
+    return stream("train", True), (stream("val", False) if "val" in shards else None), batches
 
 
 def _rank_rows(a: Any, rank: int, world_size: int, *, equal: bool) -> torch.Tensor:
@@ -330,6 +338,11 @@ class _CachedShard:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch (at least 1, so an empty shard still plans a schedule)."""
+        return max(1, math.ceil(len(self) / self.batch_size))
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
