@@ -98,14 +98,22 @@ def live_table(metric: str) -> Any:
 
     class _Live(Callback):
         def __init__(self) -> None:
+            self.metric = metric
+            self.rows: dict[str, dict[str, Any]] = {}
+            self.console: Any = None
+            self.live: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune saves callbacks with its state
+            return {"metric": self.metric, "rows": self.rows, "console": None, "live": None}
+
+        def _start(self) -> None:
             from rich.console import Console
             from rich.live import Live
 
-            self.metric = metric
-            self.rows: dict[str, dict[str, Any]] = {}
             self.console = Console(file=sys.stdout, width=120)
-            self.live = Live(console=self.console, auto_refresh=False)
-            self.started = False
+            if self.console.is_terminal:
+                self.live = Live(console=self.console, auto_refresh=False)
+                self.live.start()
 
         def _update(self, trial, status: str, result: dict | None = None) -> None:
             row = self.rows.setdefault(trial.trial_id, {"params": _params(trial.config)})
@@ -115,13 +123,12 @@ def live_table(metric: str) -> Any:
                 value = result.get(self.metric)
                 if isinstance(value, (int, float)):
                     row["last"] = value
-            if not self.console.is_terminal:
+            if self.console is None:
+                self._start()
+            if self.live is None:
                 if status != "running" or result is None:
                     print(f"trial {trial.trial_id} {status}: {_fmt_row(row)}", flush=True)
                 return
-            if not self.started:
-                self.live.start()
-                self.started = True
             self.live.update(self._table(), refresh=True)
 
         def _table(self):
@@ -154,7 +161,7 @@ def live_table(metric: str) -> Any:
             self._update(trial, "error")
 
         def close(self) -> None:
-            if self.started:
+            if self.live is not None:
                 self.live.stop()
 
     return _Live()
@@ -184,7 +191,7 @@ def print_result(result: Any) -> None:
     ]
     best_row = frame[frame["trial_id"] == result.best_trial_id].iloc[0]
     for key in searched:
-        print(f"  {key} = {best_row[key]!r}")
+        print(f"  {key} = {_cell(best_row[key])}")
     print(f"best checkpoint: {result.best_checkpoint}")
     stopped = int(frame["stopped_early"].sum())
     print(

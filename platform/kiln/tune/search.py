@@ -185,6 +185,7 @@ def search(
     hooks: Sequence[Any] = (),
     callbacks: Sequence[Any] = (),
     verbose: int = 0,
+    seed: int | None = None,
     artifacts_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
 ) -> SearchResult:
@@ -214,6 +215,7 @@ def search(
         hooks: kiln hooks/callbacks run inside every trial's loop.
         callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
         verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
+        seed: seeds the sampling of the space (same seed, same trials).
     """
     base = (training_config or TrainingConfig()).validate()
     space = _load_space(search_space)
@@ -223,6 +225,7 @@ def search(
         raise ConfigError(errors)
 
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     from kiln._ray import ensure_ray
 
@@ -269,6 +272,7 @@ def search(
                     reduction_factor=reduction_factor,
                 ),
                 num_samples=num_samples,
+                search_alg=BasicVariantGenerator(random_state=seed) if seed is not None else None,
                 max_concurrent_trials=max_concurrent_trials or _default_concurrency(space, base),
                 time_budget_s=time_budget_s,
                 reuse_actors=True,
