@@ -309,8 +309,10 @@ class SeedHooks(TrainingHooks):
 
 def test_hooks_and_callbacks_fire_in_order(tmp_path):
     rec, seed = tmp_path / "callback.json", tmp_path / "hooks.json"
-    results = _trainer(tmp_path, hooks=[Recorder(rec), SeedHooks(seed)]).train("iris")
+    recorder = Recorder(rec)
+    results = _trainer(tmp_path, hooks=[recorder, SeedHooks(seed)]).train("iris")
     events = json.loads(rec.read_text())
+    assert json.loads(json.dumps(recorder.events)) == events  # in-process: the user's object
     assert events[0] == ["train_begin", 0, 1, True]
     assert events[-1] == ["train_end"]
     kinds = [e[0] for e in events]
