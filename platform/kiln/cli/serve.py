@@ -9,8 +9,9 @@ the registered weights' sha256; with ``--reload-on-promote`` the tag is polled a
 newly promoted version is rolled out under the same app (in-flight requests finish).
 ``--ingress haproxy`` (default) puts HAProxy in front of the replicas; its stats and
 metrics listeners (ports 8404/9101 unless RAY_SERVE_HAPROXY_STATS_PORT/_METRICS_PORT
-are set) bind all interfaces. ``--ingress optimized`` keeps Serve's own proxy (slower,
-loopback only).
+are set) bind ``--host`` like the HTTP port, except when joining a cluster whose head
+node is another machine (a warning says so). ``--ingress optimized`` keeps Serve's
+own proxy (slower, no extra listeners).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ingress",
         choices=("haproxy", "optimized", "proxy"),
         default="haproxy",
-        help="HTTP front: HAProxy (fastest), Serve's proxy tuned, or Serve's defaults",
+        help="HTTP front: HAProxy (fastest; its stats/metrics ports also bind --host), "
+        "Serve's proxy tuned, or Serve's defaults",
     )
     p.add_argument(
         "--batching",

@@ -2,7 +2,9 @@
 
 ``start_serve`` applies Ray Serve's throughput-optimised settings (they are
 environment variables read when Ray's processes start, so they only take effect
-when this process starts Ray) and binds HTTP to 127.0.0.1 unless told otherwise.
+when this process starts Ray) and binds HTTP to 127.0.0.1 unless told otherwise;
+with the HAProxy ingress, HAProxy's stats and metrics listeners follow the HTTP
+host too (see ``kiln.serve._haproxy_bind``).
 ``TagFollower`` polls the registry and redeploys under the same app name when a
 tag moves; Serve then rolls replicas, finishing in-flight requests on the old ones.
 """
@@ -79,12 +81,44 @@ def start_serve(
     if not ray.is_initialized():
         apply_throughput_env(env)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    controller_env = dict(env)
+    if ingress == "haproxy":
+        controller_env.update(_haproxy_listeners_env(host))
     serve.start(
         http_options={"host": host, "port": port},
         proxy_location="HeadOnly",
-        controller_options={"runtime_env": {"env_vars": env}} if env else None,
+        controller_options={"runtime_env": {"env_vars": controller_env}} if env else None,
     )
     return env
+
+
+def _haproxy_listeners_env(host: str) -> dict[str, str]:
+    """Controller env that moves HAProxy's stats/metrics listeners onto ``host``.
+
+    HAProxy runs on the head node; the wrapper script that does the moving is
+    written here, so it is used only when the head node is this machine's node.
+    """
+    import ray
+
+    from kiln.serve._haproxy_bind import binds_all_interfaces, haproxy_bind_env
+
+    if binds_all_interfaces(host):
+        return {}
+    if not _head_is_local(ray):
+        logger.warning(
+            "HAProxy runs on a remote head node: its stats (8404) and metrics (9101) "
+            "listeners bind all interfaces there; use --ingress optimized to avoid them"
+        )
+        return {}
+    return haproxy_bind_env(host)
+
+
+def _head_is_local(ray: Any) -> bool:
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["Alive"] and "node:__internal_head__" in node["Resources"]:
+            return node["NodeID"] == here
+    return False
 
 
 def deploy(app: Any, name: str, route_prefix: str = "/") -> None:

