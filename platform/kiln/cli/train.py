@@ -16,7 +16,6 @@ import yaml
 
 from kiln.config import TaskSpec, TrainingConfig, read_mapping
 from kiln.config.training import load_yaml
-from kiln.engine.callbacks import TrainingHooks
 from kiln.errors import ConfigError
 
 
@@ -100,17 +99,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class ProgressHook(TrainingHooks):
-    """Prints one line per epoch on rank 0 (forwarded by Ray from worker actors)."""
+class ProgressHook:
+    """Prints one line per epoch on rank 0 (forwarded by Ray from worker actors).
+
+    A duck-typed TrainingHooks (only the methods it needs), so the CLI does not import
+    torch before it has parsed its arguments.
+    """
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
         self.rank = 0
 
     def on_training_start(self) -> None:
-        import ray.train
+        from kiln.engine.worker import world
 
-        self.rank = ray.train.get_context().get_world_rank()
+        self.rank = world()[0]
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:

@@ -25,7 +25,7 @@ Where they fire. Hooks and callbacks run inside each Ray Train worker process
         on_validation_end(val_metrics)                        # every rank, same values
         on_epoch_end(epoch, metrics)                          # every rank, same values
         if any rank's stop_training: stop (ranks agree)       # early stopping
-        rank 0: checkpoint, ray.train.report(metrics)
+        rank 0: checkpoint; every rank: ray.train.report(metrics)
     on_training_end / on_train_end                            # every rank
 
 Epoch-level hooks get metrics already averaged over ranks, so decisions made

@@ -152,6 +152,10 @@ class Trainer:
         total_time = time.perf_counter() - started
         results = _results(summary, cfg, plan, run_name, run_dir, total_time)
         self.trained_model = self._final_model(factory, summary.get("latest_checkpoint"))
+        if cfg.export_formats and results["checkpoint_path"]:
+            results["bundle_path"] = str(
+                _export_best(factory, results["checkpoint_path"], model_config, plan, cfg, run_dir)
+            )
         if tracker:
             results["run_id"] = run_id
             results["model_id"] = tracker.complete(run_id, results, cfg, plan, self.trained_model)
@@ -227,6 +231,26 @@ class Trainer:
         target = self.model if isinstance(self.model, nn.Module) else factory()
         target.load_state_dict(state)
         return target
+
+
+def _export_best(
+    factory, checkpoint: str, model_config, plan: DataPlan, cfg: TrainingConfig, run_dir: Path
+) -> Path:
+    """Export the best checkpoint as a bundle in ``<run_dir>/bundle`` (config.export_formats)."""
+    from kiln.export import create_export_bundle
+
+    model = factory()
+    model.load_state_dict(load_checkpoint_state(checkpoint).model_state)
+    return create_export_bundle(
+        model.eval(),
+        model_config,
+        plan.task.to_dict(),
+        cfg.to_dict(),
+        run_dir,
+        formats=cfg.export_formats,
+        input_shape=plan.input_shape,
+        bundle_name="bundle",
+    )
 
 
 # ---------------------------------------------------------------------- Ray Train

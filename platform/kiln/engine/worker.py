@@ -32,7 +32,13 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.config import TaskSpec, TrainingConfig
-from kiln.engine.callbacks import CallbackBase, EarlyStoppingCallback
+from kiln.engine.callbacks import (
+    CallbackBase,
+    CallbackList,
+    EarlyStoppingCallback,
+    HookDispatcher,
+    TrainingHooks,
+)
 from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
 from kiln.engine.gradients import GradientAccumulator
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
@@ -66,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    rank, world_size = _world()
+    rank, world_size = world()
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
 
     # ---- setup -------------------------------------------------------------
@@ -365,7 +371,7 @@ def _in_tune() -> bool:
     return bool(_in_tune_session())
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
     """(rank, world size); an in-process run inside a Tune trial is rank 0 of 1."""
     if _in_tune():
         return 0, 1
@@ -376,7 +382,7 @@ def _world() -> tuple[int, int]:
 
 
 def _rank() -> int:
-    return _world()[0]
+    return world()[0]
 
 
 def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
@@ -434,16 +440,6 @@ def _report(metrics: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- hooks
-_TRAINING_HOOKS = (
-    "on_training_start",
-    "on_epoch_start",
-    "on_batch_end",
-    "on_validation_end",
-    "on_epoch_end",
-    "on_training_end",
-)
-
-
 class _Hooks:
     """Dispatches loop events to seed-002 TrainingHooks and seed-001 callbacks alike."""
 
@@ -459,73 +455,59 @@ class _Hooks:
                     mode=cfg.mode,
                 )
             )
-        self.callbacks = [h for h in hooks if isinstance(h, CallbackBase)]
-        self.hooks = [h for h in hooks if not isinstance(h, CallbackBase)]
-        for cb in self.callbacks:
-            cb.set_context(model=model, optimizer=optimizer, rank=rank, world_size=world_size)
+        self.callbacks = CallbackList(h for h in hooks if isinstance(h, CallbackBase))
+        self.hooks = HookDispatcher([h for h in hooks if not isinstance(h, CallbackBase)])
+        self.callbacks.set_context(
+            model=model, optimizer=optimizer, rank=rank, world_size=world_size
+        )
         self.wants_batch_end = any(
-            type(cb).on_batch_end is not CallbackBase.on_batch_end for cb in self.callbacks
-        ) or any(_defines(h, "on_batch_end") for h in self.hooks)
-        self._epoch_start = 0.0
+            type(cb).on_batch_end is not CallbackBase.on_batch_end
+            for cb in self.callbacks.callbacks
+        ) or any(_overrides(h, "on_batch_end") for h in self.hooks.hooks)
         self.epochs = cfg.epochs
 
     @property
     def stop_training(self) -> bool:
-        return any(getattr(h, "stop_training", False) for h in self.callbacks + self.hooks)
-
-    def _call(self, name: str, *args: Any) -> None:
-        for h in self.hooks:
-            fn = getattr(h, name, None)
-            if fn is not None:
-                fn(*args)
+        return self.callbacks.stop_training or self.hooks.stop_training
 
     def training_start(self) -> None:
-        self._call("on_training_start")
-        for cb in self.callbacks:
-            cb.on_train_begin({"epochs": self.epochs})
+        self.hooks.on_training_start()
+        self.callbacks.on_train_begin({"epochs": self.epochs})
 
     def epoch_start(self, epoch: int) -> None:
-        self._epoch_start = time.perf_counter()
-        self._call("on_epoch_start", epoch)
-        for cb in self.callbacks:
-            cb.on_epoch_begin(epoch, {})
+        self.hooks.on_epoch_start(epoch)
+        self.callbacks.on_epoch_begin(epoch, {})
 
     def batch_end(self, loss: float, batch_idx: int) -> None:
-        self._call("on_batch_end", batch_idx, loss)
-        for cb in self.callbacks:
-            cb.on_batch_end(batch_idx, {"loss": loss})
+        self.hooks.on_batch_end(batch_idx, loss)
+        self.callbacks.on_batch_end(batch_idx, {"loss": loss})
 
     def validation_end(self, metrics: dict[str, float]) -> None:
-        self._call("on_validation_end", dict(metrics))
+        self.hooks.on_validation_end(dict(metrics))
 
     def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self._call("on_epoch_end", epoch, _scalars(metrics))
-        for cb in self.callbacks:
-            cb.on_epoch_end(epoch, _scalars(metrics))
+        self.hooks.on_epoch_end(epoch, _scalars(metrics))
+        self.callbacks.on_epoch_end(epoch, _scalars(metrics))
 
     def training_end(self) -> None:
-        self._call("on_training_end")
-        for cb in self.callbacks:
-            cb.on_train_end({})
+        self.hooks.on_training_end()
+        self.callbacks.on_train_end({})
+
+    def _stoppers(self) -> list[EarlyStoppingCallback]:
+        return [cb for cb in self.callbacks.callbacks if isinstance(cb, EarlyStoppingCallback)]
 
     def state(self) -> list[dict[str, Any]]:
         """Early-stopping state (best, wait) so a resumed run keeps counting."""
-        return [
-            {"best": cb.best, "wait": cb.wait}
-            for cb in self.callbacks
-            if isinstance(cb, EarlyStoppingCallback)
-        ]
+        return [{"best": cb.best, "wait": cb.wait} for cb in self._stoppers()]
 
     def restore(self, state: list[dict[str, Any]] | None) -> None:
-        stoppers = [cb for cb in self.callbacks if isinstance(cb, EarlyStoppingCallback)]
-        for cb, saved in zip(stoppers, state or [], strict=False):
+        for cb, saved in zip(self._stoppers(), state or [], strict=False):
             cb.best, cb.wait = saved["best"], saved["wait"]
 
 
-def _defines(obj: Any, name: str) -> bool:
+def _overrides(obj: Any, name: str) -> bool:
+    """True when ``obj`` has its own ``name`` (not TrainingHooks' no-op)."""
     fn = getattr(type(obj), name, None)
     if fn is None:
         return callable(getattr(obj, name, None))
-    from kiln.engine.callbacks import TrainingHooks
-
     return fn is not getattr(TrainingHooks, name, None)
