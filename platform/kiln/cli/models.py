@@ -6,6 +6,7 @@
     kiln models history NAME [--tag TAG]
     kiln models rollback NAME TAG
     kiln models retire NAME:VERSION
+    kiln models drift NAME[:VERSION|@TAG] DATA   (DATA: dataset id, parquet/csv/jsonl path or .npy)
 
 The registry lives in ``--db`` (artifacts beside it in ``artifacts/``) or in
 ``$KILN_HOME/kiln.db`` and ``$KILN_HOME/artifacts``. Unknown names, versions or tags
@@ -131,6 +132,44 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+@handles_errors
+def cmd_drift(args: argparse.Namespace) -> int:
+    from kiln.tracking import ExperimentDB, model_drift
+
+    x = _load_inputs(args.data)
+    drift = model_drift(
+        _open(args),
+        ExperimentDB(db_path(args)),
+        args.ref,
+        x,
+        warning=args.warning,
+        critical=args.critical,
+    )
+    rows = sorted(drift.details.items(), key=lambda kv: -kv[1])
+    df = pd.DataFrame(rows, columns=["feature", "js_divergence"])
+    print_table(df.head(args.top), title=f"drift of {args.data} against {args.ref} ({len(x)} rows)")
+    affected = ", ".join(drift.affected_features[:10]) or "none"
+    print(
+        f"status: {drift.status}  js_divergence (max over features): {drift.js_divergence:.4f}  "
+        f"affected: {affected}"
+    )
+    return 0 if drift.status != "critical" or not args.fail_on_critical else 3
+
+
+def _load_inputs(source: str) -> Any:
+    """Feature rows from a .npy file, a dataset id or a local parquet/csv/jsonl path."""
+    import numpy as np
+
+    if source.endswith(".npy"):
+        return np.load(source, allow_pickle=False)
+    from kiln.data import ArrayDataset, get_dataset
+
+    dataset = get_dataset(source)
+    if isinstance(dataset, ArrayDataset):
+        return dataset.x
+    return dataset.local_arrays()[0]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``models`` command and its subcommands to the kiln CLI."""
     models = subparsers.add_parser("models", help="list, show, tag and retire registered models")
@@ -164,3 +203,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retire", help="retire NAME:VERSION (it loses its tags)")
     p.add_argument("ref", metavar="NAME:VERSION")
     p.set_defaults(func=cmd_retire)
+
+    p = sub.add_parser("drift", help="drift of new inputs against the model's training data")
+    p.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    p.add_argument("data", metavar="DATA", help="dataset id, parquet/csv/jsonl path, or .npy")
+    p.add_argument("--warning", type=float, default=0.1, help="JS divergence warning threshold")
+    p.add_argument("--critical", type=float, default=0.2, help="JS divergence critical threshold")
+    p.add_argument("--top", type=int, default=10, help="features shown")
+    p.add_argument("--fail-on-critical", action="store_true", help="exit 3 on critical drift")
+    p.set_defaults(func=cmd_drift)
