@@ -210,10 +210,9 @@ def test_schedulers_by_name():
     assert check_scheduler(asha) == []
     (err,) = check_scheduler("hyperband")
     assert "scheduler='hyperband' is not one of asha, median, fifo, pbt" in err
-    (err,) = check_scheduler("pbt")
-    assert "not supported yet" in err
-    with pytest.raises(ConfigError):
-        create_scheduler("pbt", max_t=4)
+    assert check_scheduler("pbt") == []
+    with pytest.raises(ConfigError, match="at least one searched hyperparameter"):
+        create_scheduler("pbt", max_t=4)  # PBT needs a space to mutate
 
 
 def test_plateau_stopper():
@@ -235,7 +234,7 @@ def test_plateau_stopper():
         ({"batch_size": tune.uniform(8, 32)}, {}, "samples floats"),
         ({"learning_rate": [0.1]}, {"metric": "val_f1"}, "metric='val_f1' is not reported"),
         ({"learning_rate": [0.1]}, {"metric": "val_mae"}, "trials report: train_loss"),
-        ({"learning_rate": [0.1]}, {"scheduler": "pbt"}, "not supported yet"),
+        ({"learning_rate": [0.1]}, {"scheduler": "pbt"}, "a population of at least 2 trials"),
         ({"learning_rate": [0.1]}, {"num_samples": 0}, "num_samples=0"),
         ({"model.hidden": [[8], "wide"]}, {}, "model.hidden"),
     ],

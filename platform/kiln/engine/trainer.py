@@ -59,6 +59,9 @@ class Trainer:
         data_dir: where local datasets such as MNIST live; default ``$KILN_HOME/datasets``.
         ray_callbacks: extra Ray Train ``RunConfig`` callbacks, e.g. Tune's
             ``TuneReportCallback`` when a Tune trial runs this Trainer with num_workers>=1.
+        report_checkpoints: in-process (num_workers=0) inside a Ray Tune trial, checkpoint
+            every epoch and hand each checkpoint to Tune with that epoch's report, so a
+            scheduler such as PBT can restart trials from it; ignored elsewhere.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Trainer:
         artifacts_dir: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         ray_callbacks: Sequence[Any] = (),
+        report_checkpoints: bool = False,
     ) -> None:
         cfg = training_config or TrainingConfig()
         if config is not None:
@@ -95,6 +99,7 @@ class Trainer:
         self.device = device
         self._paths = _Paths(storage_path, db_path, artifacts_dir, data_dir, cfg)
         self.ray_callbacks = list(ray_callbacks)
+        self.report_checkpoints = bool(report_checkpoints)
         self.trained_model: nn.Module | None = None
         self.results: dict[str, Any] | None = None
 
@@ -128,6 +133,7 @@ class Trainer:
             arrays=plan.arrays,
             hooks=self.hooks,
             resume_from=resume,
+            report_checkpoints=self.report_checkpoints,
             checkpoint_metadata={
                 "model_config": model_config,
                 "input_shape": list(plan.input_shape),

@@ -16,6 +16,17 @@ with DDP otherwise. It reads top to bottom:
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
 Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
+
+A resumed run takes its learning rate, weight decay and momentum from its config:
+the checkpoint restores the optimizer's moments and the schedule's step, then each
+param group gets ``lr = config.learning_rate * schedule(step)`` and the weight decay
+and momentum ``build_optimizer`` gives it. With the checkpoint's own config this
+changes nothing; with a new one (a PBT trial cloning another's checkpoint, or a user
+resuming with other settings) the new values take effect from the first step.
+
+In-process inside a Ray Tune trial with ``WorkerPlan.report_checkpoints`` (what PBT
+needs), rank 0 checkpoints every epoch, waits for the write, and hands that epoch's
+directory to Tune with the report.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ class WorkerPlan:
     hooks: list[Any] = field(default_factory=list)
     resume_from: str | None = None
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
+    report_checkpoints: bool = False  # in a Tune trial: every epoch's checkpoint goes to Tune
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -131,13 +143,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else None
     )
 
+    to_tune = plan.report_checkpoints and _in_tune()
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if restored is not None:
         _, train_state, meta = restored
+        configured = _Hyperparameters.read(optimizer, scheduler)
         for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             if obj is not None and train_state.get(name) is not None:
                 obj.load_state_dict(train_state[name])
+        configured.apply(optimizer, scheduler)
         set_rng_state(train_state["rng"])
         extra = meta.get("user", {})
         start_epoch = int(meta["epoch"])
@@ -179,7 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
         last = stop or epoch == cfg.epochs
-        if manager is not None and (manager.should_save(epoch) or last):
+        saved = None
+        if manager is not None and (to_tune or manager.should_save(epoch) or last):
             extra = {
                 **plan.checkpoint_metadata,
                 "history": history,
@@ -187,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "callbacks": hooks.state(),
                 "world_size": world_size,
             }
-            manager.save_checkpoint(
+            saved = manager.save_checkpoint(
                 epoch,
                 _scalars(metrics),
                 _unwrap(model),
@@ -195,9 +211,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 scheduler,
                 metadata=extra,
                 scaler=scaler,
-                blocking=False,
+                blocking=to_tune,  # Tune copies the directory during the report
             )
-        _report(_scalars(metrics))
+        _report(_scalars(metrics), saved.path if to_tune and saved is not None else None)
         if stop:
             stopped_early = True
             break
@@ -427,16 +443,52 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "steps"}
 
 
-def _report(metrics: dict[str, Any]) -> None:
-    """Hand one epoch's metrics to Ray (Tune's session when run in-process in a trial)."""
+def _report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    """Hand one epoch's metrics to Ray (Tune's session when run in-process in a trial),
+    with the epoch's checkpoint directory when Tune asked for checkpoints."""
     if _in_tune():
         import ray.tune
 
-        ray.tune.report(metrics)
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
     else:
         import ray.train
 
         ray.train.report(metrics)
+
+
+# ---------------------------------------------------------------------- resume
+_CONFIGURED_KEYS = ("weight_decay", "momentum")
+
+
+@dataclass
+class _Hyperparameters:
+    """The optimizer settings the config asked for, read before a checkpoint overwrites them."""
+
+    base_lrs: list[float]
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, optimizer: torch.optim.Optimizer, scheduler: Any) -> _Hyperparameters:
+        groups = [{k: g[k] for k in _CONFIGURED_KEYS if k in g} for g in optimizer.param_groups]
+        base = getattr(scheduler, "base_lrs", None)
+        base_lrs = list(base) if base else [g["lr"] for g in optimizer.param_groups]
+        return cls(base_lrs, groups)
+
+    def apply(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Config values win over the checkpoint's; the restored schedule step is kept."""
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        step = getattr(scheduler, "last_epoch", 0)
+        for i, (group, configured) in enumerate(
+            zip(optimizer.param_groups, self.groups, strict=True)
+        ):
+            group.update(configured)
+            base = self.base_lrs[i]
+            group["initial_lr"] = base
+            group["lr"] = base * lambdas[i](step) if lambdas else base
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = list(self.base_lrs)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 # ---------------------------------------------------------------------- hooks

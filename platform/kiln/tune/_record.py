@@ -6,6 +6,7 @@ here reads Tune's experiment state and each trial's kiln checkpoint directory.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class TrialRecord:
     latest_checkpoint: str | None = None
     run_id: int | None = None
     seconds: float | None = None
+    restored_from: list[str] = field(default_factory=list)  # PBT donors, in order
+    best_params: dict[str, Any] | None = None  # params when best_row was reported (PBT)
 
     @property
     def epochs(self) -> int:
@@ -67,7 +70,8 @@ def collect_trials(results: Any, setup: Any, space: dict[str, Any]) -> list[Tria
         history = _history(df)
         scored = [r for r in history if _finite(r.get(setup.metric))]
         best = min(scored, key=lambda r: sign * r[setup.metric]) if scored else {}
-        ckpt_dir = Path(setup.trials_dir) / trial.trial_id / "checkpoints"
+        trial_dir = Path(setup.trials_dir) / trial.trial_id
+        ckpt_dir = trial_dir / "checkpoints"
         record = TrialRecord(
             trial_id=trial.trial_id,
             params=params,
@@ -78,7 +82,10 @@ def collect_trials(results: Any, setup: Any, space: dict[str, Any]) -> list[Tria
             best_checkpoint=_resolve(resolve_checkpoint, "best", ckpt_dir),
             latest_checkpoint=_resolve(resolve_checkpoint, "latest", ckpt_dir),
             seconds=_last(df, "time_total_s"),
+            restored_from=_restores(trial_dir),
         )
+        if getattr(setup, "report_checkpoints", False) and best:  # PBT changes params
+            record.best_params = _params_at(params, _config_at(df, best["epoch"]))
         if trial.status == Trial.ERROR:
             record.status = "failed"
             error = errors.get(str(trial.path))
@@ -113,6 +120,7 @@ def trials_frame(trials: list[TrialRecord], keys: list[str], metric: str) -> pd.
                 f"best_{metric}": t.best_row.get(metric),
                 "status": t.status,
                 "stopped_early": t.status == "stopped",
+                "restored_from": list(t.restored_from),
                 "run_id": t.run_id,
                 "error": t.error,
             }
@@ -148,6 +156,7 @@ def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan
                     "task": plan.task.to_dict(),
                     "num_workers": cfg.num_workers,
                     "trial_seconds": t.seconds,
+                    "restored_from": list(t.restored_from),
                 },
             )
             for row in t.history:
@@ -217,6 +226,55 @@ def _history(df: pd.DataFrame | None) -> list[dict[str, Any]]:
         if _finite(row.get("epoch")):
             by_epoch[int(row["epoch"])] = {k: v for k, v in row.items() if not _is_nan(v)}
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _config_at(df: pd.DataFrame | None, epoch: Any) -> dict[str, Any]:
+    """The ``config/*`` columns of the last row reported for ``epoch`` (as _history keeps)."""
+    if df is None or df.empty or "epoch" not in df.columns:
+        return {}
+    rows = df[df["epoch"] == epoch]
+    if rows.empty:
+        return {}
+    row = rows.iloc[-1]
+    return {c[len("config/") :]: row[c] for c in df.columns if c.startswith("config/")}
+
+
+def _params_at(params: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the scalar values the trial had when it reported ``config``.
+
+    Tune's progress table holds the config of every report; lists and mappings come
+    back from it as text, so only numbers and strings are taken from it.
+    """
+    out = dict(params)
+    for key, now in params.items():
+        value = config.get(key)
+        if hasattr(value, "item"):
+            value = value.item()  # numpy scalars from the table
+        if isinstance(now, bool) or not isinstance(now, (int, float, str)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or _is_nan(value):
+            continue
+        try:
+            out[key] = type(now)(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _restores(trial_dir: Path) -> list[str]:
+    """Trials whose checkpoints this trial took over (PBT), from the trial's restores file."""
+    from kiln.tune.search import RESTORES_FILE
+
+    path = trial_dir / RESTORES_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(str(json.loads(line)["from_trial"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    return out
 
 
 def _last(df: pd.DataFrame | None, column: str) -> float | None:

@@ -20,17 +20,30 @@ How it runs (the driver is the process that calls ``search``)::
                               each epoch to Tune (ray.tune.report)
                num_workers>=1: Ray Train workers report through TuneReportCallback
              the scheduler (ASHA, median) reads the per-epoch reports and stops losers
+    pbt:     trials also hand Tune each epoch's kiln checkpoint; PBT restarts a losing
+             trial from a winner's checkpoint (run_trial: resume_from=Tune's checkpoint)
+             with the winner's config, its hyperparameters perturbed; the resumed
+             run takes learning rate, weight decay and momentum from that config
     driver:  trials table; each trial recorded as a run grouped under the search id;
              the best trial's best checkpoint registered when ``register_as`` is given
 
 Trials write no database (only the driver does). A search interrupted (Ctrl-C, a
 crash) continues with ``resume=True``: Tune restores its experiment state and a
-restarted trial resumes from its own latest kiln checkpoint.
+restarted trial resumes from its own latest kiln checkpoint (under PBT: from the
+checkpoint Tune hands it back).
+
+Under PBT a trial's epochs continue its donor's count (a trial that took over a
+checkpoint at epoch 4 goes on with epoch 5), ``trials.restored_from`` lists the trials
+whose checkpoints it took over, and ``best_config`` is the winner's config when it
+reported its best epoch (its last perturbation before it; the run before it may have
+used other values: PBT finds a schedule, not one config).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -49,6 +62,8 @@ from kiln.tune import spaces
 logger = logging.getLogger(__name__)
 
 TRIALS_DIR = "kiln_trials"
+#: Per trial, one JSON line per restart from another trial's checkpoint (PBT exploits).
+RESTORES_FILE = "restores.jsonl"
 
 
 @dataclass
@@ -61,7 +76,8 @@ class SearchResult:
         best_metrics: the winner's metrics at its best epoch (by ``metric``).
         best_checkpoint: path of the winner's best kiln checkpoint (or None).
         trials: one row per trial: trial_id, the searched params, epochs, max_epochs,
-            final_<metric>, best_<metric>, status, stopped_early, run_id, error.
+            final_<metric>, best_<metric>, status, stopped_early, restored_from (trial
+            ids whose checkpoints it took over under PBT), run_id, error.
         search_id: the experiment name; every trial's run is grouped under it.
     """
 
@@ -89,6 +105,7 @@ class TrialSetup:
     mode: str
     data_dir: str | None = None
     hooks: list[Any] = field(default_factory=list)
+    report_checkpoints: bool = False  # PBT: trials hand Tune every epoch's checkpoint
 
     def config_for(self, params: Mapping[str, Any], trial_id: str) -> TrainingConfig:
         """The trial's config: sampled params on the base, plus kiln's per-trial settings."""
@@ -133,8 +150,36 @@ def run_trial(
         storage_path=Path(setup.trials_dir) / trial_id,
         data_dir=setup.data_dir,
         ray_callbacks=callbacks,
+        report_checkpoints=setup.report_checkpoints,
     )
-    trainer.train(train_data, val_data)
+    checkpoint = tune.get_checkpoint() if setup.report_checkpoints else None
+    if checkpoint is None:  # without one the Trainer resumes from this trial's own latest
+        trainer.train(train_data, val_data)
+        return
+    with checkpoint.as_directory() as path:  # PBT's exploit, a pause, or a resumed search
+        meta = _checkpoint_metadata(path)
+        _note_restore(Path(setup.trials_dir) / trial_id, trial_id, meta)
+        epoch = int(meta.get("epoch", 0))
+        if epoch >= cfg.epochs:  # a donor's final checkpoint: nothing is left to train
+            tune.report({**meta.get("metrics", {}), "epoch": epoch})
+            return
+        trainer.train(train_data, val_data, resume_from=str(path))
+
+
+def _checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from kiln.engine.checkpoint import METADATA_FILE
+
+    return json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
+
+
+def _note_restore(trial_dir: Path, trial_id: str, meta: Mapping[str, Any]) -> None:
+    """Append a restore from another trial's checkpoint to the trial's restores file."""
+    donor = (meta.get("user", {}).get("training_config") or {}).get("run_name")
+    if donor and donor != trial_id:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"from_trial": donor, "epoch": int(meta.get("epoch", 0))})
+        with open(trial_dir / RESTORES_FILE, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 class TrialResources:
@@ -182,6 +227,7 @@ def search(
     plateau: Any = None,
     grace_period: int = 1,
     reduction_factor: float = 2,
+    perturbation_interval: int | None = None,
     hooks: Sequence[Any] = (),
     callbacks: Sequence[Any] = (),
     verbose: int = 0,
@@ -198,7 +244,9 @@ def search(
         search_space: field -> Tune domain (``model.<param>``, ``preset`` allowed), its
             YAML form, or a path to a YAML search file (see :mod:`kiln.tune.spaces`).
         num_samples: samples drawn from the space (each grid point is repeated this often).
-        scheduler: "asha", "median", "fifo" (or a Tune TrialScheduler).
+        scheduler: "asha", "median", "fifo", "pbt" (or a Tune TrialScheduler). "pbt"
+            needs in-process trials (num_workers=0), at least 2 trials and a searched
+            hyperparameter it can mutate (see :mod:`kiln.tune.schedulers`).
         metric, mode: what ranks trials; must be a metric every trial reports.
         max_concurrent_trials: at most this many trials at once (default: what fits).
         resources_per_trial: e.g. ``{"cpu": 2}``; default from the trial's config.
@@ -212,6 +260,8 @@ def search(
         name: the search id (default: generated).
         plateau: True or TrialPlateauStopper options: stop trials whose metric plateaus.
         grace_period, reduction_factor: ASHA/median settings (in epochs).
+        perturbation_interval: PBT's epochs between exploit/explore steps (default: a
+            quarter of the most epochs a trial runs).
         hooks: kiln hooks/callbacks run inside every trial's loop.
         callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
         verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
@@ -221,6 +271,14 @@ def search(
     space = _load_space(search_space)
     plan = _plan(train_data, val_data, task_spec, base, data_dir)
     errors = _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model)
+    if _sched.is_pbt(scheduler):
+        errors += _sched.check_pbt(
+            space,
+            _safe_candidates(space, base),
+            num_samples * _grid_size(space) if isinstance(num_samples, int) else 2,
+            perturbation_interval,
+            mutations_from_space=scheduler == "pbt",
+        )
     if errors:
         raise ConfigError(errors)
 
@@ -242,6 +300,7 @@ def search(
         mode=mode,
         data_dir=str(home.data_dir) if home.data_dir else None,
         hooks=list(hooks),
+        report_checkpoints=_sched.is_pbt(scheduler),
     )
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -270,6 +329,8 @@ def search(
                     max_t=max_t,
                     grace_period=grace_period,
                     reduction_factor=reduction_factor,
+                    space=space,
+                    perturbation_interval=perturbation_interval,
                 ),
                 num_samples=num_samples,
                 search_alg=BasicVariantGenerator(random_state=seed) if seed is not None else None,
@@ -323,6 +384,11 @@ def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model
             "through Ray Data; pass arrays or a bundled dataset id, or set num_workers>=1"
         )
     return errors
+
+
+def _grid_size(space) -> int:
+    """Trials per sample: the product of the grid searches' sizes."""
+    return math.prod(len(v["grid_search"]) for v in space.values() if spaces._is_grid(v))
 
 
 def _model_checker(plan):
@@ -459,7 +525,7 @@ def _summarize(
             f"no trial of search {search_id!r} reported {setup.metric!r}"
             + (f"; first error: {errors[0]}" if errors else "")
         )
-    best_config = spaces.trial_config(setup.base, best.params)
+    best_config = spaces.trial_config(setup.base, best.best_params or best.params)
     model_id = None
     if register_as and best.best_checkpoint:
         model_id = _record.register_best(
