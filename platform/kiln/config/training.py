@@ -96,8 +96,9 @@ class TrainingConfig:
     data_backend: str = _f(
         "auto",
         "data",
-        "auto: in-memory data of an in-process run is fed from memory (no Ray cluster needed), "
-        "everything else through Ray Data; 'ray' forces Ray Data; 'memory' forces memory.",
+        "auto: (X, y) arrays, and dataset ids in an in-process run, are fed from memory (each "
+        "rank takes an equal slice); dataset ids with worker actors, files and ray.data go "
+        "through Ray Data. 'ray' forces Ray Data; 'memory' forces memory.",
     )
     # Model
     model_name: str | None = _f(None, "model", "Architecture name (mlp, cnn, tiny_transformer).")

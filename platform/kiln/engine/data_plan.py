@@ -97,7 +97,10 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
     in_memory = all(isinstance(d, kdata.ArrayDataset) for d in splits.values())
     backend = config.data_backend
     if backend == "auto":
-        backend = "memory" if in_memory and config.num_workers == 0 else "ray"
+        # Arrays the caller handed over are already in this process: ship them with the
+        # plan. Dataset ids go through Ray Data whenever there are worker actors.
+        from_ids = dataset_id is not None
+        backend = "memory" if in_memory and (config.num_workers == 0 or not from_ids) else "ray"
     if backend == "memory":
         if not in_memory:
             raise ConfigError(
