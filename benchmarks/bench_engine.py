@@ -45,7 +45,11 @@ def synthetic(n: int = 20_000, d: int = 64, classes: int = 10, seed: int = 0):
 
 def mlp(d: int = 64, classes: int = 10, width: int = 512) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes)
+        nn.Linear(d, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, classes),
     )
 
 
@@ -53,9 +57,19 @@ def kiln_config(epochs: int, batch: int, **overrides):
     from kiln import TrainingConfig
 
     return TrainingConfig(
-        epochs=epochs, batch_size=batch, learning_rate=1e-3, warmup_ratio=0.0,
-        lr_scheduler="constant", weight_decay=0.0, max_grad_norm=None, validation_split=0.0,
-        random_seed=SEED, tracking=False, keep_best_k=0, keep_last_n=1, monitor="train_loss",
+        epochs=epochs,
+        batch_size=batch,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        weight_decay=0.0,
+        max_grad_norm=None,
+        validation_split=0.0,
+        random_seed=SEED,
+        tracking=False,
+        keep_best_k=0,
+        keep_last_n=1,
+        monitor="train_loss",
         **overrides,
     )
 
@@ -67,18 +81,21 @@ def hand_loop(x: np.ndarray, y: np.ndarray, epochs: int, batch: int):
     model = mlp()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     times = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(SEED * 100_003 + epoch))
+        order = torch.randperm(
+            len(xt), generator=torch.Generator().manual_seed(SEED * 100_003 + epoch)
+        )
         xe, ye = xt[order], yt[order]
         total, correct = 0.0, 0
         for i in range(0, len(xe), batch):
-            xb, yb = xe[i:i + batch], ye[i:i + batch]
+            xb, yb = xe[i : i + batch], ye[i : i + batch]
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb)
             loss.backward()
@@ -94,8 +111,13 @@ def kiln_run(x, y, epochs, batch, tmp, **overrides):
     from kiln import Trainer
 
     torch.manual_seed(SEED)
-    trainer = Trainer(model=mlp, training_config=kiln_config(epochs, batch, **overrides),
-                      storage_path=tmp / "runs", db_path=tmp / "kiln.db", artifacts_dir=tmp / "art")
+    trainer = Trainer(
+        model=mlp,
+        training_config=kiln_config(epochs, batch, **overrides),
+        storage_path=tmp / "runs",
+        db_path=tmp / "kiln.db",
+        artifacts_dir=tmp / "art",
+    )
     results = trainer.train((x, y))
     return trainer.trained_model, [h["epoch_duration_seconds"] for h in results["history"]], results
 
@@ -114,14 +136,22 @@ def row_a(reps: int, tmp: Path) -> dict:
         km, kt, _ = kiln_run(x, y, epochs, batch, tmp / f"a{r}")
         h_times.append(steady(ht))
         k_times.append(steady(kt))
-        same &= all(torch.equal(a, b) for a, b in zip(hm.state_dict().values(), km.state_dict().values()))
+        same &= all(
+            torch.equal(a, b)
+            for a, b in zip(hm.state_dict().values(), km.state_dict().values(), strict=True)
+        )
     k, h = statistics.median(k_times), statistics.median(h_times)
-    return {"row": "a: Trainer in-process vs hand-written loop (epoch time, MLP 20k x 64, batch 128)",
-            "kiln": f"{k * 1000:.1f} ms", "baseline": f"{h * 1000:.1f} ms", "ratio": k / h,
-            "target": "<= 1.03", "note": f"final weights identical: {same}"}
+    return {
+        "row": "a: Trainer in-process vs hand-written loop (epoch time, MLP 20k x 64, batch 128)",
+        "kiln": f"{k * 1000:.1f} ms",
+        "baseline": f"{h * 1000:.1f} ms",
+        "ratio": k / h,
+        "target": "<= 1.03",
+        "note": f"final weights identical: {same}",
+    }
 
 
-DDP_SCRIPT = textwrap.dedent('''
+DDP_SCRIPT = textwrap.dedent("""
     import os, sys, time, numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch import nn
     sys.path.insert(0, {bench_dir!r})
@@ -149,7 +179,7 @@ DDP_SCRIPT = textwrap.dedent('''
         start = time.perf_counter()
         mp.spawn(work, args=(2, epochs, batch, port), nprocs=2, join=True)
         print(f"WALL {{time.perf_counter() - start:.3f}}")
-''')
+""")
 
 
 def raw_ray_train(x, y, epochs: int, batch: int, storage: Path) -> None:
@@ -162,22 +192,29 @@ def raw_ray_train(x, y, epochs: int, batch: int, storage: Path) -> None:
     def loop(config):
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        xt, yt = torch.from_numpy(config["x"][rank::world]), torch.from_numpy(config["y"][rank::world])
+        xt, yt = (
+            torch.from_numpy(config["x"][rank::world]),
+            torch.from_numpy(config["y"][rank::world]),
+        )
         torch.manual_seed(SEED)
         model = ray.train.torch.prepare_model(mlp())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         for epoch in range(1, epochs + 1):
             order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(epoch))
             for i in range(0, len(xt), batch):
-                idx = order[i:i + batch]
+                idx = order[i : i + batch]
                 loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             ray.train.report({"epoch": epoch, "loss": float(loss)})
 
-    TorchTrainer(loop, train_loop_config={"x": x, "y": y}, scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(storage_path=str(storage), name="raw")).fit()
+    TorchTrainer(
+        loop,
+        train_loop_config={"x": x, "y": y},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=str(storage), name="raw"),
+    ).fit()
 
 
 def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
@@ -192,8 +229,12 @@ def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
     script.write_text(DDP_SCRIPT.format(bench_dir=str(Path(__file__).parent)))
     k_walls, d_walls, r_walls = [], [], []
     for r in range(reps):
-        out = subprocess.run([sys.executable, str(script), str(epochs), str(batch), str(29_500 + r)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, str(script), str(epochs), str(batch), str(29_500 + r)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         d_walls.append(float(out.split("WALL")[1]))
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # Ray's defaults for the raw job
         os.environ.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
@@ -208,15 +249,26 @@ def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
     ray.shutdown()
     note = "Ray already running (as under ray job submit); gloo, 1 thread per worker"
     return [
-        {"row": f"b: Trainer 2 Ray workers vs torch.multiprocessing DDP (wall, {epochs} epochs)",
-         "kiln": f"{k:.1f} s", "baseline": f"{d:.1f} s", "ratio": k / d, "target": "<= 1.4", "note": note},
-        {"row": f"b: minimal hand-written Ray TorchTrainer (defaults) vs the same DDP ({epochs} epochs)",
-         "kiln": f"{raw:.1f} s", "baseline": f"{d:.1f} s", "ratio": raw / d, "target": "reference",
-         "note": f"kiln / raw Ray Train = {k / raw:.2f}"},
+        {
+            "row": f"b: Trainer 2 Ray workers vs torch.multiprocessing DDP (wall, {epochs} epochs)",
+            "kiln": f"{k:.1f} s",
+            "baseline": f"{d:.1f} s",
+            "ratio": k / d,
+            "target": "<= 1.4",
+            "note": note,
+        },
+        {
+            "row": f"b: minimal hand-written Ray TorchTrainer (defaults) vs the same DDP ({epochs} epochs)",
+            "kiln": f"{raw:.1f} s",
+            "baseline": f"{d:.1f} s",
+            "ratio": raw / d,
+            "target": "reference",
+            "note": f"kiln / raw Ray Train = {k / raw:.2f}",
+        },
     ]
 
 
-HAND_SCRIPT = textwrap.dedent('''
+HAND_SCRIPT = textwrap.dedent("""
     import time
     start = time.perf_counter()
     import numpy as np, torch
@@ -249,16 +301,26 @@ HAND_SCRIPT = textwrap.dedent('''
             acc = (model(xv).argmax(-1) == yv).float().mean().item()
         torch.save(model.state_dict(), "/tmp/kiln_bench_hand.pt")
     print(f"held-out accuracy {acc:.4f}  wall {time.perf_counter() - start:.2f}")
-''')
+""")
 
 
 def row_c(reps: int, tmp: Path) -> list[dict]:
     script = tmp / "hand_digits.py"
     script.write_text(HAND_SCRIPT)
     env = dict(os.environ, KILN_HOME=str(tmp / "c_home"))
-    kiln_cmd = [sys.executable, "-m", "kiln.cli", "train", str(ROOT / "examples/digits_mlp.yaml"), "--quiet"]
+    kiln_cmd = [
+        sys.executable,
+        "-m",
+        "kiln.cli",
+        "train",
+        str(ROOT / "examples/digits_mlp.yaml"),
+        "--quiet",
+    ]
     rows = []
-    for label, extra, target in (("in-process", [], "<= 1.1"), ("2 Ray workers", ["--workers", "2"], "<= hand + 8 s")):
+    for label, extra, target in (
+        ("in-process", [], "<= 1.1"),
+        ("2 Ray workers", ["--workers", "2"], "<= hand + 8 s"),
+    ):
         k_walls, h_walls = [], []
         for _ in range(reps):
             start = time.perf_counter()
@@ -268,9 +330,16 @@ def row_c(reps: int, tmp: Path) -> list[dict]:
             subprocess.run(kiln_cmd + extra, check=True, capture_output=True, env=env)
             k_walls.append(time.perf_counter() - start)
         k, h = statistics.median(k_walls), statistics.median(h_walls)
-        rows.append({"row": f"c: `kiln train` quickstart ({label}) vs hand-written script (wall)",
-                     "kiln": f"{k:.1f} s", "baseline": f"{h:.1f} s", "ratio": k / h, "target": target,
-                     "note": f"difference {k - h:+.1f} s (Ray started by the command)"})
+        rows.append(
+            {
+                "row": f"c: `kiln train` quickstart ({label}) vs hand-written script (wall)",
+                "kiln": f"{k:.1f} s",
+                "baseline": f"{h:.1f} s",
+                "ratio": k / h,
+                "target": target,
+                "note": f"difference {k - h:+.1f} s (Ray started by the command)",
+            }
+        )
     return rows
 
 
@@ -285,9 +354,14 @@ def row_d(reps: int, tmp: Path) -> dict:
         without.append(steady(t0) / steps)
         with_steps.append(steady(t1) / steps)
     k, b = statistics.median(with_steps), statistics.median(without)
-    return {"row": "d: metrics every step vs none (step time)", "kiln": f"{k * 1e6:.0f} us",
-            "baseline": f"{b * 1e6:.0f} us", "ratio": k / b, "target": "<= 1.02",
-            "note": "step metrics buffered in the worker, reported once per epoch"}
+    return {
+        "row": "d: metrics every step vs none (step time)",
+        "kiln": f"{k * 1e6:.0f} us",
+        "baseline": f"{b * 1e6:.0f} us",
+        "ratio": k / b,
+        "target": "<= 1.02",
+        "note": "step metrics buffered in the worker, reported once per epoch",
+    }
 
 
 def row_e(reps: int, tmp: Path) -> list[dict]:
@@ -321,19 +395,31 @@ def row_e(reps: int, tmp: Path) -> list[dict]:
         raw_path.unlink()
     m = statistics.median
     return [
-        {"row": f"e: checkpoint {n_params / 1e6:.0f}M params: loop blocked vs plain torch.save",
-         "kiln": f"{m(blocked):.2f} s", "baseline": f"{m(saves):.2f} s", "ratio": m(blocked) / m(saves),
-         "target": "<= 0.3", "note": "snapshot to CPU, then write in a background thread"},
-        {"row": "e: durable checkpoint write (fsync'd, renamed) vs raw write+fsync of the same bytes",
-         "kiln": f"{m(durable):.2f} s", "baseline": f"{m(raw):.2f} s", "ratio": m(durable) / m(raw),
-         "target": "<= 1.25", "note": f"{state_bytes / 2**20:.0f} MiB"},
+        {
+            "row": f"e: checkpoint {n_params / 1e6:.0f}M params: loop blocked vs plain torch.save",
+            "kiln": f"{m(blocked):.2f} s",
+            "baseline": f"{m(saves):.2f} s",
+            "ratio": m(blocked) / m(saves),
+            "target": "<= 0.3",
+            "note": "snapshot to CPU, then write in a background thread",
+        },
+        {
+            "row": "e: durable checkpoint write (fsync'd, renamed) vs raw write+fsync of the same bytes",
+            "kiln": f"{m(durable):.2f} s",
+            "baseline": f"{m(raw):.2f} s",
+            "ratio": m(durable) / m(raw),
+            "target": "<= 1.25",
+            "note": f"{state_bytes / 2**20:.0f} MiB",
+        },
     ]
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| benchmark | kiln | baseline | ratio | target | note |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['kiln']} | {r['baseline']} | {r['ratio']:.3f} | {r['target']} | {r['note']} |")
+        lines.append(
+            f"| {r['row']} | {r['kiln']} | {r['baseline']} | {r['ratio']:.3f} | {r['target']} | {r['note']} |"
+        )
     return "\n".join(lines)
 
 
@@ -349,7 +435,11 @@ def main() -> None:
         for name in args.only.split(","):
             out = globals()[f"row_{name}"](args.reps, tmp)
             rows.extend(out if isinstance(out, list) else [out])
-            print(table(rows[-len(out) if isinstance(out, list) else -1:]), file=sys.stderr, flush=True)
+            print(
+                table(rows[-len(out) if isinstance(out, list) else -1 :]),
+                file=sys.stderr,
+                flush=True,
+            )
     print(table(rows))
 
 

@@ -20,12 +20,26 @@ def run_once(tmp: Path, tracking: bool) -> float:
     from kiln import Trainer, TrainingConfig
 
     cfg = TrainingConfig(
-        dataset="digits", epochs=20, batch_size=32, learning_rate=2e-3, lr_scheduler="constant",
-        warmup_ratio=0.0, validation_split=0.2, random_seed=0, model={"name": "mlp", "hidden": [256, 128]},
-        tracking=tracking, register_as="digits-bench" if tracking else None, keep_best_k=1, keep_last_n=1,
+        dataset="digits",
+        epochs=20,
+        batch_size=32,
+        learning_rate=2e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        validation_split=0.2,
+        random_seed=0,
+        model={"name": "mlp", "hidden": [256, 128]},
+        tracking=tracking,
+        register_as="digits-bench" if tracking else None,
+        keep_best_k=1,
+        keep_last_n=1,
     )
-    trainer = Trainer(training_config=cfg, storage_path=tmp / "runs", db_path=tmp / "kiln.db",
-                      artifacts_dir=tmp / "artifacts")
+    trainer = Trainer(
+        training_config=cfg,
+        storage_path=tmp / "runs",
+        db_path=tmp / "kiln.db",
+        artifacts_dir=tmp / "artifacts",
+    )
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
@@ -45,8 +59,10 @@ def main() -> None:
     k, b = statistics.median(on), statistics.median(off)
     print("| benchmark | kiln | baseline | ratio | target | note |")
     print("|---|---|---|---|---|---|")
-    print(f"| tracking on vs off (digits MLP, 20 epochs, in-process, wall) | {k:.2f} s | {b:.2f} s | "
-          f"{k / b:.3f} | <= 1.02 | on: run + metrics + profile + registration; median of {args.reps} |")
+    print(
+        f"| tracking on vs off (digits MLP, 20 epochs, in-process, wall) | {k:.2f} s | {b:.2f} s | "
+        f"{k / b:.3f} | <= 1.02 | on: run + metrics + profile + registration; median of {args.reps} |"
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def main() -> None:
         table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
         if proc.returncode != 0:
             table += f"\n\n(failed with exit code {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]})"
-        sections.append(f"### {title}\n\n`python benchmarks/{script}` ({elapsed:.0f} s)\n\n{table}\n")
+        sections.append(
+            f"### {title}\n\n`python benchmarks/{script}` ({elapsed:.0f} s)\n\n{table}\n"
+        )
         print(sections[-1], flush=True)
     header = (
         "# Benchmark results\n\n"
@@ -61,11 +63,14 @@ def main() -> None:
     (HERE / "RESULTS.md").write_text(text)
     readme = ROOT / "README.md"
     body = "\n".join(sections).replace("### ", "#### ")
-    readme.write_text(re.sub(
-        r"<!-- RESULTS:BEGIN -->.*<!-- RESULTS:END -->",
-        lambda _: f"<!-- RESULTS:BEGIN -->\n{body}\n<!-- RESULTS:END -->",
-        readme.read_text(), flags=re.S,
-    ))
+    readme.write_text(
+        re.sub(
+            r"<!-- RESULTS:BEGIN -->.*<!-- RESULTS:END -->",
+            lambda _: f"<!-- RESULTS:BEGIN -->\n{body}\n<!-- RESULTS:END -->",
+            readme.read_text(),
+            flags=re.S,
+        )
+    )
 
 
 if __name__ == "__main__":
