@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kiln.cli.runs import db_path, handles_errors, print_table
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["register"]
 
@@ -62,6 +63,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @handles_errors
 def cmd_show(args: argparse.Namespace) -> int:
+    import pandas as pd  # imported lazily: keeps `kiln --help` fast
+
     reg = _open(args)
     entry = reg.resolve(args.ref)
     rows = [
@@ -134,6 +137,8 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
 @handles_errors
 def cmd_drift(args: argparse.Namespace) -> int:
+    import pandas as pd  # imported lazily: keeps `kiln --help` fast
+
     from kiln.tracking import ExperimentDB, model_drift
 
     x = _load_inputs(args.data)

@@ -18,11 +18,12 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["db_path", "print_table", "register"]
 
@@ -56,6 +57,8 @@ def _console() -> Any:
 
 
 def _cell(value: Any) -> str:
+    import pandas as pd  # imported lazily: keeps `kiln --help` fast
+
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
         return ""
     if isinstance(value, float):
@@ -106,6 +109,8 @@ def _epoch_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 @handles_errors
 def cmd_show(args: argparse.Namespace) -> int:
+    import pandas as pd  # imported lazily: keeps `kiln --help` fast
+
     db = _open(args)
     run = db.get_run(args.run)
     console = _console()
