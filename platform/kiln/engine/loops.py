@@ -62,7 +62,9 @@ class _Sums:
     def __init__(self, classification: bool, regression: bool) -> None:
         self.classification = classification
         self.regression = regression
-        self.acc: torch.Tensor | None = None  # [loss_sum, correct, abs_err] on the device
+        self.loss_sum: torch.Tensor | None = None  # 0-d float64 tensors on the device
+        self.correct: torch.Tensor | None = None
+        self.abs_err: torch.Tensor | None = None
         self.samples = 0
         self.batches = 0
 
@@ -70,18 +72,23 @@ class _Sums:
         n = labels.shape[0]
         self.samples += n
         self.batches += 1
-        if self.acc is None:
-            self.acc = torch.zeros(3, dtype=torch.float64, device=loss.device)
-        self.acc[0] += loss.detach().double() * n
+        if self.loss_sum is None:
+            zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+            self.loss_sum, self.correct, self.abs_err = zero, zero.clone(), zero.clone()
+        # In-place adds on 0-d tensors: no host sync, no indexing (~3 us each on CPU).
+        self.loss_sum.add_(loss.detach(), alpha=n)
         if self.classification:
-            self.acc[1] += (logits.detach().argmax(dim=-1) == labels).sum()
+            self.correct.add_((logits.detach().argmax(dim=-1) == labels).sum())
         elif self.regression:
             err = (logits.detach().float().reshape(n, -1) - labels.float().reshape(n, -1)).abs()
-            self.acc[2] += err.mean(dim=1).sum().double()
+            self.abs_err.add_(err.mean(dim=1).sum())
 
     def as_tensor(self) -> torch.Tensor:
         """[loss_sum, correct, abs_err, samples] on the CPU, for an all-reduce across ranks."""
-        acc = self.acc.cpu() if self.acc is not None else torch.zeros(3, dtype=torch.float64)
+        if self.loss_sum is None:
+            return torch.zeros(4, dtype=torch.float64)
+        parts = [self.loss_sum, self.correct, self.abs_err]
+        acc = torch.stack(parts).cpu()
         return torch.cat([acc, torch.tensor([float(self.samples)], dtype=torch.float64)])
 
 
