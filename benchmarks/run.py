@@ -59,6 +59,7 @@ def main() -> None:
         f"Python {platform.python_version()}. Rerun: `python benchmarks/run.py`.\n"
         "Ratios are kiln / baseline; both sides run in the same invocation, interleaved.\n\n"
     )
+    sections = _merge_with_previous(sections)
     text = header + "\n".join(sections)
     (HERE / "RESULTS.md").write_text(text)
     readme = ROOT / "README.md"
@@ -71,6 +72,23 @@ def main() -> None:
             flags=re.S,
         )
     )
+
+
+def _merge_with_previous(fresh: list[str]) -> list[str]:
+    """Keep sections of RESULTS.md that this run did not measure (``--only``)."""
+    path = HERE / "RESULTS.md"
+    if not path.exists():
+        return fresh
+    old = ["### " + part for part in path.read_text().split("\n### ")[1:]]
+    titles = {s.splitlines()[0] for s in fresh}
+    merged, used = [], set()
+    for section in old:
+        title = section.splitlines()[0]
+        match = next((s for s in fresh if s.splitlines()[0] == title), None)
+        merged.append(match or section.rstrip("\n") + "\n")
+        used.add(title)
+    merged.extend(s for s in fresh if s.splitlines()[0] not in used and s.splitlines()[0] in titles)
+    return merged
 
 
 if __name__ == "__main__":
