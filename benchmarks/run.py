@@ -46,7 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         elapsed = time.perf_counter() - start
-        table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
+        table = _tables(proc.stdout)
         if proc.returncode != 0:
             table += f"\n\n(failed with exit code {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]})"
         sections.append(
@@ -72,6 +72,17 @@ def main() -> None:
             flags=re.S,
         )
     )
+
+
+def _tables(stdout: str) -> str:
+    """The markdown tables a benchmark printed, separated by blank lines."""
+    blocks: list[list[str]] = [[]]
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
 def _merge_with_previous(fresh: list[str]) -> list[str]:
