@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run file (.yaml/.yml/.json)")
     p.add_argument("--space", required=True, help="search space file (.yaml/.json)")
     p.add_argument("--samples", type=int, help="samples drawn from the space (default 1)")
-    p.add_argument("--scheduler", help="asha (default), median or fifo")
+    p.add_argument("--scheduler", help="asha (default), median, fifo or pbt (in-process trials)")
     p.add_argument("--metric", help="metric that ranks trials (default val_loss)")
     p.add_argument("--mode", choices=("min", "max"), help="min or max (default min)")
     p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials")
@@ -205,6 +205,7 @@ def print_result(result: Any) -> None:
 
 _FIXED_COLUMNS = {
     "trial_id", "epochs", "max_epochs", "status", "stopped_early", "run_id", "error",
+    "restored_from",
 }  # fmt: skip
 
 
