@@ -89,7 +89,7 @@ class RunTracker:
                         )
                 for path in results["checkpoints"]:
                     db.log_artifact(run_id, "checkpoint", path)
-                profile = _profile(plan, model)
+                profile = data_profile(plan, model)
                 if profile is not None:
                     db.set_profile(run_id, profile)
                 status = "stopped" if results["stopped_early"] else "completed"
@@ -120,7 +120,7 @@ class RunTracker:
             registry.close()
 
 
-def _profile(plan: Any, model: Any) -> dict[str, Any] | None:
+def data_profile(plan: Any, model: Any = None) -> dict[str, Any] | None:
     """Histograms of the training inputs (and the model's predictions) for drift checks."""
     try:
         from kiln.tracking.drift import compute_profile

@@ -157,6 +157,8 @@ def compute_profile(
         "bins": bins,
         "max_features": max_features,
         "reduction": reduction,
+        # Column order, kept as a list: JSON stores (and may sort) "features" by name.
+        "feature_order": names,
         "features": features,
     }
     if predictions is not None:
@@ -176,7 +178,7 @@ def _names(feature_names: Sequence[str] | None, n: int, reduction: str) -> list[
 def profile_like(reference: Mapping[str, Any], x: Any, predictions: Any = None) -> dict[str, Any]:
     """Profile ``x`` on the reference's bin edges, feature names and reduction."""
     matrix, _ = _feature_matrix(x, int(reference["max_features"]), reference["reduction"])
-    names = list(reference["features"])
+    names = _column_order(reference)
     if matrix.shape[1] != len(names):
         raise ValueError(
             f"current data has {matrix.shape[1]} features after reduction, the reference "
@@ -194,6 +196,20 @@ def profile_like(reference: Mapping[str, Any], x: Any, predictions: Any = None) 
     if predictions is not None:
         out[PREDICTIONS] = _prediction_hist(predictions, reference.get(PREDICTIONS))
     return out
+
+
+def _column_order(reference: Mapping[str, Any]) -> list[str]:
+    """Feature names in column order (profiles read back from JSON may have sorted keys)."""
+    if reference.get("feature_order"):
+        return list(reference["feature_order"])
+    names = list(reference["features"])
+    suffixes = [n.rpartition("_")[2] for n in names]
+    if all(
+        n.startswith(("feature_", "chunk_")) and s.isdigit()
+        for n, s in zip(names, suffixes, strict=True)
+    ):
+        return sorted(names, key=lambda n: int(n.rpartition("_")[2]))
+    return names
 
 
 def compare_profiles(

@@ -130,8 +130,10 @@ def trials_frame(trials: list[TrialRecord], keys: list[str], metric: str) -> pd.
 
 def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan: Any) -> None:
     """One run per finished trial, grouped under ``search_id`` (already recorded ones kept)."""
+    from kiln.engine._tracking import data_profile
     from kiln.tracking import ExperimentDB
 
+    profile = data_profile(plan)  # the trials share their training data: profile it once
     db = ExperimentDB(db_path)
     try:
         known = db.list_runs(group=search_id)
@@ -168,6 +170,8 @@ def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan
                 db.log_metrics(t.run_id, scalars, epoch=int(row["epoch"]))
             for path in {t.best_checkpoint, t.latest_checkpoint} - {None}:
                 db.log_artifact(t.run_id, "checkpoint", str(path))
+            if profile is not None:  # so `kiln models drift` works for a tuned model
+                db.set_profile(t.run_id, profile)
             db.finish_run(t.run_id, t.status, error=t.error)
     finally:
         db.close()
