@@ -133,7 +133,8 @@ def row_a(reps: int, tmp: Path) -> dict:
     k_times, h_times, same = [], [], True
     for r in range(reps):
         hm, ht = hand_loop(x, y, epochs, batch)
-        km, kt, _ = kiln_run(x, y, epochs, batch, tmp / f"a{r}")
+        # Checkpoint once at the end, like the hand loop (row e measures checkpoint cost).
+        km, kt, _ = kiln_run(x, y, epochs, batch, tmp / f"a{r}", save_every_n_epochs=epochs)
         h_times.append(steady(ht))
         k_times.append(steady(kt))
         same &= all(
