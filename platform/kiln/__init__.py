@@ -9,8 +9,7 @@ The public API is what ``__all__`` lists; everything else is internal.
 
 __version__ = "0.1.0"
 
-import importlib  # noqa: E402
-from typing import Any  # noqa: E402
+from kiln._lazy import lazy_exports  # noqa: E402
 
 _EXPORTS = {
     "CallbackBase": "kiln.engine",
@@ -37,43 +36,6 @@ _EXPORTS = {
     "TrainingSession": "kiln.engine",
 }
 
-__all__ = [
-    "CallbackBase",
-    "CheckpointError",
-    "CheckpointManager",
-    "ConfigError",
-    "DatasetError",
-    "DatasetNotFoundError",
-    "EarlyStoppingCallback",
-    "IntegrityError",
-    "KilnError",
-    "LoggingCallback",
-    "ModelCheckpointCallback",
-    "ModelConfigError",
-    "ModelNotFoundError",
-    "NotFoundError",
-    "RunNotFoundError",
-    "TaskSpec",
-    "Trainer",
-    "TrainingConfig",
-    "TrainingConfigBuilder",
-    "TrainingEngine",
-    "TrainingHooks",
-    "TrainingSession",
-    "__version__",
-]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    """Import public names on first use (keeps ``import kiln`` and the CLI fast)."""
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,7 +1,6 @@
 """The training engine: Trainer (driver), the worker loop, and the loop's pieces."""
 
-import importlib
-from typing import Any
+from kiln._lazy import lazy_exports
 
 _EXPORTS = {
     "AccumulationStats": "kiln.engine.gradients",
@@ -41,55 +40,6 @@ _EXPORTS = {
     "set_random_seed": "kiln.engine.seed",
 }
 
-__all__ = [
-    "AccumulationStats",
-    "CallbackBase",
-    "CallbackList",
-    "CheckpointManager",
-    "CheckpointMetadata",
-    "ClassificationLoss",
-    "EarlyStoppingCallback",
-    "EpochResult",
-    "GradientAccumulator",
-    "GradientHealth",
-    "GradientMonitor",
-    "LanguageModelingLoss",
-    "LoggingCallback",
-    "LossInputs",
-    "LossStrategy",
-    "LossStrategyRegistry",
-    "ModelCheckpointCallback",
-    "ModelOutput",
-    "PEFTAwareLoss",
-    "QuantizationSafeLoss",
-    "RegressionLoss",
-    "SeedManager",
-    "Trainer",
-    "TrainingEngine",
-    "TrainingHooks",
-    "TrainingLoop",
-    "TrainingMetrics",
-    "TrainingSession",
-    "ValidationLoop",
-    "VisionLoss",
-    "check_gradient_health",
-    "get_loss_strategy",
-    "load_checkpoint_state",
-    "resolve_checkpoint",
-    "set_random_seed",
-]
+__all__ = [*sorted(_EXPORTS)]
 
-
-def __getattr__(name: str) -> Any:
-    """Import public names on first use (keeps ``import kiln`` and the CLI fast)."""
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
