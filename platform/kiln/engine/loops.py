@@ -8,6 +8,7 @@ for the per-batch loss, so a kiln epoch costs what a hand-written loop costs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -288,15 +289,7 @@ def _never_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         yield batch, False
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NULL = _NullContext()
+_NULL = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
