@@ -73,20 +73,7 @@ class RunTracker:
         if run_id is not None:
             db = self._db()
             try:
-                for row in results["history"]:
-                    scalars = {
-                        k: v
-                        for k, v in row.items()
-                        if k not in ("epoch", "steps", "timestamp") and isinstance(v, (int, float))
-                    }
-                    db.log_metrics(run_id, scalars, epoch=row["epoch"])
-                    for step in row.get("steps", []):
-                        db.log_metrics(
-                            run_id,
-                            {"step_loss": step["loss"], "step_lr": step["lr"]},
-                            epoch=row["epoch"],
-                            step=step["step"],
-                        )
+                log_history(db, run_id, results["history"])
                 for path in results["checkpoints"]:
                     db.log_artifact(run_id, "checkpoint", path)
                 profile = data_profile(plan, model)
@@ -118,6 +105,26 @@ class RunTracker:
             )
         finally:
             registry.close()
+
+
+def log_history(db: Any, run_id: int, history: list[dict[str, Any]]) -> None:
+    """Per-epoch scalar metrics (and buffered per-step loss/lr) of one run."""
+    for row in history:
+        scalars = {
+            k: float(v)
+            for k, v in row.items()
+            if k not in ("epoch", "steps", "timestamp")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        db.log_metrics(run_id, scalars, epoch=int(row["epoch"]))
+        for step in row.get("steps", []):
+            db.log_metrics(
+                run_id,
+                {"step_loss": step["loss"], "step_lr": step["lr"]},
+                epoch=int(row["epoch"]),
+                step=step["step"],
+            )
 
 
 def data_profile(plan: Any, model: Any = None) -> dict[str, Any] | None:

@@ -130,7 +130,7 @@ def trials_frame(trials: list[TrialRecord], keys: list[str], metric: str) -> pd.
 
 def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan: Any) -> None:
     """One run per finished trial, grouped under ``search_id`` (already recorded ones kept)."""
-    from kiln.engine._tracking import data_profile
+    from kiln.engine._tracking import data_profile, log_history
     from kiln.tracking import ExperimentDB
 
     profile = data_profile(plan)  # the trials share their training data: profile it once
@@ -161,13 +161,7 @@ def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan
                     "restored_from": list(t.restored_from),
                 },
             )
-            for row in t.history:
-                scalars = {
-                    k: float(v)
-                    for k, v in row.items()
-                    if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-                db.log_metrics(t.run_id, scalars, epoch=int(row["epoch"]))
+            log_history(db, t.run_id, t.history)
             for path in {t.best_checkpoint, t.latest_checkpoint} - {None}:
                 db.log_artifact(t.run_id, "checkpoint", str(path))
             if profile is not None:  # so `kiln models drift` works for a tuned model
