@@ -74,39 +74,6 @@ def kiln_config(epochs: int, batch: int, **overrides):
     )
 
 
-def hand_loop(x: np.ndarray, y: np.ndarray, epochs: int, batch: int):
-    """The loop a PyTorch user writes: same seed, init, optimizer and batch order as kiln."""
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)
-    model = mlp()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
-    )
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    times = []
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        order = torch.randperm(
-            len(xt), generator=torch.Generator().manual_seed(SEED * 100_003 + epoch)
-        )
-        xe, ye = xt[order], yt[order]
-        total, correct = 0.0, 0
-        for i in range(0, len(xe), batch):
-            xb, yb = xe[i : i + batch], ye[i : i + batch]
-            logits = model(xb)
-            loss = nn.functional.cross_entropy(logits, yb)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total += loss.item() * len(yb)
-            correct += (logits.argmax(-1) == yb).sum().item()
-        times.append(time.perf_counter() - start)
-    return model, times
-
-
 def kiln_run(x, y, epochs, batch, tmp, **overrides):
     from kiln import Trainer
 
@@ -127,29 +94,111 @@ def steady(times: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------- rows
+class _HandEpochs:
+    """The hand-written loop, one epoch at a time, run beside kiln's epochs by a hook.
+
+    Epoch e of the hand loop runs right before kiln's epoch e when e is odd and right
+    after it when e is even, so each pair shares the machine's state of the moment
+    (this 2-core VM drifts by +-20 % over seconds) and neither side always goes first.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+        torch.manual_seed(SEED)
+        self.model = mlp()
+        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim <= 1]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-3,
+        )
+        self.x, self.y, self.batch = torch.from_numpy(x), torch.from_numpy(y), batch
+        self.times: dict[int, float] = {}
+
+    def epoch(self, epoch: int) -> None:
+        """The loop a PyTorch user writes: same seed, init, optimizer and batch order as kiln."""
+        model, opt, batch = self.model, self.opt, self.batch
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(
+            len(self.x), generator=torch.Generator().manual_seed(SEED * 100_003 + epoch)
+        )
+        xe, ye = self.x[order], self.y[order]
+        total, correct = 0.0, 0
+        for i in range(0, len(xe), batch):
+            xb, yb = xe[i : i + batch], ye[i : i + batch]
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(yb)
+            correct += (logits.argmax(-1) == yb).sum().item()
+        self.times[epoch] = time.perf_counter() - start
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch % 2:
+            self.epoch(epoch)
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if not epoch % 2:
+            self.epoch(epoch)
+
+
 def row_a(reps: int, tmp: Path) -> dict:
+    """Steady-state epoch time; the two loops alternate epoch by epoch in one process.
+
+    kiln's epoch time is its own ``epoch_duration_seconds`` (the training pass); the
+    hand loop's epochs run in the hooks, outside that window. Epoch 1 (warm-up) is
+    dropped. The ratio is the median of the per-epoch ratios over all repetitions.
+    """
     x, y = synthetic()
-    epochs, batch = 6, 128
-    k_times, h_times, same = [], [], True
+    epochs, batch = 8, 128
+    ratios, k_times, h_times, same = [], [], [], True
     for r in range(reps):
-        hm, ht = hand_loop(x, y, epochs, batch)
-        # Checkpoint once at the end, like the hand loop (row e measures checkpoint cost).
-        km, kt, _ = kiln_run(x, y, epochs, batch, tmp / f"a{r}", save_every_n_epochs=epochs)
-        h_times.append(steady(ht))
-        k_times.append(steady(kt))
+        hand = _HandEpochs(x, y, batch)
+        from kiln import Trainer
+
+        torch.manual_seed(SEED)
+        trainer = Trainer(
+            model=mlp,
+            # Checkpoint once at the end, like the hand loop (row e measures checkpoints).
+            training_config=kiln_config(epochs, batch, save_every_n_epochs=epochs),
+            hooks=[hand],
+            storage_path=tmp / f"a{r}" / "runs",
+            db_path=tmp / f"a{r}" / "kiln.db",
+            artifacts_dir=tmp / f"a{r}" / "art",
+        )
+        results = trainer.train((x, y))
+        kt = {h["epoch"]: h["epoch_duration_seconds"] for h in results["history"]}
+        for e in range(2, epochs + 1):
+            ratios.append(kt[e] / hand.times[e])
+            k_times.append(kt[e])
+            h_times.append(hand.times[e])
         same &= all(
             torch.equal(a, b)
-            for a, b in zip(hm.state_dict().values(), km.state_dict().values(), strict=True)
+            for a, b in zip(
+                hand.model.state_dict().values(),
+                trainer.trained_model.state_dict().values(),
+                strict=True,
+            )
         )
     k, h = statistics.median(k_times), statistics.median(h_times)
     return {
         "row": "a: Trainer in-process vs hand-written loop (epoch time, MLP 20k x 64, batch 128)",
         "kiln": f"{k * 1000:.1f} ms",
         "baseline": f"{h * 1000:.1f} ms",
-        "ratio": k / h,
+        "ratio": statistics.median(ratios),
         "target": "<= 1.03",
-        "note": f"final weights identical: {same}",
+        "note": (
+            f"final weights identical: {same}; epochs alternate in one process, median of "
+            f"{len(ratios)} per-epoch ratios (IQR {_iqr(ratios)})"
+        ),
     }
+
+
+def _iqr(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}-{q[2]:.3f}"
 
 
 DDP_SCRIPT = textwrap.dedent("""
