@@ -45,6 +45,8 @@ def test_defaults_are_valid_and_match_the_spec():
         ("max_grad_norm", -1.0, "> 0"),
         ("data_backend", "disk", "auto, ray, memory"),
         ("amp_dtype", "fp8", "auto, bf16, fp16"),
+        ("report_interval_s", -0.5, ">= 0 seconds"),
+        ("report_interval_s", "often", "finite number or null"),
     ],
 )
 def test_validate_names_field_value_and_allowed(field, value, allowed):

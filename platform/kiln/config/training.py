@@ -89,6 +89,14 @@ class TrainingConfig:
     tracking_db: str | None = _f(None, "logging", "SQLite path; None uses $KILN_HOME/kiln.db.")
     register_as: str | None = _f(None, "logging", "Register the best checkpoint under this name.")
     log_every_n_steps: int = _f(0, "logging", "Record loss/lr every N steps (0: per epoch only).")
+    report_interval_s: float | None = _f(
+        None,
+        "logging",
+        "With worker actors: least seconds between reports to Ray Train (each one waits for "
+        "the controller's next poll); the last epoch is always reported and every epoch is "
+        "in the history. None: the poll interval; 0: every epoch. In-process runs and Tune "
+        "trials report every epoch.",
+    )
     export_formats: list[str] = _f(list, "logging", "Export a bundle in these formats at the end.")
     wandb_project: str | None = _f(None, "logging", "Accepted for seed compatibility; unused.")
     # Data
@@ -307,7 +315,7 @@ def _type_errors(c: TrainingConfig) -> list[str]:
         v = getattr(c, name)
         if not _is_number(v) or not math.isfinite(v):
             errors.append(f"{name}={v!r} must be a finite number")
-    for name in ("max_grad_norm", "cpus_per_worker"):
+    for name in ("max_grad_norm", "cpus_per_worker", "report_interval_s"):
         v = getattr(c, name)
         if v is not None and (not _is_number(v) or not math.isfinite(v)):
             errors.append(f"{name}={v!r} must be a finite number or null")
@@ -391,6 +399,11 @@ def _range_errors(c: TrainingConfig) -> list[str]:
     )
     need(c.max_failures >= -1, f"max_failures={c.max_failures!r} must be >= 0, or -1 for unlimited")
     need(c.log_every_n_steps >= 0, f"log_every_n_steps={c.log_every_n_steps!r} must be >= 0")
+    need(
+        c.report_interval_s is None or c.report_interval_s >= 0,
+        f"report_interval_s={c.report_interval_s!r} must be >= 0 seconds, or null for the Ray "
+        "Train controller's poll interval",
+    )
     need(c.save_every_n_epochs >= 1, f"save_every_n_epochs={c.save_every_n_epochs!r} must be >= 1")
     need(c.keep_best_k >= 0, f"keep_best_k={c.keep_best_k!r} must be >= 0")
     need(

@@ -12,7 +12,7 @@ with DDP otherwise. It reads top to bottom:
                 hooks.on_validation_end / on_epoch_end   (every rank, same metrics)
                 early-stop decision (agreed across ranks)
                 rank 0: checkpoint (snapshot now, write in the background)
-                ray.train.report(metrics)  (every rank: it is a barrier)
+                ray.train.report(metrics)  (every rank: it is a barrier; paced, below)
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
 Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     )
 
     to_tune = plan.report_checkpoints and _in_tune()
+    reporter = _ReportPacer(cfg.report_interval_s, distributed)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if restored is not None:
@@ -213,7 +215,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 scaler=scaler,
                 blocking=to_tune,  # Tune copies the directory during the report
             )
-        _report(_scalars(metrics), saved.path if to_tune and saved is not None else None)
+        if to_tune or reporter.due(last):
+            _report(_scalars(metrics), saved.path if to_tune and saved is not None else None)
         if stop:
             stopped_early = True
             break
@@ -441,6 +444,49 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "steps"}
+
+
+class _ReportPacer:
+    """Decides which epochs go to ``ray.train.report`` when ranks are worker actors.
+
+    In an actor, each report waits until the Ray Train controller's next poll takes the
+    previous one (a queue of one, polled every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``),
+    so reporting every epoch of a job whose epochs are shorter than the poll interval
+    costs about one poll per epoch. Reports are therefore at least ``interval`` seconds
+    apart, and the last epoch is always reported. Ranks agree (a report is a barrier):
+    an epoch is reported when any rank's clock says it is due. In-process runs (no
+    controller poll) and Tune trials (schedulers read every epoch) report every epoch.
+    """
+
+    def __init__(self, interval: float | None, distributed: bool) -> None:
+        if not distributed:
+            interval = 0.0
+        elif interval is None:
+            interval = _controller_poll_s()
+        self.interval, self.distributed = interval, distributed
+        self.last = time.monotonic()
+
+    def due(self, last_epoch: bool) -> bool:
+        if self.interval <= 0:
+            return True
+        now = time.monotonic()
+        due = _agree(last_epoch or now - self.last >= self.interval, self.distributed)
+        if due:
+            self.last = now
+        return due
+
+
+def _controller_poll_s() -> float:
+    """The Ray Train controller's poll interval, as Ray reads it (propagated to workers)."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    )
+
+    try:
+        return max(0.0, float(os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR]))
+    except (KeyError, ValueError):
+        return float(DEFAULT_HEALTH_CHECK_INTERVAL_S)
 
 
 def _report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:

@@ -142,6 +142,8 @@ def run_trial(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks = [TuneReportCallback()]
+        if cfg.report_interval_s is None:  # schedulers decide on every epoch's report
+            cfg = cfg.replace(report_interval_s=0.0)
     trainer = Trainer(
         model=model,
         training_config=cfg,
