@@ -354,48 +354,89 @@ HAND_SCRIPT = textwrap.dedent("""
 """)
 
 
+TORCH_ONLY = "import torch"
+
+# The least a Ray Train job costs: TorchTrainer running a function that returns at once.
+NOOP_RAY_TRAIN = textwrap.dedent("""
+    import sys, tempfile
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    workers = int(sys.argv[1])
+    if workers:
+        import ray
+        ray.init(num_cpus=2, include_dashboard=False)
+    TorchTrainer(
+        lambda: None,
+        scaling_config=ScalingConfig(num_workers=workers),
+        run_config=RunConfig(storage_path=tempfile.mkdtemp()),
+    ).fit()
+""")
+
+
+def _wall(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
 def row_c(reps: int, tmp: Path) -> list[dict]:
-    script = tmp / "hand_digits.py"
-    script.write_text(HAND_SCRIPT)
+    """`kiln train` on the quickstart config against the hand-written script, and the floor.
+
+    The floor is what Ray Train alone adds, whatever kiln does: a TorchTrainer job whose
+    function returns at once (local mode; or 2 worker actors on a Ray it starts) minus
+    ``python -c "import torch"``. Every run is a fresh process, as a user's would be.
+    """
+    hand = tmp / "hand_digits.py"
+    hand.write_text(HAND_SCRIPT)
+    noop = tmp / "noop_ray_train.py"
+    noop.write_text(NOOP_RAY_TRAIN)
     env = dict(os.environ, KILN_HOME=str(tmp / "c_home"))
-    kiln_cmd = [
-        sys.executable,
-        "-m",
-        "kiln.cli",
-        "train",
-        str(ROOT / "examples/digits_mlp.yaml"),
-        "--quiet",
+    for var in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_ADDRESS"):
+        env.pop(var, None)
+    from kiln.engine.trainer import DEFAULT_REPORT_POLL_S
+
+    # The floor job polls as often as kiln's runs do (Ray's default is every 2 s).
+    floor_env = dict(env, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=DEFAULT_REPORT_POLL_S)
+    kiln_cmd = [sys.executable, "-m", "kiln.cli", "train", str(ROOT / "examples/digits_mlp.yaml")]
+    py = sys.executable
+    walls: dict[str, list[float]] = {k: [] for k in ("hand", "k0", "k2", "torch", "f0", "f2")}
+    for _ in range(reps):
+        walls["hand"].append(_wall([py, str(hand)], env))
+        walls["k0"].append(_wall(kiln_cmd + ["--quiet"], env))
+        walls["torch"].append(_wall([py, "-c", TORCH_ONLY], env))
+        walls["f0"].append(_wall([py, str(noop), "0"], floor_env))
+        walls["k2"].append(_wall(kiln_cmd + ["--quiet", "--workers", "2"], env))
+        walls["f2"].append(_wall([py, str(noop), "2"], floor_env))
+    m = {k: statistics.median(v) for k, v in walls.items()}
+    h = m["hand"]
+    floor0, floor2 = m["f0"] - m["torch"], m["f2"] - m["torch"]
+    return [
+        {
+            "row": "c: `kiln train` quickstart (in-process) vs hand-written script (wall)",
+            "kiln": f"{m['k0']:.1f} s",
+            "baseline": f"{h:.1f} s",
+            "ratio": m["k0"] / h,
+            "target": "<= 1.1",
+            "note": (
+                f"difference {m['k0'] - h:+.1f} s; floor: a no-op local-mode TorchTrainer job "
+                f"costs {floor0:+.1f} s over `import torch`, so the best possible ratio here "
+                f"is {(h + floor0) / h:.2f}"
+            ),
+        },
+        {
+            "row": "c: `kiln train` quickstart (2 Ray workers) vs hand-written script (wall)",
+            "kiln": f"{m['k2']:.1f} s",
+            "baseline": f"{h:.1f} s",
+            "ratio": m["k2"] / h,
+            "target": "<= hand + 8 s",
+            "note": (
+                f"difference {m['k2'] - h:+.1f} s; floor: a no-op 2-worker TorchTrainer job "
+                f"that starts its Ray costs {floor2:+.1f} s over `import torch`; kiln adds "
+                "Ray Data's split of the dataset id and DDP set-up"
+            ),
+        },
     ]
-    rows = []
-    for label, extra, target, how in (
-        ("in-process", [], "<= 1.1", "no Ray cluster is started (in-memory data)"),
-        (
-            "2 Ray workers",
-            ["--workers", "2"],
-            "<= hand + 8 s",
-            "starts a local Ray, 2 Ray Train worker actors and a Ray Data split",
-        ),
-    ):
-        k_walls, h_walls = [], []
-        for _ in range(reps):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, str(script)], check=True, capture_output=True, env=env)
-            h_walls.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            subprocess.run(kiln_cmd + extra, check=True, capture_output=True, env=env)
-            k_walls.append(time.perf_counter() - start)
-        k, h = statistics.median(k_walls), statistics.median(h_walls)
-        rows.append(
-            {
-                "row": f"c: `kiln train` quickstart ({label}) vs hand-written script (wall)",
-                "kiln": f"{k:.1f} s",
-                "baseline": f"{h:.1f} s",
-                "ratio": k / h,
-                "target": target,
-                "note": f"difference {k - h:+.1f} s; {how}",
-            }
-        )
-    return rows
 
 
 def row_d(reps: int, tmp: Path) -> dict:
