@@ -129,6 +129,7 @@ def _fit(tmp_path: Path, train, val, **overrides) -> tuple[dict, list[dict], lis
         random_seed=11,
         tracking=False,
     )
+    torch.manual_seed(0)  # the module is built here, before kiln seeds anything
     results = Trainer(
         model=IdRecordingNet(),
         training_config=TrainingConfig(**{**settings, **overrides}),
@@ -193,13 +194,17 @@ def _check_mean_metrics(results: dict, ranks: list[dict], hooks: list[list[dict]
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_local):
-    """Arrays through Ray Data shards, with gradient accumulation over a partial window."""
+@pytest.mark.parametrize("backend", ["memory", "ray"])
+def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_local, backend):
+    """Arrays shipped with the run ("memory"), or read by each rank through Ray Data's
+    get_dataset_shard ("ray"), with gradient accumulation over a partial window."""
     _ship_by_value()
-    train, val = _data(N_TRAIN, 0, seed=0), _data(N_VAL, VAL_ID_OFFSET, seed=1)
+    train, val = _data(N_TRAIN, 0, seed=0), _data(N_VAL + 1, VAL_ID_OFFSET, seed=1)
     # 4 batches per rank and epoch with 3-batch accumulation: one full window and one
     # partial window per epoch, whose step must be synced across ranks too.
-    results, ranks, hooks = _fit(tmp_path, train, val, gradient_accumulation_steps=3)
+    results, ranks, hooks = _fit(
+        tmp_path, train, val, gradient_accumulation_steps=3, data_backend=backend
+    )
     assert results["world_size"] == 2
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world_size"] == 2 and r["wrapped"] for r in ranks)  # DDP-wrapped model
@@ -213,9 +218,13 @@ def test_two_workers_disjoint_shards_synced_params_mean_metrics(tmp_path, ray_lo
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_two_workers_on_a_torch_dataset(tmp_path, ray_local):
-    """A torch Dataset goes through prepare_data_loader (a DistributedSampler per rank)."""
+    """A torch Dataset goes through prepare_data_loader (a DistributedSampler per rank).
+
+    An odd number of validation rows: a DistributedSampler would repeat one on rank 1,
+    and the all-reduced validation loss would then differ from the loss over the rows.
+    """
     _ship_by_value()
-    (x, y), val = _data(N_TRAIN, 0, seed=2), _data(N_VAL, VAL_ID_OFFSET, seed=3)
+    (x, y), val = _data(N_TRAIN, 0, seed=2), _data(N_VAL + 1, VAL_ID_OFFSET, seed=3)
     train_ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     val_ds = torch.utils.data.TensorDataset(*(torch.from_numpy(a) for a in val))
     results, ranks, hooks = _fit(tmp_path, train_ds, val_ds)

@@ -495,3 +495,31 @@ def test_ray_dataset_and_ray_backend(tmp_path, ray_local):
     # Same rows, same order, same seed: Ray Data and the in-memory path train alike.
     for a, b in zip(forced["history"], memory["history"], strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------- gradient health
+def test_gradient_check_interval_adds_gradient_health_to_each_epoch(tmp_path):
+    """iris: 135 rows / batch 16 = 9 steps per epoch; checks on steps 0, 4, 8 of each."""
+    results = _trainer(tmp_path, epochs=2, gradient_check_interval=4, max_grad_norm=None).train(
+        "iris"
+    )
+    for row in results["history"]:
+        assert row["grad_max_norm"] > 0
+        assert row["grad_criticals"] == 0
+        assert row["grad_warnings"] >= 0
+    off = _trainer(tmp_path / "off", epochs=1).train("iris")
+    assert "grad_max_norm" not in off["history"][0]
+
+
+def test_gradient_health_counts_criticals_from_exploding_gradients(tmp_path):
+    """A learning rate of 1e3 without clipping blows the weights up within a few steps."""
+    results = _trainer(
+        tmp_path,
+        epochs=1,
+        learning_rate=1e3,
+        optimizer="sgd",
+        momentum=0.0,
+        gradient_check_interval=1,
+        max_grad_norm=None,
+    ).train("iris")
+    assert results["history"][-1]["grad_criticals"] > 0

@@ -67,6 +67,13 @@ class TrainingConfig:
     momentum: float = _f(0.9, "optimizer", "SGD momentum.")
     max_grad_norm: float | None = _f(1.0, "optimizer", "Global-norm clip; None disables.")
     gradient_accumulation_steps: int = _f(1, "optimizer", "Batches per optimizer step.")
+    gradient_check_interval: int = _f(
+        0,
+        "optimizer",
+        "Check gradient health (per-parameter norms, NaN/inf; GradientMonitor) every N "
+        "optimizer steps and add grad_max_norm, grad_warnings and grad_criticals to each "
+        "epoch's metrics; 0: off.",
+    )
     # Hardware
     num_workers: int = _f(0, "hardware", "0 runs in-process; N>=1 runs N Ray Train workers.")
     use_gpu: bool = _f(False, "hardware", "One GPU per worker (nccl).")
@@ -261,6 +268,7 @@ _INT_FIELDS = (
     "keep_last_n",
     "max_failures",
     "log_every_n_steps",
+    "gradient_check_interval",
 )
 _OPT_INT_FIELDS = (
     "early_stopping_patience",
@@ -399,6 +407,10 @@ def _range_errors(c: TrainingConfig) -> list[str]:
     )
     need(c.max_failures >= -1, f"max_failures={c.max_failures!r} must be >= 0, or -1 for unlimited")
     need(c.log_every_n_steps >= 0, f"log_every_n_steps={c.log_every_n_steps!r} must be >= 0")
+    need(
+        c.gradient_check_interval >= 0,
+        f"gradient_check_interval={c.gradient_check_interval!r} must be >= 0 (0: off)",
+    )
     need(
         c.report_interval_s is None or c.report_interval_s >= 0,
         f"report_interval_s={c.report_interval_s!r} must be >= 0 seconds, or null for the Ray "

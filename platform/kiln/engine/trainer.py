@@ -206,9 +206,11 @@ class Trainer:
                     return str(resolve_checkpoint(resume_from, run / "checkpoints"))
                 except CheckpointError:
                     continue
+            named = self.training_config.run_name
+            which = f"no run named {named!r}" if named else "no run"
             raise CheckpointError(
-                f"resume_from={resume_from!r}, but no run under {str(self._paths.storage)!r} has a "
-                "checkpoint; pass a checkpoint directory instead"
+                f"resume_from={resume_from!r}, but {which} under {str(self._paths.storage)!r} "
+                "has a checkpoint; pass a checkpoint directory instead"
             )
         return str(resolve_checkpoint(resume_from, None))
 
@@ -283,8 +285,11 @@ def _fit(
         _check_resources(cfg)
     resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
     data_config = DataConfig(datasets_to_split="all")
-    if worker_plan.cache_shards:  # a fixed row order, so cached shards are reproducible
-        data_config = DataConfig(datasets_to_split="all", execution_options=_ordered_execution())
+    if worker_plan.cache_shards:
+        # In-memory data (it already sits in the driver): every rank reads all of it in a
+        # fixed order and keeps its own rows. No streaming_split, so no split coordinator
+        # actor to start (seconds on a small machine), and resumed runs see the same rows.
+        data_config = DataConfig(datasets_to_split=[], execution_options=_ordered_execution())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": worker_plan},
@@ -421,9 +426,10 @@ def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
         return []
     runs = [p for p in storage.iterdir() if (p / "checkpoints").is_dir()]
     if run_name:
+        # <slug>-<date>-<time>-<hex> exactly, so "digits" does not pick up "digits-mlp-...".
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")
-        named = [p for p in runs if p.name.startswith(slug + "-") or p.name == slug]
-        runs = named or runs
+        own = re.compile(re.escape(slug) + r"(-\d{8}-\d{6}-[0-9a-f]{6})?")
+        runs = [p for p in runs if own.fullmatch(p.name)]
     return sorted(runs, key=lambda p: (p / "checkpoints").stat().st_mtime, reverse=True)
 
 

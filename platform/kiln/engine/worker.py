@@ -52,7 +52,7 @@ from kiln.engine.callbacks import (
     TrainingHooks,
 )
 from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
-from kiln.engine.gradients import GradientAccumulator
+from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
@@ -117,9 +117,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
     accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     columns = {"input_column": task.input_column, "label_column": task.label_column}
+    grad_monitor = (
+        GradientMonitor(check_interval=cfg.gradient_check_interval)
+        if cfg.gradient_check_interval
+        else None
+    )
     train_loop = TrainingLoop(
         accumulator,
-        None,
+        grad_monitor,
         loss,
         cfg.max_grad_norm,
         precision=precision,
@@ -167,6 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     stopped_early = False
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         hooks.epoch_start(epoch)
+        checks_before = grad_monitor.check_count if grad_monitor is not None else 0
         train = train_loop.run_epoch(
             epoch,
             model,
@@ -190,6 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         metrics["timestamp"] = time.time()
         if train_loop.last_grad_norm is not None:
             metrics["grad_norm"] = float(train_loop.last_grad_norm)
+        if grad_monitor is not None:  # gradients are all-reduced: every rank sees the same
+            metrics.update(_gradient_health(grad_monitor, checks_before))
         if train.step_log:
             metrics["steps"] = train.step_log
         hooks.epoch_end(epoch, metrics)
@@ -251,7 +259,11 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
 
         loaders = dict(plan.loaders or {})
         if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
-            loaders = {k: ray.train.torch.prepare_data_loader(v) for k, v in loaders.items()}
+            for name, loader in loaders.items():
+                shard = _val_shard(loader, world_size) if name == "val" else None
+                loaders[name] = (
+                    shard if shard is not None else ray.train.torch.prepare_data_loader(loader)
+                )
         train = loaders["train"]
         try:
             batches = len(train)  # sampler-aware: this rank's batches
@@ -286,17 +298,23 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
         shards["val"] = ray.train.get_dataset_shard("val")
     columns = (plan.task.input_column, plan.task.label_column)
     if plan.cache_shards:
-        train = _CachedShard.read(
-            shards["train"], columns, cfg.batch_size, cfg.random_seed, shuffle=True
-        )
-        val = (
-            _CachedShard.read(
-                shards["val"], columns, cfg.batch_size, cfg.random_seed, shuffle=False
+        # In-memory sources are not split by Ray (see trainer._fit): every rank reads the
+        # whole dataset in order and keeps its own rows, as the memory path does.
+        rank = _rank()
+        parts = {
+            name: _CachedShard.read(
+                shard,
+                columns,
+                cfg.batch_size,
+                cfg.random_seed,
+                shuffle=name == "train",
+                rank=rank,
+                world_size=world_size,
             )
-            if "val" in shards
-            else None
-        )
-        return train.epoch, (val.epoch if val else None), train.num_batches
+            for name, shard in shards.items()
+        }
+        val = parts.get("val")
+        return parts["train"].epoch, (val.epoch if val else None), parts["train"].num_batches
     rows = math.ceil(plan.num_train_rows / world_size)
 
     def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
@@ -325,6 +343,32 @@ def _rank_rows(a: Any, rank: int, world_size: int, *, equal: bool) -> torch.Tens
     return t[rank::world_size]
 
 
+def _val_shard(loader: Any, world_size: int) -> Any:
+    """This rank's validation samples (every world_size-th), without padding.
+
+    ``prepare_data_loader`` adds a ``DistributedSampler``, which repeats samples so
+    every rank gets as many; validation sums would then count those twice. Ranks may
+    validate different numbers of batches: validation runs no collective per batch.
+    Returns None (use ``prepare_data_loader``) for one rank, an iterable dataset, or a
+    loader with its own batch sampler.
+    """
+    from torch.utils.data import DataLoader, IterableDataset, Subset
+
+    dataset = loader.dataset
+    if world_size <= 1 or isinstance(dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    rank = _rank()
+    return DataLoader(
+        Subset(dataset, range(rank, len(dataset), world_size)),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
 def _loader_epochs(loader: Any) -> Callable[[int], Any]:
     def epoch_batches(epoch: int) -> Any:
         sampler = getattr(loader, "sampler", None)
@@ -350,15 +394,30 @@ class _CachedShard:
 
     @classmethod
     def read(
-        cls, shard: Any, columns: tuple[str, str], batch_size: int, seed: int, *, shuffle: bool
+        cls,
+        shard: Any,
+        columns: tuple[str, str],
+        batch_size: int,
+        seed: int,
+        *,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> _CachedShard:
-        """Read a Ray Data shard once (``iter_torch_batches``) into tensors."""
+        """Read a Ray Data iterator once (``iter_torch_batches``) and keep this rank's rows.
+
+        ``world_size > 1`` means the iterator holds every row (an unsplit dataset): the
+        rank keeps every world_size-th, training rows trimmed so ranks step equally.
+        """
         xs, ys = [], []
         for batch in shard.iter_torch_batches(batch_size=8192):
             xs.append(batch[columns[0]])
             ys.append(batch[columns[1]])
         x = torch.cat(xs) if xs else torch.empty(0)
         y = torch.cat(ys) if ys else torch.empty(0)
+        if world_size > 1:
+            x = _rank_rows(x, rank, world_size, equal=shuffle)
+            y = _rank_rows(y, rank, world_size, equal=shuffle)
         return cls(x, y, batch_size, seed, shuffle=shuffle)
 
     def __len__(self) -> int:
@@ -440,6 +499,15 @@ def _latest_or_none(checkpoint_dir: str) -> str | None:
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def _gradient_health(monitor: GradientMonitor, checks_before: int) -> dict[str, float]:
+    """This epoch's largest per-parameter gradient norm and the run's warning counts."""
+    out = {"grad_warnings": float(monitor.warnings), "grad_criticals": float(monitor.criticals)}
+    checked = monitor.max_norm_history[checks_before:]
+    if checked:  # an epoch shorter than the interval has no check
+        out["grad_max_norm"] = max(checked)
+    return out
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
