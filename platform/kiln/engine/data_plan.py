@@ -116,6 +116,9 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
             arrays=arrays,
             dataset_id=dataset_id,
         )
+    from kiln._ray import ensure_ray
+
+    ensure_ray()  # before Ray Data's first call, which would start a Ray of its own
     datasets = {k: d.to_ray() for k, d in splits.items()}
     return DataPlan(
         "ray",
