@@ -440,23 +440,65 @@ def row_c(reps: int, tmp: Path) -> list[dict]:
 
 
 def row_d(reps: int, tmp: Path) -> dict:
+    """Per-step metrics (log_every_n_steps=1) against none, in kiln's own step loop.
+
+    Two TrainingLoops (the loop the worker runs), each with its own model and
+    optimizer, alternate epoch by epoch in one process, which side goes first
+    alternating too; epoch 1 is dropped. The step log stays in the loop until the epoch
+    ends (it goes into the run's history, not to Ray), so the loop is where it costs.
+    The ratio is the median of the per-epoch ratios.
+    """
+    from kiln.engine.gradients import GradientAccumulator
+    from kiln.engine.loops import TrainingLoop
+    from kiln.engine.loss import get_loss_strategy
+    from kiln.engine.optim import build_optimizer
+    from kiln.engine.worker import _CachedShard
+
     x, y = synthetic()
-    epochs, batch = 4, 64
-    with_steps, without = [], []
-    for r in range(reps):
-        _, t0, _ = kiln_run(x, y, epochs, batch, tmp / f"d0{r}")
-        _, t1, _ = kiln_run(x, y, epochs, batch, tmp / f"d1{r}", log_every_n_steps=1)
-        steps = len(x) // batch
-        without.append(steady(t0) / steps)
-        with_steps.append(steady(t1) / steps)
+    epochs, batch = 8, 64
+    cfg = kiln_config(epochs, batch)
+    data = _CachedShard(torch.from_numpy(x), torch.from_numpy(y), batch, SEED, shuffle=True)
+
+    def side(log_every: int):
+        torch.manual_seed(SEED)
+        model = mlp()
+        loop = TrainingLoop(
+            GradientAccumulator(1, None),
+            None,
+            get_loss_strategy("classification"),
+            None,
+            log_every_n_steps=log_every,
+        )
+        return loop, model, build_optimizer(model, cfg)
+
+    ratios, with_steps, without = [], [], []
+    for _ in range(reps):
+        sides = {1: side(1), 0: side(0)}
+        history: list[dict] = []  # what the worker keeps: the step log goes into history
+        for epoch in range(1, epochs + 1):
+            times = {}
+            for log_every in (1, 0) if epoch % 2 else (0, 1):
+                loop, model, opt = sides[log_every]
+                result = loop.run_epoch(epoch, model, data.epoch(epoch), opt)
+                assert len(result.step_log) == (result.num_batches if log_every else 0)
+                history.append({"epoch": epoch, "steps": result.step_log})
+                times[log_every] = result.epoch_duration_seconds / result.num_batches
+            if epoch > 1:
+                ratios.append(times[1] / times[0])
+                with_steps.append(times[1])
+                without.append(times[0])
     k, b = statistics.median(with_steps), statistics.median(without)
     return {
         "row": "d: metrics every step vs none (step time)",
         "kiln": f"{k * 1e6:.0f} us",
         "baseline": f"{b * 1e6:.0f} us",
-        "ratio": k / b,
+        "ratio": statistics.median(ratios),
         "target": "<= 1.02",
-        "note": "step metrics buffered in the worker, reported once per epoch",
+        "note": (
+            "step metrics buffered in the loop, handed over once per epoch; kiln's step loop "
+            f"both sides, epochs alternate in one process, median of {len(ratios)} per-epoch "
+            f"ratios (IQR {_iqr(ratios)})"
+        ),
     }
 
 
