@@ -271,14 +271,29 @@ def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
     import ray
 
     from kiln._ray import ensure_ray
+    from kiln.engine.trainer import DEFAULT_REPORT_POLL_S
 
     ensure_ray()
     x, y = synthetic()
     batch = 128
     script = tmp / "ddp_baseline.py"
     script.write_text(DDP_SCRIPT.format(bench_dir=str(Path(__file__).parent)))
-    k_walls, d_walls, r_walls = [], [], []
+    noop = tmp / "noop_ray_train.py"
+    noop.write_text(NOOP_RAY_TRAIN)
+    noop_mp = tmp / "noop_mp.py"
+    noop_mp.write_text(NOOP_MP)
+    k_walls, d_walls, r_walls, f_walls, m_walls = [], [], [], [], []
     for r in range(reps):
+        # The floor: both ways of starting two ranks, with nothing to train.
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = DEFAULT_REPORT_POLL_S
+        f_walls.append(_timed_main(noop, 2, 0))  # in this process, Ray up, like kiln's run
+        out = subprocess.run(
+            [sys.executable, str(noop_mp), str(29_400 + r)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        m_walls.append(float(out.split("WALL")[1]))
         out = subprocess.run(
             [sys.executable, str(script), str(epochs), str(batch), str(29_500 + r)],
             capture_output=True,
@@ -296,8 +311,13 @@ def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
         kiln_run(x, y, epochs, batch, tmp / f"b{r}", num_workers=2, save_every_n_epochs=epochs)
         k_walls.append(time.perf_counter() - start)
     k, d, raw = statistics.median(k_walls), statistics.median(d_walls), statistics.median(r_walls)
+    floor = statistics.median(f_walls) - statistics.median(m_walls)
     ray.shutdown()
-    note = "Ray already running (as under ray job submit); gloo, 1 thread per worker"
+    note = (
+        "Ray already running (as under ray job submit); gloo, 1 thread per worker; floor: a "
+        f"no-op 2-worker TorchTrainer job takes {floor:+.1f} s over a no-op mp.spawn of 2 "
+        f"ranks, so the best possible ratio here is {(d + floor) / d:.2f}"
+    )
     return [
         {
             "row": f"b: Trainer 2 Ray workers vs torch.multiprocessing DDP (wall, {epochs} epochs)",
@@ -357,21 +377,53 @@ HAND_SCRIPT = textwrap.dedent("""
 TORCH_ONLY = "import torch"
 
 # The least a Ray Train job costs: TorchTrainer running a function that returns at once.
+# argv: workers [start]; with start=1 it starts a local Ray (a fresh process: row c).
 NOOP_RAY_TRAIN = textwrap.dedent("""
     import sys, tempfile
     import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    workers = int(sys.argv[1])
-    if workers:
-        import ray
-        ray.init(num_cpus=2, include_dashboard=False)
-    TorchTrainer(
-        lambda: None,
-        scaling_config=ScalingConfig(num_workers=workers),
-        run_config=RunConfig(storage_path=tempfile.mkdtemp()),
-    ).fit()
+
+    def main(workers, start=1):
+        if workers and start:
+            import ray
+            ray.init(num_cpus=2, include_dashboard=False)
+        TorchTrainer(
+            lambda: None,
+            scaling_config=ScalingConfig(num_workers=workers),
+            run_config=RunConfig(storage_path=tempfile.mkdtemp()),
+        ).fit()
+
+    if __name__ == "__main__":
+        main(*map(int, sys.argv[1:]))
 """)
+
+# The least a torch.multiprocessing DDP job costs: spawn 2 ranks, join a gloo group, exit.
+NOOP_MP = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def work(rank, port):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        import time
+        start = time.perf_counter()  # after this process's imports, as in DDP_SCRIPT
+        mp.spawn(work, args=(int(sys.argv[1]),), nprocs=2, join=True)
+        print(f"WALL {time.perf_counter() - start:.3f}")
+""")
+
+
+def _timed_main(script: Path, *args: int) -> float:
+    """Run ``main(*args)`` of a script in this process (its imports are already paid)."""
+    import runpy
+
+    namespace = runpy.run_path(str(script))  # defines main; __name__ is not "__main__"
+    start = time.perf_counter()
+    namespace["main"](*args)
+    return time.perf_counter() - start
 
 
 def _wall(cmd: list[str], env: dict[str, str]) -> float:
