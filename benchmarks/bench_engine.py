@@ -485,7 +485,7 @@ def row_c(reps: int, tmp: Path) -> list[dict]:
             "note": (
                 f"difference {m['k2'] - h:+.1f} s; floor: a no-op 2-worker TorchTrainer job "
                 f"that starts its Ray costs {floor2:+.1f} s over `import torch`; kiln adds "
-                "Ray Data's split of the dataset id and DDP set-up"
+                "each rank's Ray Data read of the dataset id, DDP set-up and 30 epochs"
             ),
         },
     ]

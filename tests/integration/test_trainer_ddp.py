@@ -232,3 +232,32 @@ def test_two_workers_on_a_torch_dataset(tmp_path, ray_local):
     _check_disjoint_shards(ranks, N_TRAIN)
     _check_identical_parameters(ranks)
     _check_mean_metrics(results, ranks, hooks, val)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_batchnorm_model_with_fewer_validation_rows_than_ranks(tmp_path, ray_local):
+    """One validation row for 2 ranks: rank 1 validates nothing. Through DDP, the first
+    validation forward would broadcast BatchNorm buffers, a collective rank 1 never
+    joins (a hang); kiln validates the inner module after one buffer broadcast."""
+    _ship_by_value()
+    (x, y), (xv, yv) = _data(N_TRAIN, 0, seed=4), _data(1, VAL_ID_OFFSET, seed=5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    results = Trainer(
+        model=model,
+        training_config=TrainingConfig(
+            epochs=2, batch_size=BATCH, num_workers=2, random_seed=3, tracking=False
+        ),
+        task_spec=TaskSpec.classification(name="bn", num_classes=CLASSES),
+        storage_path=tmp_path / "runs",
+        db_path=tmp_path / "kiln.db",
+        artifacts_dir=tmp_path / "artifacts",
+    ).train((x, y), (xv, yv))
+    final = results["history"][-1]
+    # The checkpoint is rank 0's model, buffers included: it scores the row the same way.
+    model.load_state_dict(load_checkpoint_state(results["latest_checkpoint_path"]).model_state)
+    with torch.no_grad():
+        loss = F.cross_entropy(model.eval()(torch.as_tensor(xv)), torch.as_tensor(yv)).item()
+    assert final["val_loss"] == pytest.approx(loss, abs=1e-6)

@@ -186,7 +186,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         metrics: dict[str, Any] = {"epoch": epoch}
         metrics.update(_reduce(train.sums, train_loop, "train", distributed))
         if val_batches is not None:
-            val = val_loop.run_epoch(epoch, model, val_batches(epoch), device)
+            val = val_loop.run_epoch(
+                epoch, _for_validation(model, distributed), val_batches(epoch), device
+            )
             val_metrics = _reduce(val.sums, val_loop, "val", distributed)
             metrics.update(val_metrics)
             hooks.validation_end(val_metrics)
@@ -289,7 +291,11 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             for name, (x, y) in (plan.arrays or {}).items()
         }
         val = parts.get("val")
-        return parts["train"].epoch, (val.epoch if val else None), parts["train"].num_batches
+        return (
+            parts["train"].epoch,
+            (val.epoch if val is not None else None),
+            parts["train"].num_batches,
+        )
 
     import ray.train
 
@@ -314,7 +320,11 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             for name, shard in shards.items()
         }
         val = parts.get("val")
-        return parts["train"].epoch, (val.epoch if val else None), parts["train"].num_batches
+        return (
+            parts["train"].epoch,
+            (val.epoch if val is not None else None),
+            parts["train"].num_batches,
+        )
     rows = math.ceil(plan.num_train_rows / world_size)
 
     def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
@@ -494,6 +504,22 @@ def _latest_or_none(checkpoint_dir: str) -> str | None:
         return str(resolve_checkpoint("latest", checkpoint_dir))
     except CheckpointError:
         return None
+
+
+def _for_validation(model: nn.Module, distributed: bool) -> nn.Module:
+    """The module to validate: DDP's inner module, with rank 0's buffers on every rank.
+
+    Ranks validate different numbers of rows (no padding), possibly none. Through DDP,
+    the first forward after training would broadcast buffers (BatchNorm statistics),
+    a collective that a rank with no validation rows never joins. One broadcast here,
+    which every rank reaches, gives the same buffers without that risk; the next
+    training forward broadcasts them from rank 0 anyway.
+    """
+    inner = getattr(model, "module", model) if distributed else model
+    if distributed:
+        for buffer in inner.buffers():
+            dist.broadcast(buffer, src=0)
+    return inner
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
