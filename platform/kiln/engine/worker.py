@@ -290,12 +290,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             )
             for name, (x, y) in (plan.arrays or {}).items()
         }
-        val = parts.get("val")
-        return (
-            parts["train"].epoch,
-            (val.epoch if val is not None else None),
-            parts["train"].num_batches,
-        )
+        return _cached_epochs(parts)
 
     import ray.train
 
@@ -319,12 +314,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             )
             for name, shard in shards.items()
         }
-        val = parts.get("val")
-        return (
-            parts["train"].epoch,
-            (val.epoch if val is not None else None),
-            parts["train"].num_batches,
-        )
+        return _cached_epochs(parts)
     rows = math.ceil(plan.num_train_rows / world_size)
 
     def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
@@ -351,6 +341,16 @@ def _rank_rows(a: Any, rank: int, world_size: int, *, equal: bool) -> torch.Tens
     if equal:
         t = t[: len(t) // world_size * world_size]
     return t[rank::world_size]
+
+
+def _cached_epochs(parts: dict[str, _CachedShard]):
+    """(train_batches(epoch), val_batches(epoch) or None, train batches per epoch)."""
+    val = parts.get("val")  # not `if val`: a rank may hold no validation rows (len 0)
+    return (
+        parts["train"].epoch,
+        (val.epoch if val is not None else None),
+        parts["train"].num_batches,
+    )
 
 
 def _val_shard(loader: Any, world_size: int) -> Any:
@@ -515,10 +515,11 @@ def _for_validation(model: nn.Module, distributed: bool) -> nn.Module:
     which every rank reaches, gives the same buffers without that risk; the next
     training forward broadcasts them from rank 0 anyway.
     """
-    inner = getattr(model, "module", model) if distributed else model
-    if distributed:
-        for buffer in inner.buffers():
-            dist.broadcast(buffer, src=0)
+    if not distributed:
+        return model
+    inner = getattr(model, "module", model)
+    for buffer in inner.buffers():
+        dist.broadcast(buffer, src=0)
     return inner
 
 
