@@ -85,12 +85,13 @@ def kiln_run(x, y, epochs, batch, tmp, **overrides):
         db_path=tmp / "kiln.db",
         artifacts_dir=tmp / "art",
     )
-    results = trainer.train((x, y))
-    return trainer.trained_model, [h["epoch_duration_seconds"] for h in results["history"]], results
+    return trainer.train((x, y))
 
 
-def steady(times: list[float]) -> float:
-    return statistics.median(times[1:] if len(times) > 1 else times)
+def _reported_wall(*cmd: str) -> float:
+    """Run a script that prints ``WALL <seconds>`` (timed after its own imports)."""
+    out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, check=True).stdout
+    return float(out.split("WALL")[1])
 
 
 # ---------------------------------------------------------------------- rows
@@ -287,20 +288,8 @@ def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
         # The floor: both ways of starting two ranks, with nothing to train.
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = DEFAULT_REPORT_POLL_S
         f_walls.append(_timed_main(noop, 2, 0))  # in this process, Ray up, like kiln's run
-        out = subprocess.run(
-            [sys.executable, str(noop_mp), str(29_400 + r)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        m_walls.append(float(out.split("WALL")[1]))
-        out = subprocess.run(
-            [sys.executable, str(script), str(epochs), str(batch), str(29_500 + r)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        d_walls.append(float(out.split("WALL")[1]))
+        m_walls.append(_reported_wall(str(noop_mp), str(29_400 + r)))
+        d_walls.append(_reported_wall(str(script), str(epochs), str(batch), str(29_500 + r)))
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # Ray's defaults for the raw job
         os.environ.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
         start = time.perf_counter()

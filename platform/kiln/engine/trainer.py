@@ -415,10 +415,17 @@ def _as_list(hooks: Any) -> list[Any]:
     return [hooks]
 
 
+def _run_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+# A run folder is <slug>-<date>-<time>-<6 hex>; _runs_newest_first parses what this makes.
+_RUN_SUFFIX = r"-\d{8}-\d{6}-[0-9a-f]{6}"
+
+
 def _unique_run_name(base: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "run"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{slug}-{stamp}-{uuid.uuid4().hex[:6]}"
+    return f"{_run_slug(base)}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
@@ -426,9 +433,8 @@ def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
         return []
     runs = [p for p in storage.iterdir() if (p / "checkpoints").is_dir()]
     if run_name:
-        # <slug>-<date>-<time>-<hex> exactly, so "digits" does not pick up "digits-mlp-...".
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")
-        own = re.compile(re.escape(slug) + r"(-\d{8}-\d{6}-[0-9a-f]{6})?")
+        # The name's own folders only, so "digits" does not pick up "digits-mlp-...".
+        own = re.compile(re.escape(_run_slug(run_name)) + f"({_RUN_SUFFIX})?")
         runs = [p for p in runs if own.fullmatch(p.name)]
     return sorted(runs, key=lambda p: (p / "checkpoints").stat().st_mtime, reverse=True)
 
