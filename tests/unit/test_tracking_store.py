@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
+from kiln._store import Migration, Store, StoreError, check_sqlite_version, sqlite_version
 from kiln.tracking import ExperimentDB, ModelRegistry, experiments, registry
-from kiln.tracking._store import Migration, Store, StoreError, check_sqlite_version, sqlite_version
 
 
 def test_linked_sqlite_is_outside_the_wal_reset_bug_range():

@@ -49,10 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.home:
-        import os
+    from kiln.paths import RunPaths
 
-        os.environ["KILN_HOME"] = args.home
+    args.paths = RunPaths.resolve(args.home, db=args.db)  # the one place --home/--db are read
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -16,15 +16,11 @@ __all__ = ["register", "registry_paths"]
 
 
 def registry_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """``(db_path, artifacts_dir)`` from ``--db`` or ``$KILN_HOME`` (read here, at the edge)."""
-    from kiln.paths import default_artifacts_dir, default_db_path, kiln_home
+    """``(db_path, artifacts_dir)``: the registry's database and the artifacts beside it."""
+    from kiln.cli.runs import run_paths
 
-    given = getattr(args, "db", None)
-    if given:
-        db = Path(given).expanduser()
-        return db, db.parent / "artifacts"
-    home = kiln_home()
-    return default_db_path(home), default_artifacts_dir(home)
+    paths = run_paths(args)
+    return paths.db, paths.artifacts
 
 
 def cmd_export(args: argparse.Namespace) -> int:

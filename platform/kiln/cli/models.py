@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.cli.runs import db_path, handles_errors, print_table
@@ -30,16 +29,11 @@ __all__ = ["register"]
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from kiln.paths import default_artifacts_dir, kiln_home
+    from kiln.cli.runs import run_paths
     from kiln.tracking.registry import ModelRegistry
 
-    if getattr(args, "artifacts", None):
-        artifacts = Path(args.artifacts)
-    elif getattr(args, "db", None):
-        artifacts = Path(args.db).expanduser().parent / "artifacts"
-    else:
-        artifacts = default_artifacts_dir(kiln_home())
-    return ModelRegistry(db_path(args), artifacts)
+    paths = run_paths(args).with_overrides(artifacts=getattr(args, "artifacts", None))
+    return ModelRegistry(paths.db, paths.artifacts)
 
 
 def _pinned(ref: str) -> tuple[str, str]:

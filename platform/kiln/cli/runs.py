@@ -25,15 +25,25 @@ from kiln.errors import KilnError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["db_path", "print_table", "register"]
+    from kiln.paths import RunPaths
+
+__all__ = ["db_path", "print_table", "register", "run_paths"]
+
+
+def run_paths(args: argparse.Namespace) -> RunPaths:
+    """The locations ``kiln`` resolved once from ``--home`` / ``--db`` (see :mod:`kiln.paths`)."""
+    from kiln.paths import RunPaths
+
+    paths = getattr(args, "paths", None)
+    if paths is None:
+        paths = RunPaths.resolve(getattr(args, "home", None), db=getattr(args, "db", None))
+        args.paths = paths
+    return paths
 
 
 def db_path(args: argparse.Namespace) -> Path:
-    """``--db`` when given, else ``kiln_home()/kiln.db`` (reads ``$KILN_HOME``)."""
-    from kiln.paths import default_db_path, kiln_home
-
-    given = getattr(args, "db", None)
-    return Path(given).expanduser() if given else default_db_path(kiln_home())
+    """The SQLite file: ``--db`` when given, else ``<home>/kiln.db``."""
+    return run_paths(args).db
 
 
 def handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

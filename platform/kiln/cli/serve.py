@@ -34,10 +34,10 @@ def _resolver(args: argparse.Namespace):
         bundle = load_bundle(args.source, verify=True)
         key = bundle.artifact_sha256["onnx"] if "onnx" in bundle.formats else ""
         return lambda: (bundle.path, key)
-    from kiln.paths import kiln_home
+    from kiln.cli.runs import run_paths
 
     db, artifacts = registry_paths(args)
-    cache = Path(args.cache_dir) if args.cache_dir else kiln_home() / "bundles"
+    cache = Path(args.cache_dir) if args.cache_dir else run_paths(args).bundles
 
     def resolve() -> tuple[Path, str]:
         bundle_dir, entry = export_registered(args.source, db, artifacts, cache, "onnx")

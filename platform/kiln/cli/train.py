@@ -79,6 +79,7 @@ def load_run_file(
 
 
 def run(args: argparse.Namespace) -> int:
+    from kiln.cli.runs import run_paths
     from kiln.engine.trainer import Trainer
 
     config, task = load_run_file(args.config, args.overrides, args.workers)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'})",
         flush=True,
     )
-    trainer = Trainer(training_config=config, task_spec=task, hooks=hooks, db_path=args.db)
+    trainer = Trainer(training_config=config, task_spec=task, hooks=hooks, paths=run_paths(args))
     results = trainer.train(resume_from=args.resume)
     print_summary(results)
     return 0

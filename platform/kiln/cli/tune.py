@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Any
 
+from kiln.cli.runs import run_paths
 from kiln.cli.train import load_run_file
 
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             None,
             space,
             resume=args.resume,
-            db_path=args.db,
+            paths=run_paths(args),
             callbacks=[table],
             **settings,
         )

@@ -31,6 +31,7 @@ from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, plan_data
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
 from kiln.errors import CheckpointError, ConfigError, ModelConfigError
+from kiln.paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class Trainer:
         report_checkpoints: in-process (num_workers=0) inside a Ray Tune trial, checkpoint
             every epoch and hand each checkpoint to Tune with that epoch's report, so a
             scheduler such as PBT can restart trials from it; ignored elsewhere.
+        paths: every location at once (:class:`kiln.paths.RunPaths`), as an entry point
+            resolved them; ``storage_path``, ``db_path``, ``artifacts_dir`` and
+            ``data_dir`` override single ones. Artifacts sit next to the database.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Trainer:
         data_dir: str | os.PathLike[str] | None = None,
         ray_callbacks: Sequence[Any] = (),
         report_checkpoints: bool = False,
+        paths: RunPaths | None = None,
     ) -> None:
         cfg = training_config or TrainingConfig()
         if config is not None:
@@ -98,7 +103,13 @@ class Trainer:
         self.task_spec = task_spec
         self.hooks = _as_list(hooks)
         self.device = device
-        self._paths = _Paths(storage_path, db_path, artifacts_dir, data_dir, cfg)
+        overrides = dict(
+            runs=storage_path,
+            db=db_path or cfg.tracking_db,
+            artifacts=artifacts_dir,
+            datasets=data_dir,
+        )
+        self.paths = (paths or RunPaths.resolve()).with_overrides(**overrides)
         self.ray_callbacks = list(ray_callbacks)
         self.report_checkpoints = bool(report_checkpoints)
         self.trained_model: nn.Module | None = None
@@ -109,7 +120,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
         cfg = self.training_config
-        plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self._paths.data_dir)
+        plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self.paths.datasets)
         if "val" not in (
             plan.datasets or plan.arrays or plan.loaders or {}
         ) and cfg.monitor.startswith("val_"):
@@ -118,7 +129,7 @@ class Trainer:
             cfg = cfg.replace(monitor=fallback)
         factory, model_config = self._model_factory(plan)
         run_name = _unique_run_name(cfg.run_name or plan.task.name)
-        run_dir = self._paths.storage / run_name
+        run_dir = self._storage() / run_name
         checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
         resume = self._resolve_resume(resume_from)
         self._check_epochs_left(resume)
@@ -144,11 +155,11 @@ class Trainer:
                 "run_name": run_name,
             },
         )
-        tracker = _tracker(cfg, self._paths)
+        tracker = _tracker(cfg, self.paths)
         run_id = tracker.start(run_name, cfg, plan, resume) if tracker else None
         started = time.perf_counter()
         try:
-            result = _fit(worker_plan, plan, cfg, run_name, self._paths.storage, self.ray_callbacks)
+            result = _fit(worker_plan, plan, cfg, run_name, self._storage(), self.ray_callbacks)
         except BaseException as exc:
             if tracker:
                 tracker.finish(
@@ -196,23 +207,33 @@ class Trainer:
             )
         return _SpecFactory(spec, plan.input_shape, plan.task.output_dim), spec
 
+    def _storage(self) -> Path:
+        self.paths.runs.mkdir(parents=True, exist_ok=True)
+        return self.paths.runs
+
     def _resolve_resume(self, resume_from: str | None) -> str | None:
         if resume_from is None:
             return None
-        if resume_from in ("latest", "best"):
-            runs = _runs_newest_first(self._paths.storage, self.training_config.run_name)
-            for run in runs:
-                try:
-                    return str(resolve_checkpoint(resume_from, run / "checkpoints"))
-                except CheckpointError:
-                    continue
-            named = self.training_config.run_name
-            which = f"no run named {named!r}" if named else "no run"
-            raise CheckpointError(
-                f"resume_from={resume_from!r}, but {which} under {str(self._paths.storage)!r} "
-                "has a checkpoint; pass a checkpoint directory instead"
-            )
-        return str(resolve_checkpoint(resume_from, None))
+        if resume_from not in ("latest", "best"):
+            return str(resolve_checkpoint(resume_from, None))
+        cfg = self.training_config
+        if cfg.checkpoint_dir:  # the config writes there, so "latest" looks there
+            where = Path(cfg.checkpoint_dir)
+            candidates = [where]
+        else:
+            where = self._storage()
+            candidates = [run / "checkpoints" for run in _runs_newest_first(where, cfg.run_name)]
+        for folder in candidates:
+            try:
+                return str(resolve_checkpoint(resume_from, folder))
+            except CheckpointError:
+                continue
+        named = cfg.run_name
+        which = f"no run named {named!r}" if named else "no run"
+        raise CheckpointError(
+            f"resume_from={resume_from!r}, but {which} under {str(where)!r} "
+            "has a checkpoint; pass a checkpoint directory instead"
+        )
 
     def _check_epochs_left(self, resume: str | None) -> None:
         """A checkpoint already at ``epochs`` would train nothing and return no checkpoint."""
@@ -439,45 +460,7 @@ def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
     return sorted(runs, key=lambda p: (p / "checkpoints").stat().st_mtime, reverse=True)
 
 
-class _Paths:
-    """Resolves storage, database and data locations once (the entry point's job)."""
-
-    def __init__(self, storage_path, db_path, artifacts_dir, data_dir, cfg: TrainingConfig) -> None:
-        self._explicit = (storage_path, db_path or cfg.tracking_db, artifacts_dir, data_dir)
-
-    def _home(self) -> Path:
-        from kiln.paths import kiln_home
-
-        return kiln_home()
-
-    @property
-    def storage(self) -> Path:
-        from kiln.paths import default_runs_dir
-
-        path = Path(self._explicit[0]) if self._explicit[0] else default_runs_dir(self._home())
-        path.mkdir(parents=True, exist_ok=True)
-        return path.resolve()
-
-    @property
-    def db(self) -> Path:
-        from kiln.paths import default_db_path
-
-        return Path(self._explicit[1]) if self._explicit[1] else default_db_path(self._home())
-
-    @property
-    def artifacts(self) -> Path:
-        from kiln.paths import default_artifacts_dir
-
-        return Path(self._explicit[2]) if self._explicit[2] else default_artifacts_dir(self._home())
-
-    @property
-    def data_dir(self) -> Path | None:
-        from kiln.paths import default_datasets_dir
-
-        return Path(self._explicit[3]) if self._explicit[3] else default_datasets_dir(self._home())
-
-
-def _tracker(cfg: TrainingConfig, paths: _Paths):
+def _tracker(cfg: TrainingConfig, paths: RunPaths):
     if not cfg.tracking and not cfg.register_as:
         return None
     from kiln.engine._tracking import RunTracker

@@ -6,11 +6,11 @@
 - :func:`model_drift`: new data against the training data of a registered model.
 
 All stores share one SQLite file (``kiln_home()/kiln.db``) opened through
-``kiln.tracking._store`` (apsw, WAL, busy timeout, ``BEGIN IMMEDIATE``, migrations).
+``kiln._store`` (apsw, WAL, busy timeout, ``BEGIN IMMEDIATE``, migrations).
 """
 
+from kiln._store import StoreError, check_sqlite_version
 from kiln.tracking._artifacts import ArtifactPathError
-from kiln.tracking._store import StoreError, check_sqlite_version
 from kiln.tracking.drift import DriftMetrics, compare_profiles, compute_profile, js_divergence
 from kiln.tracking.experiments import ExperimentDB, RunStatus, collect_environment
 from kiln.tracking.metrics import AlertConfig, MetricsEngine, confidence_metrics

@@ -32,8 +32,8 @@ from typing import Any
 import apsw
 import pandas as pd
 
+from kiln._store import Migration, Store
 from kiln.errors import RunNotFoundError
-from kiln.tracking._store import Migration, Store
 
 __all__ = ["ExperimentDB", "RunStatus", "collect_environment", "MIGRATIONS"]
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import pandas as pd
 
+from kiln._store import Migration, Store
 from kiln.errors import KilnError, ModelNotFoundError
 from kiln.tracking._artifacts import ArtifactPathError, ArtifactStore
-from kiln.tracking._store import Migration, Store
 
 __all__ = [
     "MIGRATIONS",

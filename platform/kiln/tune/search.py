@@ -56,6 +56,7 @@ import pandas as pd
 
 from kiln.config import TaskSpec, TrainingConfig
 from kiln.errors import ConfigError
+from kiln.paths import RunPaths
 from kiln.tune import schedulers as _sched
 from kiln.tune import spaces
 
@@ -236,6 +237,7 @@ def search(
     seed: int | None = None,
     artifacts_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    paths: RunPaths | None = None,
 ) -> SearchResult:
     """Search hyperparameters with Ray Tune; every trial is one kiln Trainer run.
 
@@ -268,10 +270,15 @@ def search(
         callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
         verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
         seed: seeds the sampling of the space (same seed, same trials).
+        paths: every location at once, as an entry point resolved them; ``storage_path``,
+            ``db_path``, ``artifacts_dir`` and ``data_dir`` override single ones.
     """
     base = (training_config or TrainingConfig()).validate()
     space = _load_space(search_space)
-    plan = _plan(train_data, val_data, task_spec, base, data_dir)
+    home = (paths or RunPaths.resolve()).with_overrides(
+        tune=storage_path, db=db_path or base.tracking_db, artifacts=artifacts_dir, datasets=data_dir
+    )
+    plan = _plan(train_data, val_data, task_spec, base, home.datasets)
     errors = _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model)
     if _sched.is_pbt(scheduler):
         errors += _sched.check_pbt(
@@ -292,15 +299,15 @@ def search(
     ensure_ray()
     _check_resources(space, base, resources_per_trial)
 
-    home = _Home(storage_path, db_path, artifacts_dir, data_dir)
-    search_id, experiment = _experiment(home.storage, name, resume)
+    home.tune.mkdir(parents=True, exist_ok=True)
+    search_id, experiment = _experiment(home.tune, name, resume)
     setup = TrialSetup(
         base=base,
         task=plan.task,
         trials_dir=str(experiment / TRIALS_DIR),
         metric=metric,
         mode=mode,
-        data_dir=str(home.data_dir) if home.data_dir else None,
+        data_dir=str(home.datasets),
         hooks=list(hooks),
         report_checkpoints=_sched.is_pbt(scheduler),
     )
@@ -342,7 +349,7 @@ def search(
             ),
             run_config=tune.RunConfig(
                 name=search_id,
-                storage_path=str(home.storage),
+                storage_path=str(home.tune),
                 stop=_sched.create_stopper(plateau, metric, mode),
                 callbacks=[*callbacks, progress],
                 verbose=verbose,
@@ -445,25 +452,6 @@ def _default_concurrency(space, base) -> int | None:
         default=0,
     )
     return max(1, int(cpus // need)) if need else None
-
-
-# ---------------------------------------------------------------------- paths
-class _Home:
-    """Storage, database and artifact locations, resolved once (defaults under KILN_HOME)."""
-
-    def __init__(self, storage_path, db_path, artifacts_dir, data_dir) -> None:
-        from kiln import paths
-
-        home = (
-            paths.kiln_home() if None in (storage_path, db_path, artifacts_dir, data_dir) else None
-        )
-        self.storage = Path(storage_path or home / "tune").resolve()  # type: ignore[operator]
-        self.storage.mkdir(parents=True, exist_ok=True)
-        self.db = Path(db_path) if db_path else paths.default_db_path(home)  # type: ignore[arg-type]
-        self.artifacts = (
-            Path(artifacts_dir) if artifacts_dir else paths.default_artifacts_dir(home)  # type: ignore[arg-type]
-        )
-        self.data_dir = Path(data_dir) if data_dir else paths.default_datasets_dir(home)  # type: ignore[arg-type]
 
 
 def _experiment(storage: Path, name: str | None, resume: bool) -> tuple[str, Path]:
