@@ -188,10 +188,10 @@ def test_wait_surfaces_background_error(tmp_path, monkeypatch):
     model = _model()
     mgr.save_checkpoint(0, {"val_loss": 1.0}, model)
 
-    def boom(obj, path):
+    def boom(path, write):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod, "_save_synced", boom)
+    monkeypatch.setattr(ckpt_mod, "write_synced", boom)
     mgr.save_checkpoint(1, {"val_loss": 0.5}, model, blocking=False)
     with pytest.raises(OSError, match="disk full"):
         mgr.wait()
@@ -266,10 +266,10 @@ def test_crash_before_manifest_adopts_complete_checkpoint(tmp_path, monkeypatch)
     mgr = CheckpointManager(tmp_path, keep_last_n=1, keep_best_k=0)
     mgr.save_checkpoint(0, {"val_loss": 1.0}, _model())
 
-    def no_manifest(obj, path):
+    def no_manifest(path, obj):
         raise OSError("crash before manifest")
 
-    monkeypatch.setattr(ckpt_mod, "_write_json_atomic", no_manifest)
+    monkeypatch.setattr(ckpt_mod, "write_json_atomic", no_manifest)
     with pytest.raises(OSError):
         mgr.save_checkpoint(1, {"val_loss": 0.5}, _model())
     monkeypatch.undo()

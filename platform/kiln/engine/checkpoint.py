@@ -1,4 +1,4 @@
-"""Crash-ordered checkpoints on local disk, with best-k / last-n retention.
+"""Writing checkpoints: crash-ordered saves on local disk, with best-k / last-n retention.
 
 Layout of ``checkpoint_dir``::
 
@@ -19,35 +19,63 @@ loadable and nothing half-written visible:
 Retention keeps the union of the ``keep_last_n`` most recent saves, the
 ``keep_best_k`` best by ``monitor`` (``mode``), and always the latest. A leftover
 ``*.tmp-*`` / ``*.del-*`` directory is never loaded and is removed when a manager
-next opens the directory. Every ``torch.load`` here uses ``weights_only=True``.
+next opens the directory. Loading lives in :mod:`kiln.engine.checkpoint_reader`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from kiln._fs import (
+    DEL_MARK,
+    OLD_MARK,
+    TMP_MARK,
+    publish_dir,
+    remove_dir,
+    write_atomic,
+    write_json_atomic,
+    write_json_synced,
+    write_synced,
+)
+from kiln.engine.checkpoint_reader import (
+    MANIFEST_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    CheckpointMetadata,
+    CheckpointState,
+    _metadata_object,
+    _metric,
+    _rank,
+    _read_index,
+    load_checkpoint_state,
+    read_metadata,
+    resolve_checkpoint,
+    strip_prefixes,
+    unwrap_model,
+)
 from kiln.engine.seed import get_rng_state, set_rng_state
 from kiln.errors import CheckpointError, ConfigError
 
+# The reader's names are re-exported: ``from kiln.engine.checkpoint import ...`` keeps working.
 __all__ = [
     "CheckpointMetadata",
     "CheckpointManager",
     "CheckpointState",
     "load_checkpoint_state",
+    "read_metadata",
     "resolve_checkpoint",
     "unwrap_model",
     "MANIFEST_FILE",
@@ -58,125 +86,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.pt"
-TRAIN_STATE_FILE = "train_state.pt"
-METADATA_FILE = "metadata.json"
 _FORMAT = "kiln.checkpoint/1"
 _MANIFEST_FORMAT = "kiln.checkpoints/1"
-_TMP, _DEL, _OLD = ".tmp-", ".del-", ".old-"
 _MB = float(2**20)
-_KEYWORDS = ("latest", "best")
-
-
-@dataclass
-class CheckpointMetadata:
-    """What is known about one saved checkpoint.
-
-    ``user`` is the ``metadata`` given to ``save_checkpoint``; it is stored in the
-    checkpoint's ``metadata.json`` only, so ``CheckpointManager.checkpoints``
-    leaves it empty and ``load_checkpoint`` fills it.
-    """
-
-    path: str
-    epoch: int
-    metrics: dict[str, float]
-    is_best: bool
-    timestamp: str
-    model_size_mb: float
-    optimizer_state_size_mb: float
-    step: int = 0
-    user: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ----------------------------------------------------------------------------- filesystem
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_synced(obj: Any, path: Path) -> int:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return path.stat().st_size
-
-
-def _write_json_synced(obj: Any, path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}{_TMP}{uuid.uuid4().hex}")
-    try:
-        _write_json_synced(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename aside (atomic) then delete, so a crash never leaves a half-deleted checkpoint."""
-    if not path.exists():
-        return
-    aside = path.with_name(f"{path.name}{_DEL}{uuid.uuid4().hex}")
-    os.replace(path, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _is_partial(name: str) -> bool:
-    return any(marker in name for marker in (_TMP, _DEL, _OLD))
-
-
-def _listing(path: Path, limit: int = 10) -> str:
-    if not path.is_dir():
-        return "nothing (it is not a directory)" if path.exists() else "nothing (it does not exist)"
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    if not names:
-        return "nothing (empty directory)"
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 # ----------------------------------------------------------------------------- state dicts
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP/DataParallel ``.module`` and ``torch.compile``'s ``_orig_mod``."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif isinstance(inner := getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = inner
-        else:
-            return model
-
-
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -214,24 +129,11 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def _metric(metrics: Mapping[str, float], monitor: str) -> float | None:
-    value = metrics.get(monitor)
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a < b if mode == "min" else a > b)
 
 
 # ----------------------------------------------------------------------------- index
-
-
-def _rank(entries: list[dict[str, Any]], monitor: str, mode: str) -> list[dict[str, Any]]:
-    """Entries with a finite monitored metric, best first (ties: earlier save first)."""
-    scored = [(e, _metric(e["metrics"], monitor)) for e in entries]
-    ranked = [(i, e, v) for i, (e, v) in enumerate(scored) if v is not None]
-    ranked.sort(key=lambda t: (t[2] if mode == "min" else -t[2], t[0]))
-    return [e for _, e, _ in ranked]
 
 
 def _select_retained(
@@ -244,190 +146,6 @@ def _select_retained(
         keep.add(names[-1])
     keep.update(e["name"] for e in _rank(entries, monitor, mode)[:keep_best_k])
     return keep
-
-
-def _read_metadata(ckpt: Path) -> dict[str, Any]:
-    try:
-        with open(ckpt / METADATA_FILE, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{ckpt} is not a complete kiln checkpoint: {METADATA_FILE} is missing; it "
-            f"contains: {_listing(ckpt)}"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {ckpt / METADATA_FILE}: {exc}") from exc
-
-
-def _entry_from_metadata(name: str, meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "epoch": int(meta.get("epoch", 0)),
-        "step": int(meta.get("step", 0)),
-        "metrics": dict(meta.get("metrics", {})),
-        "timestamp": str(meta.get("timestamp", "")),
-        "model_size_mb": float(meta.get("model_size_mb", 0.0)),
-        "optimizer_state_size_mb": float(meta.get("optimizer_state_size_mb", 0.0)),
-    }
-
-
-@dataclass
-class _Index:
-    entries: list[dict[str, Any]]  # retained, in save order (last = latest)
-    history: list[dict[str, Any]]  # every save, in order
-    monitor: str | None
-    mode: str | None
-
-
-def _read_index(root: Path) -> _Index:
-    """The manifest, reconciled with the directories that really exist.
-
-    Manifest entries whose directory is gone are dropped; complete checkpoint
-    directories missing from the manifest (a crash between rename and manifest
-    write) are appended in timestamp order.
-    """
-    manifest: dict[str, Any] = {}
-    if (root / MANIFEST_FILE).is_file():
-        try:
-            manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            logger.warning("ignoring unreadable %s: %s", root / MANIFEST_FILE, exc)
-    complete = {
-        p.name
-        for p in (root.iterdir() if root.is_dir() else [])
-        if p.is_dir() and not _is_partial(p.name) and (p / METADATA_FILE).is_file()
-    }
-    entries = [e for e in manifest.get("checkpoints", []) if e.get("name") in complete]
-    known = {e["name"] for e in entries}
-    orphans = []
-    monitor, mode = manifest.get("monitor"), manifest.get("mode")
-    for name in sorted(complete - known):
-        try:
-            meta = json.loads((root / name / METADATA_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            logger.warning("ignoring checkpoint %s with unreadable metadata: %s", root / name, exc)
-            continue
-        orphans.append(_entry_from_metadata(name, meta))
-        monitor = monitor or meta.get("monitor")
-        mode = mode or meta.get("mode")
-    orphans.sort(key=lambda e: (e["timestamp"], e["epoch"], e["step"]))
-    history = list(manifest.get("history", []))
-    recorded = {(h.get("name"), h.get("timestamp")) for h in history}
-    history += [e for e in orphans if (e["name"], e["timestamp"]) not in recorded]
-    return _Index(entries + orphans, history, monitor, mode)
-
-
-def _checkpoint_root(directory: Path) -> Path:
-    """``directory`` itself, or its ``checkpoints/`` subdirectory (a run directory)."""
-    has_own = (directory / MANIFEST_FILE).is_file() or any(
-        p.is_dir() and (p / METADATA_FILE).is_file() for p in directory.iterdir()
-    )
-    if not has_own and (directory / "checkpoints").is_dir():
-        return directory / "checkpoints"
-    return directory
-
-
-def resolve_checkpoint(
-    path_or_keyword: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Resolve ``"latest"``, ``"best"``, a checkpoint dir, or a checkpoint/run dir to one checkpoint.
-
-    A directory holding checkpoints (or a run directory with ``checkpoints/``)
-    resolves to its latest checkpoint. Raises CheckpointError saying what exists.
-    """
-    text = os.fspath(path_or_keyword)
-    if text in _KEYWORDS:
-        if checkpoint_dir is None:
-            raise CheckpointError(
-                f"checkpoint {text!r} needs a checkpoint directory to look in; pass "
-                "checkpoint_dir or a path"
-            )
-        directory = Path(checkpoint_dir)
-        if not directory.is_dir():
-            raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
-        root = _checkpoint_root(directory)
-        index = _read_index(root)
-        if not index.entries:
-            raise CheckpointError(
-                f"no complete checkpoint in {str(root)!r} to resolve {text!r}; it contains: "
-                f"{_listing(root)}"
-            )
-        if text == "latest":
-            return root / index.entries[-1]["name"]
-        monitor, mode = index.monitor or "val_loss", index.mode or "min"
-        ranked = _rank(index.entries, monitor, mode)
-        if not ranked:
-            raise CheckpointError(
-                f"no checkpoint in {str(root)!r} has a finite {monitor!r} metric, so there is no "
-                f"'best'; use 'latest' ({index.entries[-1]['name']})"
-            )
-        return root / ranked[0]["name"]
-    path = Path(text)
-    if not path.exists() and checkpoint_dir is not None and (Path(checkpoint_dir) / text).exists():
-        path = Path(checkpoint_dir) / text
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {text!r} does not exist; {str(path.parent)!r} contains: "
-            f"{_listing(path.parent)}"
-        )
-    if _is_partial(path.name):
-        raise CheckpointError(f"{text!r} is an incomplete checkpoint (a save that did not finish)")
-    if (path / METADATA_FILE).is_file():
-        return path
-    if path.is_dir():
-        root = _checkpoint_root(path)
-        if _read_index(root).entries:
-            return resolve_checkpoint("latest", root)
-    raise CheckpointError(
-        f"{text!r} is not a kiln checkpoint (no {METADATA_FILE}); it contains: {_listing(path)}"
-    )
-
-
-def _torch_load(path: Path, map_location: Any) -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
-    except Exception as exc:  # unpickling errors have many types
-        raise CheckpointError(f"cannot load {str(path)!r} with weights_only=True: {exc}") from exc
-
-
-class CheckpointState(NamedTuple):
-    """What :func:`load_checkpoint_state` returns; unpacks as a 3-tuple."""
-
-    model_state: dict[str, Any]
-    train_state: dict[str, Any]
-    metadata: dict[str, Any]
-
-
-def load_checkpoint_state(
-    path: str | os.PathLike[str], map_location: Any = "cpu"
-) -> CheckpointState:
-    """Read ``(model_state, train_state, metadata)`` from a checkpoint directory.
-
-    ``path`` is anything :func:`resolve_checkpoint` accepts without a keyword.
-    ``train_state`` is ``{}`` when the checkpoint has none.
-    """
-    ckpt = resolve_checkpoint(path)
-    metadata = _read_metadata(ckpt)
-    model_state = _torch_load(ckpt / MODEL_FILE, map_location)
-    train_path = ckpt / TRAIN_STATE_FILE
-    train_state = _torch_load(train_path, map_location) if train_path.exists() else {}
-    return CheckpointState(model_state, train_state, metadata)
-
-
-def _metadata_object(ckpt: Path, meta: Mapping[str, Any]) -> CheckpointMetadata:
-    return CheckpointMetadata(
-        path=str(ckpt),
-        epoch=int(meta.get("epoch", 0)),
-        metrics=dict(meta.get("metrics", {})),
-        is_best=bool(meta.get("is_best", False)),
-        timestamp=str(meta.get("timestamp", "")),
-        model_size_mb=float(meta.get("model_size_mb", 0.0)),
-        optimizer_state_size_mb=float(meta.get("optimizer_state_size_mb", 0.0)),
-        step=int(meta.get("step", 0)),
-        user=dict(meta.get("user", {})),
-    )
 
 
 # ----------------------------------------------------------------------------- manager
@@ -525,13 +243,13 @@ class CheckpointManager:
     def _clean_leftovers(self) -> None:
         """Remove ``*.tmp-*``/``*.del-*`` leftovers; put back an ``*.old-*`` whose target is gone."""
         for p in self.checkpoint_dir.iterdir():
-            if _OLD in p.name:
-                target = self.checkpoint_dir / p.name.split(_OLD, 1)[0]
+            if OLD_MARK in p.name:
+                target = self.checkpoint_dir / p.name.split(OLD_MARK, 1)[0]
                 if target.exists():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     os.replace(p, target)
-            elif _TMP in p.name or _DEL in p.name:
+            elif TMP_MARK in p.name or DEL_MARK in p.name:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -694,16 +412,14 @@ class CheckpointManager:
 
         name = info["name"]
         final = self.checkpoint_dir / name
-        tag = uuid.uuid4().hex
-        tmp = self.checkpoint_dir / f"{name}{_TMP}{tag}"
+        tmp = self.checkpoint_dir / f"{name}{TMP_MARK}{uuid.uuid4().hex}"
         value = _metric(info["metrics"], self.monitor)
         with self._lock:
             is_best = value is not None and _better(value, self._best_seen(), self.mode)
-        aside: Path | None = None
         tmp.mkdir()
         try:
-            model_bytes = _save_synced(model_state, tmp / MODEL_FILE)
-            train_bytes = _save_synced(train_state, tmp / TRAIN_STATE_FILE)
+            model_bytes = write_synced(tmp / MODEL_FILE, lambda f: torch.save(model_state, f))
+            train_bytes = write_synced(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
             entry = dict(
                 info, model_size_mb=model_bytes / _MB, optimizer_state_size_mb=train_bytes / _MB
             )
@@ -721,17 +437,10 @@ class CheckpointManager:
             entry.pop(
                 "user"
             )  # user metadata lives in metadata.json only (keeps the manifest small)
-            _write_json_synced(meta, tmp / METADATA_FILE)
-            _fsync_dir(tmp)
-            if final.exists():
-                aside = self.checkpoint_dir / f"{name}{_OLD}{tag}"
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(self.checkpoint_dir)
+            write_json_synced(tmp / METADATA_FILE, meta)
+            publish_dir(tmp, final)  # an older save of this epoch is replaced, crash-ordered
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if aside is not None and not final.exists():
-                os.replace(aside, final)
             raise
         with self._lock:
             entries = [e for e in self._entries if e["name"] != name] + [entry]
@@ -744,10 +453,8 @@ class CheckpointManager:
                 {k: entry[k] for k in ("name", "epoch", "step", "metrics", "timestamp")}
             )
             self._write_manifest()
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
         for old in dropped:
-            _remove_dir(self.checkpoint_dir / old)
+            remove_dir(self.checkpoint_dir / old)
         if self.drive_backup:
             self._backup(name, dropped)
         return _metadata_object(final, meta)
@@ -763,7 +470,8 @@ class CheckpointManager:
             )
             for e in self._entries
         ]
-        _write_json_atomic(
+        write_json_atomic(
+            self.checkpoint_dir / MANIFEST_FILE,
             {
                 "format": _MANIFEST_FORMAT,
                 "monitor": self.monitor,
@@ -773,7 +481,6 @@ class CheckpointManager:
                 "checkpoints": checkpoints,
                 "history": self._history,
             },
-            self.checkpoint_dir / MANIFEST_FILE,
         )
 
     def _backup(self, name: str, dropped: list[str]) -> None:
@@ -781,14 +488,11 @@ class CheckpointManager:
         dest = self.drive_backup_path
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            tmp = dest / f"{name}{_TMP}{uuid.uuid4().hex}"
+            tmp = dest / f"{name}{TMP_MARK}{uuid.uuid4().hex}"
             shutil.copytree(self.checkpoint_dir / name, tmp)
-            if (dest / name).exists():
-                shutil.rmtree(dest / name)
-            os.replace(tmp, dest / name)
-            manifest_tmp = dest / f"{MANIFEST_FILE}{_TMP}{uuid.uuid4().hex}"
-            shutil.copy2(self.checkpoint_dir / MANIFEST_FILE, manifest_tmp)
-            os.replace(manifest_tmp, dest / MANIFEST_FILE)
+            publish_dir(tmp, dest / name)
+            manifest = (self.checkpoint_dir / MANIFEST_FILE).read_bytes()
+            write_atomic(dest / MANIFEST_FILE, lambda f: f.write(manifest))
             for old in dropped:
                 shutil.rmtree(dest / old, ignore_errors=True)
         except OSError as exc:
@@ -846,7 +550,7 @@ class CheckpointManager:
         ckpt = resolve_checkpoint(path, self.checkpoint_dir)
         model_state, train_state, meta = load_checkpoint_state(ckpt, map_location)
         if model is not None:
-            unwrap_model(model).load_state_dict(_strip_prefixes(model_state), strict=strict)
+            unwrap_model(model).load_state_dict(strip_prefixes(model_state), strict=strict)
         for label, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             if obj is None:
                 continue

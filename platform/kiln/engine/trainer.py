@@ -10,7 +10,6 @@ outcome to small objects that record the run and register the model. With
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from torch import nn
 
 from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TrainingConfig
-from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
+from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, plan_data
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
 from kiln.errors import CheckpointError, ConfigError, ModelConfigError
@@ -239,11 +238,9 @@ class Trainer:
         """A checkpoint already at ``epochs`` would train nothing and return no checkpoint."""
         if resume is None:
             return
-        from kiln.engine.checkpoint import METADATA_FILE
-
         try:
-            epoch = int(json.loads((Path(resume) / METADATA_FILE).read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
+            epoch = int(read_metadata(resume)["epoch"])
+        except (CheckpointError, ValueError, KeyError, TypeError):
             return  # loading it in the worker reports what is wrong with it
         epochs = self.training_config.epochs
         if epoch >= epochs:
@@ -257,7 +254,7 @@ class Trainer:
     ) -> nn.Module | None:
         if latest is None:
             return None
-        state = load_checkpoint_state(latest).model_state
+        state = load_model_state(latest)
         target = self.model if isinstance(self.model, nn.Module) else factory()
         target.load_state_dict(state)
         return target
@@ -270,7 +267,7 @@ def _export_best(
     from kiln.export import create_export_bundle
 
     model = factory()
-    model.load_state_dict(load_checkpoint_state(checkpoint).model_state)
+    model.load_state_dict(load_model_state(checkpoint))
     return create_export_bundle(
         model.eval(),
         model_config,

@@ -7,14 +7,14 @@ with its configs, a standalone ``inference.py`` and a hash-checked manifest.
 """
 
 from kiln.export.bundle import FP32_TOLERANCE, create_export_bundle
-from kiln.export.checkpoint import (
+from kiln.export.formats import DEFAULT_FORMATS, EXPORTERS, ExportError
+from kiln.export.from_checkpoint import (
     export_checkpoint,
     export_registered,
     is_model_ref,
     load_checkpoint_model,
     registered_checkpoint,
 )
-from kiln.export.formats import DEFAULT_FORMATS, EXPORTERS, ExportError
 from kiln.export.manifest import Bundle, load_bundle, public_metadata
 
 SUPPORTED_FORMATS = tuple(EXPORTERS)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import kiln
+from kiln._fs import publish_dir, write_json_synced, write_text_synced
 from kiln.export import _templates
 from kiln.export.formats import (
     DEFAULT_FORMATS,
@@ -159,8 +160,13 @@ def create_export_bundle(
             for p in sorted(tmp.rglob("*"))
             if p.is_file() and p.parent.name != "artifacts"
         }
-        _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, final, overwrite)
+        write_text_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        try:
+            publish_dir(tmp, final, replace=overwrite)
+        except FileExistsError:
+            raise ExportError(
+                f"output_dir: bundle {str(final)!r} appeared while exporting"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -338,57 +344,20 @@ def _write_side_files(
     import onnxruntime
 
     configs = tmp / "configs"
-    _write_json(configs / "task_spec.json", task)
-    _write_json(configs / "training_config.json", train_cfg)
-    _write_json(configs / "model_config.json", model_cfg)
-    _write_text(configs / "serve_config.yaml", _templates.serve_config_yaml(final.name, str(final)))
-    _write_text(tmp / "inference.py", _templates.INFERENCE_PY)
-    _write_text(
+    write_json_synced(configs / "task_spec.json", task, sort_keys=True)
+    write_json_synced(configs / "training_config.json", train_cfg, sort_keys=True)
+    write_json_synced(configs / "model_config.json", model_cfg, sort_keys=True)
+    write_text_synced(configs / "serve_config.yaml", _templates.serve_config_yaml(final.name, str(final)))
+    write_text_synced(tmp / "inference.py", _templates.INFERENCE_PY)
+    write_text_synced(
         tmp / "requirements.txt",
         _templates.requirements_txt(
             _base_version(onnxruntime.__version__), _base_version(numpy.__version__)
         ),
     )
-    _write_text(tmp / "Dockerfile", _templates.DOCKERFILE.format(name=final.name.lower()))
-    _write_text(tmp / "README.md", _templates.readme_md(manifest))
+    write_text_synced(tmp / "Dockerfile", _templates.DOCKERFILE.format(name=final.name.lower()))
+    write_text_synced(tmp / "README.md", _templates.readme_md(manifest))
 
 
 def _base_version(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
-    old = None
-    if final.exists():
-        if not overwrite:
-            raise ExportError(f"output_dir: bundle {str(final)!r} appeared while exporting")
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

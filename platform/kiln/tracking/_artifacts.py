@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from kiln._fs import TMP_MARK, fsync_dir
 from kiln.errors import CheckpointError, IntegrityError, KilnError
 
 __all__ = ["ArtifactPathError", "ArtifactStore", "sha256_of"]
@@ -85,7 +86,7 @@ class ArtifactStore:
         slot = self.root / sha
         if not slot.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+            tmp = self.root / f"{TMP_MARK}{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
                 if source.is_dir():
@@ -94,6 +95,7 @@ class ArtifactStore:
                     shutil.copy2(source, tmp / source.name)
                 _fsync_tree(tmp / source.name)
                 os.rename(tmp, slot)  # atomic; fails if another process got there first
+                fsync_dir(self.root)
             except OSError:
                 if not slot.exists():
                     raise

@@ -160,19 +160,15 @@ def run_trial(
         trainer.train(train_data, val_data)
         return
     with checkpoint.as_directory() as path:  # PBT's exploit, a pause, or a resumed search
-        meta = _checkpoint_metadata(path)
+        from kiln.engine.checkpoint_reader import read_metadata
+
+        meta = read_metadata(path)
         _note_restore(Path(setup.trials_dir) / trial_id, trial_id, meta)
         epoch = int(meta.get("epoch", 0))
         if epoch >= cfg.epochs:  # a donor's final checkpoint: nothing is left to train
             tune.report({**meta.get("metrics", {}), "epoch": epoch})
             return
         trainer.train(train_data, val_data, resume_from=str(path))
-
-
-def _checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from kiln.engine.checkpoint import METADATA_FILE
-
-    return json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
 
 
 def _note_restore(trial_dir: Path, trial_id: str, meta: Mapping[str, Any]) -> None:

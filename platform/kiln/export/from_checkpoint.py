@@ -1,15 +1,14 @@
 """Export from what training leaves behind: a checkpoint folder or a registry tag.
 
-A kiln checkpoint folder holds ``model.pt`` (a state dict, loaded with
-``weights_only=True``) and ``metadata.json`` with ``model_config``,
-``input_shape``, ``num_outputs``, ``task_spec`` and ``training_config``; the
-model is rebuilt with ``kiln.models.build_model``. ``NAME@TAG`` resolves through
+A kiln checkpoint folder holds ``model.pt`` (a state dict) and ``metadata.json``
+with ``model_config``,
+``input_shape``, ``num_outputs``, ``task_spec`` and ``training_config``, read
+through :mod:`kiln.engine.checkpoint_reader`; the model is rebuilt with ``kiln.models.build_model``. ``NAME@TAG`` resolves through
 ``kiln.tracking.ModelRegistry`` (imported lazily, only when a tag is used).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,13 @@ from typing import Any
 
 import torch
 
+from kiln.engine.checkpoint_reader import (
+    METADATA_FILE,
+    MODEL_FILE,
+    load_model_state,
+    read_metadata,
+    run_details,
+)
 from kiln.errors import CheckpointError
 from kiln.export.bundle import create_export_bundle
 from kiln.export.formats import DEFAULT_FORMATS, ExportError
@@ -49,14 +55,12 @@ def load_checkpoint_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[torch
         CheckpointError: missing files or metadata keys, or weights that do not fit.
     """
     root = Path(checkpoint_dir)
-    weights, meta_path = root / "model.pt", root / "metadata.json"
-    missing = [p.name for p in (weights, meta_path) if not p.is_file()]
-    if missing:
+    if not (root / MODEL_FILE).is_file():
         raise CheckpointError(
-            f"checkpoint {str(root)!r} lacks {missing}; a kiln checkpoint has model.pt and metadata.json"
+            f"checkpoint {str(root)!r} lacks {MODEL_FILE}; a kiln checkpoint has "
+            f"{MODEL_FILE} and {METADATA_FILE}"
         )
-    meta = json.loads(meta_path.read_text())
-    meta = {**meta, **meta.get("user", {})}  # CheckpointManager keeps run details under "user"
+    meta = run_details(read_metadata(root))  # the run's details are kept under "user"
     if "model_config" in meta and meta["model_config"] is None:
         raise CheckpointError(
             f"checkpoint {str(root)!r} was trained from a user-defined nn.Module, so kiln cannot "
@@ -75,9 +79,7 @@ def load_checkpoint_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[torch
         input_shape=tuple(meta["input_shape"]),
         num_outputs=meta["num_outputs"],
     )
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = load_model_state(root)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -137,7 +139,7 @@ def export_registered(
         ``(bundle_dir, registry_entry)``; a cached bundle that still verifies is reused.
     """
     checkpoint, entry = registered_checkpoint(ref, db_path, artifacts_dir)
-    digest = getattr(entry, "sha256", None) or sha256_file(checkpoint / "model.pt")
+    digest = getattr(entry, "sha256", None) or sha256_file(checkpoint / MODEL_FILE)
     fmt_key = "-".join(sorted(formats.split(",") if isinstance(formats, str) else formats))
     name = f"{_safe(entry.name)}-{_safe(str(entry.version))}-{digest[:16]}-{fmt_key}"
     cached = Path(cache_dir) / name
