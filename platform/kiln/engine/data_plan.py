@@ -9,6 +9,7 @@ Ray Data (``get_dataset_shard``); torch datasets and loaders go through
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import torch
 
 from kiln.config import TaskSpec, TrainingConfig
 from kiln.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+PROFILE_SAMPLE_ROWS = 2048
 
 
 @dataclass
@@ -33,6 +38,9 @@ class DataPlan:
     loaders: dict[str, Any] | None = None  # kind "torch": DataLoader per split
     cache_shards: bool = True
     dataset_id: str | None = None
+    # Up to PROFILE_SAMPLE_ROWS training inputs, taken while planning when the run is
+    # recorded: the reference of the run's data profile (drift checks).
+    profile_sample: np.ndarray | None = None
 
 
 def plan_data(
@@ -65,12 +73,59 @@ def plan_data(
         val_data = kdata.get_dataset(str(val_data), data_dir=_dir_for(data_dir, str(val_data)))
 
     if isinstance(train_data, kdata.KilnDataset):
-        return _plan_kiln(train_data, val_data, task, config, dataset_id)
-    if _is_ray_dataset(train_data):
-        return _plan_ray(train_data, val_data, task, config)
-    if isinstance(train_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
-        return _plan_torch(train_data, val_data, task, config)
-    raise DatasetError(
+        plan = _plan_kiln(train_data, val_data, task, config, dataset_id)
+    elif _is_ray_dataset(train_data):
+        plan = _plan_ray(train_data, val_data, task, config)
+    elif isinstance(train_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        plan = _plan_torch(train_data, val_data, task, config)
+    else:
+        raise _unsupported(train_data)
+    if config.tracking or config.register_as:
+        plan.profile_sample = _profile_sample(plan)
+    return plan
+
+
+def data_profile(plan: DataPlan, model: torch.nn.Module | None = None) -> dict[str, Any] | None:
+    """Histograms of the planned training inputs (and ``model``'s predictions on them).
+
+    A plain dict for the run record; None when the run's data was not sampled. A
+    profile is a convenience: a failure is logged, never raised.
+    """
+    x = plan.profile_sample
+    if x is None:
+        return None
+    try:
+        from kiln.tracking.drift import compute_profile
+
+        predictions = None
+        if model is not None and x.dtype.kind == "f":
+            model.eval()
+            with torch.no_grad():
+                logits = model(torch.as_tensor(x))
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            predictions = (
+                logits.argmax(-1).numpy() if plan.task.is_classification else logits.numpy()
+            )
+        return compute_profile(x, predictions=predictions)
+    except Exception:
+        logger.warning("could not compute the data profile", exc_info=True)
+        return None
+
+
+def _profile_sample(plan: DataPlan) -> np.ndarray | None:
+    try:
+        if plan.arrays:
+            return np.asarray(plan.arrays["train"][0][:PROFILE_SAMPLE_ROWS])
+        if plan.datasets:
+            batch = plan.datasets["train"].take_batch(PROFILE_SAMPLE_ROWS, batch_format="numpy")
+            return np.asarray(batch[plan.task.input_column])
+    except Exception:
+        logger.warning("could not sample the training data for its profile", exc_info=True)
+    return None
+
+
+def _unsupported(train_data: Any) -> DatasetError:
+    return DatasetError(
         f"train_data of type {type(train_data).__name__} is not supported; pass a dataset id, "
         "a local file path, a ray.data.Dataset, a torch Dataset or DataLoader, or an (X, y) pair"
     )

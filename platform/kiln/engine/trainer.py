@@ -27,7 +27,7 @@ from torch import nn
 from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TrainingConfig
 from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
-from kiln.engine.data_plan import DataPlan, plan_data
+from kiln.engine.data_plan import DataPlan, data_profile, plan_data
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
 from kiln.errors import CheckpointError, ConfigError, ModelConfigError
 from kiln.paths import RunPaths
@@ -154,16 +154,21 @@ class Trainer:
                 "run_name": run_name,
             },
         )
-        tracker = _tracker(cfg, self.paths)
-        run_id = tracker.start(run_name, cfg, plan, resume) if tracker else None
+        from kiln.tracking.recorder import RunRecorder
+
+        recorder = RunRecorder(self.paths.db, self.paths.artifacts) if cfg.tracking else None
+        run_id = (
+            recorder.start(run_name, cfg.to_dict(), _run_params(cfg, plan, resume), notes=cfg.notes)
+            if recorder
+            else None
+        )
         started = time.perf_counter()
         try:
             result = _fit(worker_plan, plan, cfg, run_name, self._storage(), self.ray_callbacks)
         except BaseException as exc:
-            if tracker:
-                tracker.finish(
-                    run_id, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed", error=exc
-                )
+            if recorder:
+                stopped = isinstance(exc, KeyboardInterrupt)
+                recorder.finish(run_id, "stopped" if stopped else "failed", error=exc)
             raise
         summary = result.return_value or {}
         total_time = time.perf_counter() - started
@@ -173,9 +178,19 @@ class Trainer:
             results["bundle_path"] = str(
                 _export_best(factory, results["checkpoint_path"], model_config, plan, cfg, run_dir)
             )
-        if tracker:
+        if recorder or cfg.register_as:
             results["run_id"] = run_id
-            results["model_id"] = tracker.complete(run_id, results, cfg, plan, self.trained_model)
+        if recorder and run_id is not None:
+            recorder.complete(
+                run_id,
+                "stopped" if results["stopped_early"] else "completed",
+                results["history"],
+                results["checkpoints"],
+                profile=data_profile(plan, self.trained_model),
+            )
+        if recorder or cfg.register_as:
+            registered = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
+            results["model_id"] = registered
         self.results = results
         return results
 
@@ -457,9 +472,33 @@ def _runs_newest_first(storage: Path, run_name: str | None) -> list[Path]:
     return sorted(runs, key=lambda p: (p / "checkpoints").stat().st_mtime, reverse=True)
 
 
-def _tracker(cfg: TrainingConfig, paths: RunPaths):
-    if not cfg.tracking and not cfg.register_as:
-        return None
-    from kiln.engine._tracking import RunTracker
+def _run_params(cfg: TrainingConfig, plan: DataPlan, resume: str | None) -> dict[str, Any]:
+    from kiln.tracking import collect_environment
 
-    return RunTracker(paths.db, paths.artifacts, record=cfg.tracking)
+    return {
+        "random_seed": cfg.random_seed,
+        "dataset": plan.dataset_id,
+        "task": plan.task.to_dict(),
+        "num_workers": cfg.num_workers,
+        "resumed_from": resume,
+        **collect_environment(),
+    }
+
+
+def _register(
+    paths: RunPaths, cfg: TrainingConfig, plan: DataPlan, results: dict[str, Any], run_id
+) -> int | None:
+    """Register the run's best checkpoint as the next version of ``cfg.register_as``."""
+    from kiln.tracking.recorder import RunRecorder
+
+    if not results.get("checkpoint_path"):
+        return None
+    return RunRecorder(paths.db, paths.artifacts).register(
+        str(cfg.register_as),
+        results["checkpoint_path"],
+        config=cfg.to_dict(),
+        metrics=results["final_metrics"],
+        task_type=plan.task.task_type,
+        run_id=run_id,
+        description=f"run {results['run_name']}, best epoch {results['best_epoch']}",
+    )

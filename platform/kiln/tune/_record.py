@@ -16,6 +16,7 @@ import pandas as pd
 
 from kiln.config import TrainingConfig
 from kiln.errors import CheckpointError, ConfigError
+from kiln.tracking.recorder import RunRecorder
 
 # Tune's bookkeeping columns, not metrics of the run.
 _TUNE_COLUMNS = {
@@ -128,52 +129,41 @@ def trials_frame(trials: list[TrialRecord], keys: list[str], metric: str) -> pd.
     return pd.DataFrame(rows)
 
 
-def record_trials(db_path: Path, search_id: str, trials: list[TrialRecord], plan: Any) -> None:
+def record_trials(
+    recorder: RunRecorder, search_id: str, trials: list[TrialRecord], plan: Any
+) -> None:
     """One run per finished trial, grouped under ``search_id`` (already recorded ones kept)."""
-    from kiln.engine._tracking import data_profile, log_history
-    from kiln.tracking import ExperimentDB
+    from kiln.engine.data_plan import data_profile
 
     profile = data_profile(plan)  # the trials share their training data: profile it once
-    db = ExperimentDB(db_path)
-    try:
-        known = db.list_runs(group=search_id)
-        existing = dict(zip(known["run_name"], known["run_id"], strict=False))
-        for t in trials:
-            name = f"{search_id}/{t.trial_id}"
-            if name in existing:
-                t.run_id = int(existing[name])
-                continue
-            if t.status == "unfinished" or t.config is None:
-                continue
-            cfg = t.config
-            t.run_id = db.log_run(name, cfg.to_dict(), cfg.notes, group=search_id)
-            db.log_params(
-                t.run_id,
-                {
-                    "search_id": search_id,
-                    "trial_id": t.trial_id,
-                    "trial_params": t.params,
-                    "random_seed": cfg.random_seed,
-                    "dataset": plan.dataset_id,
-                    "task": plan.task.to_dict(),
-                    "num_workers": cfg.num_workers,
-                    "trial_seconds": t.seconds,
-                    "restored_from": list(t.restored_from),
-                },
-            )
-            log_history(db, t.run_id, t.history)
-            for path in {t.best_checkpoint, t.latest_checkpoint} - {None}:
-                db.log_artifact(t.run_id, "checkpoint", str(path))
-            if profile is not None:  # so `kiln models drift` works for a tuned model
-                db.set_profile(t.run_id, profile)
-            db.finish_run(t.run_id, t.status, error=t.error)
-    finally:
-        db.close()
+    existing = recorder.runs_in_group(search_id)
+    for t in trials:
+        name = f"{search_id}/{t.trial_id}"
+        if name in existing:
+            t.run_id = existing[name]
+            continue
+        if t.status == "unfinished" or t.config is None:
+            continue
+        cfg = t.config
+        params = {
+            "search_id": search_id,
+            "trial_id": t.trial_id,
+            "trial_params": t.params,
+            "random_seed": cfg.random_seed,
+            "dataset": plan.dataset_id,
+            "task": plan.task.to_dict(),
+            "num_workers": cfg.num_workers,
+            "trial_seconds": t.seconds,
+            "restored_from": list(t.restored_from),
+        }
+        t.run_id = recorder.start(name, cfg.to_dict(), params, notes=cfg.notes, group=search_id)
+        checkpoints = sorted({t.best_checkpoint, t.latest_checkpoint} - {None})
+        # the profile too, so `kiln models drift` works for a tuned model
+        recorder.complete(t.run_id, t.status, t.history, checkpoints, profile, error=t.error)
 
 
 def register_best(
-    db_path: Path,
-    artifacts_dir: Path,
+    recorder: RunRecorder,
     name: str,
     best: TrialRecord,
     config: TrainingConfig,
@@ -182,30 +172,22 @@ def register_best(
     metric: str,
 ) -> int:
     """Register the winner's best checkpoint; the search id goes into its description."""
-    from kiln.tracking import ModelRegistry
-
-    registry = ModelRegistry(db_path, artifacts_dir)
-    try:
-        metrics = {
-            k: float(v)
-            for k, v in best.best_row.items()
-            if k.startswith(("train_", "val_")) and _finite(v)
-        }
-        value = best.best_row.get(metric)
-        return registry.register_model(
-            name,
-            str(best.best_checkpoint),
-            config=config.to_dict(),
-            metrics=metrics,
-            task_type=plan.task.task_type,
-            training_run_id=best.run_id,
-            description=(
-                f"tune search {search_id}: best trial {best.trial_id} "
-                f"({metric}={value:.6g} at epoch {best.best_row.get('epoch')})"
-            ),
-        )
-    finally:
-        registry.close()
+    value = best.best_row.get(metric)
+    metrics = {
+        k: v for k, v in best.best_row.items() if k.startswith(("train_", "val_")) and _finite(v)
+    }
+    return recorder.register(
+        name,
+        str(best.best_checkpoint),
+        config=config.to_dict(),
+        metrics=metrics,
+        task_type=plan.task.task_type,
+        run_id=best.run_id,
+        description=(
+            f"tune search {search_id}: best trial {best.trial_id} "
+            f"({metric}={value:.6g} at epoch {best.best_row.get('epoch')})"
+        ),
+    )
 
 
 def _trial_config(base: TrainingConfig, params: dict[str, Any]) -> TrainingConfig:

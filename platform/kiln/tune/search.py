@@ -495,11 +495,13 @@ class _Samples:
 def _summarize(
     results, setup, space, search_id, home, register_as, plan, total: int | None
 ) -> SearchResult:
+    from kiln.tracking.recorder import RunRecorder
     from kiln.tune import _record
 
     trials = _record.collect_trials(results, setup, space)
+    recorder = RunRecorder(home.db, home.artifacts)
     if setup.base.tracking:
-        _record.record_trials(home.db, search_id, trials, plan)
+        _record.record_trials(recorder, search_id, trials, plan)
     frame = _record.trials_frame(trials, spaces.searched_keys(space), setup.metric)
     interrupted = any(t.status == "unfinished" for t in trials) or (
         total is not None and len(trials) < total
@@ -515,7 +517,7 @@ def _summarize(
     model_id = None
     if register_as and best.best_checkpoint:
         model_id = _record.register_best(
-            home.db, home.artifacts, register_as, best, best_config, search_id, plan, setup.metric
+            recorder, register_as, best, best_config, search_id, plan, setup.metric
         )
     return SearchResult(
         best_config=best_config,
