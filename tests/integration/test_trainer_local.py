@@ -523,3 +523,81 @@ def test_gradient_health_counts_criticals_from_exploding_gradients(tmp_path):
         max_grad_norm=None,
     ).train("iris")
     assert results["history"][-1]["grad_criticals"] > 0
+
+
+def test_alerts_are_raised_per_epoch_printed_and_recorded(tmp_path, capsys):
+    """SGD at lr 1e3 without clipping: gradients explode and the loss goes non-finite."""
+    from kiln.tracking import ExperimentDB
+
+    results = _trainer(
+        tmp_path,
+        epochs=2,
+        learning_rate=1e3,
+        optimizer="sgd",
+        momentum=0.0,
+        max_grad_norm=None,
+        tracking=True,
+    ).train("iris")
+    kinds = {a["type"] for a in results["alerts"]}
+    assert kinds & {"non_finite_loss", "gradient_norm"}, results["alerts"]
+    assert all(a["epoch"] in (1, 2) for a in results["alerts"])
+    assert "alert (" in capsys.readouterr().out
+    db = ExperimentDB(tmp_path / "kiln.db")
+    try:
+        params = db.get_run(results["run_id"])["params"]
+    finally:
+        db.close()
+    assert [a["type"] for a in params["alerts"]] == [a["type"] for a in results["alerts"]]
+
+
+def test_accuracy_alerts_agree_with_the_history(tmp_path):
+    """Every epoch whose val accuracy fell > 5 % below its best so far has an alert, no other."""
+    results = _trainer(tmp_path, epochs=6, learning_rate=5e-2).train("iris")
+    best, expected = None, []
+    for row in results["history"]:
+        acc = row["val_accuracy"]
+        if best is not None and (best - acc) / best > 0.05:
+            expected.append(row["epoch"])
+        best = acc if best is None else max(best, acc)
+    got = [a["epoch"] for a in results["alerts"] if a["type"] == "accuracy_drop"]
+    assert got == expected
+
+
+class _FakeWandbRun:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def log(self, metrics, step):
+        self.calls.append(("log", step, metrics))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_wandb_project_logs_every_epoch_once_from_the_driver(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    calls: list = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or _FakeWandbRun(calls)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    results = _trainer(tmp_path, epochs=3, wandb_project="kiln-tests").train("iris")
+    assert [c[0] for c in calls] == ["init", "log", "log", "log", "finish"]
+    assert calls[0][1]["project"] == "kiln-tests"
+    assert calls[0][1]["name"] == results["run_name"]
+    assert [c[1] for c in calls[1:4]] == [1, 2, 3]
+    assert calls[3][2]["val_loss"] == pytest.approx(results["history"][-1]["val_loss"])
+
+
+def test_wandb_project_without_wandb_fails_before_training(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="wandb_project='p' needs the `wandb` package"):
+        TrainingConfig(wandb_project="p").validate()

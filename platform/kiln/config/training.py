@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import re
@@ -105,7 +106,12 @@ class TrainingConfig:
         "trials report every epoch.",
     )
     export_formats: list[str] = _f(list, "logging", "Export a bundle in these formats at the end.")
-    wandb_project: str | None = _f(None, "logging", "Accepted for seed compatibility; unused.")
+    wandb_project: str | None = _f(
+        None,
+        "logging",
+        "Also log the run's per-epoch metrics to this Weights & Biases project, from the "
+        "driver once the run ends (needs `pip install wandb`).",
+    )
     # Data
     dataset: str | None = _f(None, "data", "Dataset id or local parquet/csv/jsonl path.")
     data_backend: str = _f(
@@ -257,100 +263,47 @@ def _unknown_field_message(key: str, names: set[str]) -> str:
     return f"{key!r} is not a TrainingConfig field.{hint} Known fields: {', '.join(sorted(names))}"
 
 
-_INT_FIELDS = (
-    "random_seed",
-    "batch_size",
-    "epochs",
-    "gradient_accumulation_steps",
-    "num_workers",
-    "save_every_n_epochs",
-    "keep_best_k",
-    "keep_last_n",
-    "max_failures",
-    "log_every_n_steps",
-    "gradient_check_interval",
-)
-_OPT_INT_FIELDS = (
-    "early_stopping_patience",
-    "vocab_size",
-    "max_seq_len",
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "d_ff",
-)
-_FLOAT_FIELDS = (
-    "learning_rate",
-    "warmup_ratio",
-    "validation_split",
-    "early_stopping_min_delta",
-    "weight_decay",
-    "momentum",
-)
-_BOOL_FIELDS = ("deterministic", "use_gpu", "use_amp", "tracking")
-_OPT_STR_FIELDS = (
-    "loss",
-    "checkpoint_dir",
-    "run_name",
-    "tracking_db",
-    "register_as",
-    "wandb_project",
-    "dataset",
-    "model_name",
-    "compile_mode",
-)
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each annotated type accepts, and how an error says so. The checks are derived
+# from the dataclass annotations, so a new field is checked without another list.
+_TYPE_CHECKS: dict[str, tuple[Any, str]] = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a mapping"),
+    "list[str]": (
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+}
+
+
+def _field_check(annotation: str) -> tuple[Any, str]:
+    """``(accepts(value), "what is allowed")`` for a field's annotation (a string here)."""
+    base, optional = annotation, annotation.endswith(" | None")
+    if optional:
+        base = annotation[: -len(" | None")]
+    accepts, allowed = _TYPE_CHECKS[base]
+    if optional:
+        return (lambda v: v is None or accepts(v)), f"{allowed} or null"
+    return accepts, allowed
 
 
 def _type_errors(c: TrainingConfig) -> list[str]:
     errors = []
-    for name in _INT_FIELDS:
-        v = getattr(c, name)
-        if not _is_int(v):
-            errors.append(f"{name}={v!r} must be an integer")
-    for name in _OPT_INT_FIELDS:
-        v = getattr(c, name)
-        if v is not None and not _is_int(v):
-            errors.append(f"{name}={v!r} must be an integer or null")
-    for name in _FLOAT_FIELDS:
-        v = getattr(c, name)
-        if not _is_number(v) or not math.isfinite(v):
-            errors.append(f"{name}={v!r} must be a finite number")
-    for name in ("max_grad_norm", "cpus_per_worker", "report_interval_s"):
-        v = getattr(c, name)
-        if v is not None and (not _is_number(v) or not math.isfinite(v)):
-            errors.append(f"{name}={v!r} must be a finite number or null")
-    for name in _BOOL_FIELDS:
-        v = getattr(c, name)
-        if not isinstance(v, bool):
-            errors.append(f"{name}={v!r} must be true or false")
-    for name in _OPT_STR_FIELDS:
-        v = getattr(c, name)
-        if v is not None and not isinstance(v, str):
-            errors.append(f"{name}={v!r} must be a string or null")
-    for name in (
-        "optimizer",
-        "lr_scheduler",
-        "amp_dtype",
-        "monitor",
-        "mode",
-        "notes",
-        "data_backend",
-    ):
-        v = getattr(c, name)
-        if not isinstance(v, str):
-            errors.append(f"{name}={v!r} must be a string")
-    if not isinstance(c.model, dict):
-        errors.append(f"model={c.model!r} must be a mapping of architecture parameters")
-    if not isinstance(c.export_formats, (list, tuple)):
-        errors.append(f"export_formats={c.export_formats!r} must be a list of format names")
+    for f in dataclasses.fields(c):
+        accepts, allowed = _field_check(str(f.type))
+        value = getattr(c, f.name)
+        if not accepts(value):
+            errors.append(f"{f.name}={value!r} must be {allowed}")
     return errors
 
 
@@ -434,11 +387,16 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         f"export_formats={list(c.export_formats)!r} has unknown formats {bad_formats!r}; "
         f"allowed: {', '.join(EXPORT_FORMATS)}",
     )
-    for name in _OPT_INT_FIELDS[1:]:
-        v = getattr(c, name)
-        need(v is None or v >= 1, f"{name}={v!r} must be >= 1")
-    if c.use_gpu and c.use_amp and c.amp_dtype == "bf16":
-        pass  # bf16 autocast is valid on CUDA too
+    for f in dataclasses.fields(c):  # the architecture's sizes
+        if f.metadata["group"] == "model" and str(f.type) == "int | None":
+            v = getattr(c, f.name)
+            need(v is None or v >= 1, f"{f.name}={v!r} must be >= 1")
+    if c.wandb_project:
+        need(
+            importlib.util.find_spec("wandb") is not None,
+            f"wandb_project={c.wandb_project!r} needs the `wandb` package, which is not "
+            "installed; `pip install wandb` or set wandb_project to null",
+        )
     if not c.use_gpu and c.use_amp and c.amp_dtype == "fp16":
         errors.append("amp_dtype='fp16' needs use_gpu=true; on CPU use 'bf16' or 'auto'")
     return errors

@@ -188,6 +188,10 @@ class Trainer:
                 results["checkpoints"],
                 profile=data_profile(plan, self.trained_model),
             )
+        if cfg.wandb_project:
+            from kiln.tracking.wandb_log import log_run_to_wandb
+
+            log_run_to_wandb(cfg.wandb_project, run_name, cfg.to_dict(), results["history"])
         if recorder or cfg.register_as:
             registered = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = registered
@@ -387,7 +391,7 @@ def _results(
         if scored
         else (history[-1] if history else {})
     )
-    final = {k: v for k, v in (history[-1] if history else {}).items() if k != "steps"}
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("steps", "alerts")}
     return {
         "best_epoch": best.get("epoch"),
         "best_val_loss": best.get("val_loss", best.get("train_loss")),
@@ -400,6 +404,7 @@ def _results(
         "checkpoints": summary.get("checkpoints", []),
         "world_size": summary.get("world_size", max(1, cfg.num_workers)),
         "stopped_early": summary.get("stopped_early", False),
+        "alerts": [a for row in history for a in row.get("alerts", [])],
         "resumed_from": summary.get("resumed_from"),
         "run_name": run_name,
         "run_dir": str(run_dir),

@@ -57,6 +57,7 @@ from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
+from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
 
 @dataclass
@@ -149,6 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else None
     )
 
+    alerts = AlertMonitor(AlertConfig())  # loss spikes, accuracy drops, exploding gradients
     to_tune = plan.report_checkpoints and _in_tune()
     reporter = _ReportPacer(cfg.report_interval_s, distributed)
     history: list[dict[str, Any]] = []
@@ -203,6 +205,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if train.step_log:
             metrics["steps"] = train.step_log
         hooks.epoch_end(epoch, metrics)
+        raised = alerts.observe_row(metrics)  # metrics are all-reduced: ranks agree
+        if raised:
+            metrics["alerts"] = raised
+            if rank == 0:
+                for alert in raised:
+                    print(f"alert ({alert['type']}): {alert['message']}", flush=True)
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
         last = stop or epoch == cfg.epochs
@@ -538,7 +546,8 @@ def _gradient_health(monitor: GradientMonitor, checks_before: int) -> dict[str, 
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k != "steps"}
+    """The epoch's numbers for checkpoints and Ray reports (step logs and alerts stay out)."""
+    return {k: v for k, v in metrics.items() if k not in ("steps", "alerts")}
 
 
 class _ReportPacer:

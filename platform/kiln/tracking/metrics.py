@@ -105,6 +105,25 @@ class AlertMonitor:
         self.alerts.extend(new)
         return new
 
+    def observe_row(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Record one epoch given as a flat history row (``train_loss``, ``val_accuracy``,
+        ``grad_norm``, ...); return the alerts it raised."""
+
+        def split(prefix: str) -> dict[str, float]:
+            return {
+                k[len(prefix) :]: float(v)
+                for k, v in row.items()
+                if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+
+        grad = row.get("grad_max_norm", row.get("grad_norm"))
+        return self.observe(
+            int(row.get("epoch", 0)),
+            split("train_"),
+            split("val_"),
+            float(grad) if isinstance(grad, (int, float)) else None,
+        )
+
     def _held(self, key: str, condition: bool) -> bool:
         """True once ``condition`` has held ``patience_epochs`` times in a row (then resets)."""
         self._streak[key] = self._streak.get(key, 0) + 1 if condition else 0

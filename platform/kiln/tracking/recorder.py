@@ -76,10 +76,17 @@ class RunRecorder:
         profile: Mapping[str, Any] | None = None,
         error: BaseException | str | None = None,
     ) -> None:
-        """Write the run's per-epoch metrics, checkpoints and data profile, then its status."""
+        """Write the run's per-epoch metrics, checkpoints, alerts and data profile, then its status.
+
+        Alerts raised during training (``alerts`` in history rows) are kept as the run's
+        ``alerts`` parameter, so ``kiln runs show`` lists them.
+        """
         db = ExperimentDB(self.db_path)
         try:
             log_history(db, run_id, history)
+            alerts = [a for row in history for a in row.get("alerts", [])]
+            if alerts:
+                db.log_params(run_id, {"alerts": alerts})
             for path in checkpoints:
                 db.log_artifact(run_id, "checkpoint", str(path))
             if profile is not None:  # the reference for `kiln models drift`
