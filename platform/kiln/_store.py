@@ -28,7 +28,7 @@ from typing import Any
 
 import apsw
 
-from kiln.errors import KilnError
+from kiln.errors import StoreError
 
 __all__ = [
     "MIN_SQLITE_VERSION",
@@ -42,10 +42,6 @@ __all__ = [
 #: First SQLite release outside the WAL-reset bug (3.7.0 - 3.51.2).
 MIN_SQLITE_VERSION = (3, 51, 3)
 DEFAULT_BUSY_TIMEOUT_S = 30.0
-
-
-class StoreError(KilnError):
-    """A store file that cannot be opened, migrated or used."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,12 @@ __all__ = [
     "RunNotFoundError",
     "ModelNotFoundError",
     "IntegrityError",
-    "TrainingFailedError",
+    "StoreError",
+    "RegistryError",
+    "ArtifactPathError",
+    "ExportError",
+    "GradientExplosionError",
+    "DriftError",
 ]
 
 
@@ -75,8 +80,28 @@ class IntegrityError(KilnError):
     """Stored bytes whose sha256 does not match the recorded one."""
 
 
-class TrainingFailedError(KilnError):
-    """A training run that ended with an error inside the training loop."""
+class StoreError(KilnError):
+    """A store file that cannot be opened, migrated or used."""
+
+
+class RegistryError(KilnError, ValueError):
+    """A registry request that is not allowed (bad name or version, retired model...)."""
+
+
+class ArtifactPathError(KilnError, ValueError):
+    """A path that should lie inside the artifact store but does not."""
+
+
+class ExportError(KilnError):
+    """A model that could not be exported, or whose export does not match PyTorch."""
+
+
+class GradientExplosionError(KilnError):
+    """A gradient norm above the critical threshold (or NaN/inf) with ``raise_on_critical``."""
+
+
+class DriftError(KilnError, ValueError):
+    """Data or profiles that cannot be compared for drift (other features, bins, shapes)."""
 
 
 class NotFoundError(KilnError, KeyError):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, GradientExplosionError
 
 __all__ = [
     "AccumulationStats",
@@ -40,10 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ParamsLike = torch.nn.Module | Iterable[torch.nn.Parameter]
-
-
-class GradientExplosionError(KilnError):
-    """A gradient norm above the critical threshold (or NaN/inf) with ``raise_on_critical``."""
 
 
 def _grads(params: ParamsLike) -> list[torch.Tensor]:
@@ -102,7 +98,7 @@ class GradientAccumulator:
         ):
             errors.append(f"max_gradient_norm must be > 0 or None; got {max_gradient_norm!r}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
         self.accumulation_steps = accumulation_steps
         self.max_gradient_norm = None if max_gradient_norm is None else float(max_gradient_norm)
         self.clip_by_global_norm = bool(clip_by_global_norm)
@@ -321,7 +317,7 @@ class GradientMonitor:
                 f"({self.norm_threshold_warning!r}); got {self.norm_threshold_critical!r}"
             )
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
 
     def check_step(self, model: ParamsLike) -> GradientHealth | None:
         """Check on calls 0, N, 2N, ... (N = ``check_interval``); None on the others."""

@@ -57,6 +57,7 @@ from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
+from kiln.errors import ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
 
@@ -94,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     model = plan.model_factory()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelConfigError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
     # Resume: an explicit checkpoint, else this run's own latest (a restart after a failure).
     resume = plan.resume_from
     if resume is None and rank == 0:

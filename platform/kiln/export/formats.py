@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import ExportError
 
 __all__ = [
     "ExportError",
@@ -34,10 +34,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 DEFAULT_OPSET = 17
 DEFAULT_FORMATS = ("onnx", "pytorch")
-
-
-class ExportError(KilnError):
-    """A model that could not be exported, or whose export does not match PyTorch."""
 
 
 @dataclass(frozen=True)

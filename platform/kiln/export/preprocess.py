@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import ConfigError
+
 __all__ = ["stats_array", "normalisation_from", "softmax"]
 
 
@@ -32,7 +34,7 @@ def stats_array(values: Any, row_shape: Sequence[int]) -> np.ndarray:
         return arr
     if arr.ndim == 1 and n > 1 and arr.shape[0] == row_shape[0]:
         return arr.reshape((-1,) + (1,) * (n - 1))
-    raise ValueError(
+    raise ConfigError(
         f"normalisation stats of shape {list(arr.shape)} do not fit rows of shape "
         f"{list(row_shape)}; give a scalar, one value per channel, or the row's trailing shape"
     )

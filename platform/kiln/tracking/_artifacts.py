@@ -16,15 +16,11 @@ import uuid
 from pathlib import Path
 
 from kiln._fs import TMP_MARK, fsync_dir
-from kiln.errors import CheckpointError, IntegrityError, KilnError
+from kiln.errors import ArtifactPathError, CheckpointError, IntegrityError
 
 __all__ = ["ArtifactPathError", "ArtifactStore", "sha256_of"]
 
 _CHUNK = 1 << 20
-
-
-class ArtifactPathError(KilnError, ValueError):
-    """A path that should lie inside the artifact store but does not."""
 
 
 def _file_sha256(path: Path) -> str:

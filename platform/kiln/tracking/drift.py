@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kiln.errors import DriftError
+
 __all__ = [
     "DriftMetrics",
     "compare_profiles",
@@ -60,7 +62,7 @@ def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarr
     pa = np.asarray(p, dtype=np.float64)
     qa = np.asarray(q, dtype=np.float64)
     if pa.shape != qa.shape:
-        raise ValueError(f"histograms differ in length: {pa.shape[0]} vs {qa.shape[0]} bins")
+        raise DriftError(f"histograms differ in length: {pa.shape[0]} vs {qa.shape[0]} bins")
     ps, qs = pa.sum(), qa.sum()
     if ps <= 0 or qs <= 0:
         return 0.0 if ps <= 0 and qs <= 0 else 1.0
@@ -92,7 +94,7 @@ def _feature_matrix(
 ) -> tuple[np.ndarray, str]:
     arr = _as_numpy(x).astype(np.float64, copy=False)
     if arr.ndim == 0:
-        raise ValueError("x must have a sample axis; got a scalar")
+        raise DriftError("x must have a sample axis; got a scalar")
     arr = arr.reshape(arr.shape[0], -1)
     if reduction is None:
         reduction = "chunk_mean" if arr.shape[1] > max_features else "none"
@@ -144,7 +146,7 @@ def compute_profile(
 ) -> dict[str, Any]:
     """Profile reference data ``x`` [N, ...] (and optional predictions) as JSON-able dict."""
     if bins < 1 or max_features < 1:
-        raise ValueError(f"bins={bins!r} and max_features={max_features!r} must be >= 1")
+        raise DriftError(f"bins={bins!r} and max_features={max_features!r} must be >= 1")
     matrix, reduction = _feature_matrix(x, max_features)
     names = _names(feature_names, matrix.shape[1], reduction)
     features = {}
@@ -171,7 +173,7 @@ def _names(feature_names: Sequence[str] | None, n: int, reduction: str) -> list[
         prefix = "chunk_" if reduction != "none" else "feature_"
         return [f"{prefix}{j}" for j in range(n)]
     if len(feature_names) != n:
-        raise ValueError(f"feature_names has {len(feature_names)} names for {n} features")
+        raise DriftError(f"feature_names has {len(feature_names)} names for {n} features")
     return [str(n) for n in feature_names]
 
 
@@ -180,7 +182,7 @@ def profile_like(reference: Mapping[str, Any], x: Any, predictions: Any = None) 
     matrix, _ = _feature_matrix(x, int(reference["max_features"]), reference["reduction"])
     names = _column_order(reference)
     if matrix.shape[1] != len(names):
-        raise ValueError(
+        raise DriftError(
             f"current data has {matrix.shape[1]} features after reduction, the reference "
             f"profile has {len(names)}; profile data of the same shape"
         )
@@ -224,10 +226,10 @@ def compare_profiles(
         current = profile_like(reference, current, current_predictions)
     missing = sorted(set(reference["features"]) ^ set(current["features"]))
     if missing:
-        raise ValueError(f"profiles describe different features; not in both: {missing}")
+        raise DriftError(f"profiles describe different features; not in both: {missing}")
     for name, feat in reference["features"].items():
         if not np.allclose(feat["edges"], current["features"][name]["edges"]):
-            raise ValueError(
+            raise DriftError(
                 f"feature {name!r} of the current profile uses other bin edges than the "
                 f"reference; build it with profile_like(reference, x) or pass raw data"
             )

@@ -33,7 +33,7 @@ import apsw
 import pandas as pd
 
 from kiln._store import Migration, Store
-from kiln.errors import RunNotFoundError
+from kiln.errors import ConfigError, RunNotFoundError
 
 __all__ = ["ExperimentDB", "RunStatus", "collect_environment", "MIGRATIONS"]
 
@@ -112,7 +112,7 @@ class RunStatus(str, enum.Enum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(s.value for s in cls)
-            raise ValueError(
+            raise ConfigError(
                 f"status={value!r} is not a run status; use one of: {allowed}"
             ) from None
 
@@ -413,7 +413,7 @@ class ExperimentDB:
         """The run holding the best value of ``metric``: run_name, run_id, best_value,
         epoch, step."""
         if mode not in ("min", "max"):
-            raise ValueError(f"mode={mode!r} is not allowed; use 'min' or 'max'")
+            raise ConfigError(f"mode={mode!r} is not allowed; use 'min' or 'max'")
         order = "ASC" if mode == "min" else "DESC"
         sql = (
             "SELECT m.run_id, r.run_name, m.value, m.epoch, m.step FROM metrics m "
@@ -453,7 +453,7 @@ class ExperimentDB:
             agg: Which value per metric: ``last`` (default), ``min``, ``max`` or ``mean``.
         """
         if agg not in ("last", "min", "max", "mean"):
-            raise ValueError(f"agg={agg!r} is not allowed; use 'last', 'min', 'max' or 'mean'")
+            raise ConfigError(f"agg={agg!r} is not allowed; use 'last', 'min', 'max' or 'mean'")
         ids = [self.resolve_run_id(r) for r in run_ids]
         wanted = list(metrics) if metrics is not None else None
         rows = []

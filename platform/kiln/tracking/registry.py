@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from kiln._store import Migration, Store
-from kiln.errors import KilnError, ModelNotFoundError
+from kiln.errors import ModelNotFoundError, RegistryError
 from kiln.tracking._artifacts import ArtifactPathError, ArtifactStore
 
 __all__ = [
@@ -109,10 +109,6 @@ _COLUMNS = (
     "status, sha256, description, config"
 )
 _FORMAT_SUFFIXES = {".onnx": "onnx", ".pt": "pytorch", ".pth": "pytorch", ".safetensors": "pytorch"}
-
-
-class RegistryError(KilnError, ValueError):
-    """A registry request that is not allowed (bad name or version, retired model...)."""
 
 
 class ModelStatus(str, enum.Enum):
