@@ -49,6 +49,7 @@ from kiln._fs import (
     write_json_synced,
     write_synced,
 )
+from kiln.config.modes import MetricMode
 from kiln.engine.checkpoint_reader import (
     MANIFEST_FILE,
     METADATA_FILE,
@@ -130,7 +131,7 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _better(a: float, b: float | None, mode: str) -> bool:
-    return b is None or (a < b if mode == "min" else a > b)
+    return MetricMode(mode).better(a, b)
 
 
 # ----------------------------------------------------------------------------- index
@@ -188,7 +189,7 @@ class CheckpointManager:
             )
         if not isinstance(monitor, str) or not monitor:
             errors.append(f"monitor must be a metric name; got {monitor!r}")
-        if mode not in ("min", "max"):
+        if mode not in tuple(MetricMode):
             errors.append(f"mode must be 'min' or 'max'; got {mode!r}")
         if not isinstance(save_interval_epochs, int) or save_interval_epochs < 1:
             errors.append(f"save_interval_epochs must be an int >= 1; got {save_interval_epochs!r}")

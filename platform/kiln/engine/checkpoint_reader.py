@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kiln._fs import is_partial
+from kiln.config.modes import MetricMode
 from kiln.errors import CheckpointError
 
 __all__ = [
@@ -122,7 +123,8 @@ def _rank(entries: list[dict[str, Any]], monitor: str, mode: str) -> list[dict[s
     """Entries with a finite monitored metric, best first (ties: earlier save first)."""
     scored = [(e, _metric(e["metrics"], monitor)) for e in entries]
     ranked = [(i, e, v) for i, (e, v) in enumerate(scored) if v is not None]
-    ranked.sort(key=lambda t: (t[2] if mode == "min" else -t[2], t[0]))
+    sign = MetricMode(mode).sign
+    ranked.sort(key=lambda t: (sign * t[2], t[0]))
     return [e for _, e, _ in ranked]
 
 

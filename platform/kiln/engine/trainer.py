@@ -26,6 +26,7 @@ from torch import nn
 
 from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TrainingConfig
+from kiln.config.modes import MetricMode
 from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
@@ -384,13 +385,10 @@ def _results(
     total_time: float,
 ) -> dict[str, Any]:
     history = summary.get("history", [])
-    sign = 1 if cfg.mode == "min" else -1
     scored = [h for h in history if cfg.monitor in h]
-    best = (
-        min(scored, key=lambda h: sign * h[cfg.monitor])
-        if scored
-        else (history[-1] if history else {})
-    )
+    best = MetricMode(cfg.mode).best(scored, key=lambda h: h[cfg.monitor])
+    if best is None:
+        best = history[-1] if history else {}
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("steps", "alerts")}
     return {
         "best_epoch": best.get("epoch"),

@@ -33,6 +33,7 @@ import apsw
 import pandas as pd
 
 from kiln._store import Migration, Store
+from kiln.config.modes import MetricMode
 from kiln.errors import ConfigError, RunNotFoundError
 
 __all__ = ["ExperimentDB", "RunStatus", "collect_environment", "MIGRATIONS"]
@@ -412,9 +413,7 @@ class ExperimentDB:
     ) -> dict[str, Any]:
         """The run holding the best value of ``metric``: run_name, run_id, best_value,
         epoch, step."""
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode={mode!r} is not allowed; use 'min' or 'max'")
-        order = "ASC" if mode == "min" else "DESC"
+        order = MetricMode.parse(mode).sql_order
         sql = (
             "SELECT m.run_id, r.run_name, m.value, m.epoch, m.step FROM metrics m "
             "JOIN runs r ON r.run_id = m.run_id WHERE m.name = ? AND m.value IS NOT NULL"

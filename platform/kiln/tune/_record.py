@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from kiln.config import TrainingConfig
+from kiln.config.modes import MetricMode
 from kiln.errors import CheckpointError, ConfigError
 from kiln.tracking.recorder import RunRecorder
 
@@ -59,7 +60,6 @@ def collect_trials(results: Any, setup: Any, space: dict[str, Any]) -> list[Tria
     analysis = ExperimentAnalysis(str(results.experiment_path))
     frames = analysis.trial_dataframes
     errors = {str(r.path): r.error for r in results if r.error is not None}
-    sign = 1 if setup.mode == "min" else -1
     out = []
     for trial in analysis.trials:
         params = dict(trial.config)
@@ -70,7 +70,7 @@ def collect_trials(results: Any, setup: Any, space: dict[str, Any]) -> list[Tria
         df = frames.get(trial.trial_id)
         history = _history(df)
         scored = [r for r in history if _finite(r.get(setup.metric))]
-        best = min(scored, key=lambda r: sign * r[setup.metric]) if scored else {}
+        best = MetricMode(setup.mode).best(scored, key=lambda r: r[setup.metric]) or {}
         trial_dir = Path(setup.trials_dir) / trial.trial_id
         ckpt_dir = trial_dir / "checkpoints"
         record = TrialRecord(
@@ -100,10 +100,7 @@ def collect_trials(results: Any, setup: Any, space: dict[str, Any]) -> list[Tria
 
 def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
     scored = [t for t in trials if _finite(t.best_row.get(metric))]
-    if not scored:
-        return None
-    sign = 1 if mode == "min" else -1
-    return min(scored, key=lambda t: sign * t.best_row[metric])
+    return MetricMode(mode).best(scored, key=lambda t: t.best_row[metric])
 
 
 def trials_frame(trials: list[TrialRecord], keys: list[str], metric: str) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import PRESETS, TrainingConfig, get_preset, read_mapping
+from kiln.config.modes import MetricMode
 from kiln.config.training import field_names
 from kiln.errors import ConfigError
 
@@ -312,7 +313,7 @@ def check_metric(metric: str, mode: str, task_type: str, has_val: bool) -> list[
             f"metric={metric!r} is not reported by any trial of this {task_type} task{why}; "
             f"trials report: {', '.join(allowed)}"
         )
-    if mode not in ("min", "max"):
+    if mode not in tuple(MetricMode):
         errors.append(f"mode={mode!r} must be 'min' or 'max'")
     return errors
 
