@@ -126,7 +126,7 @@ def test_a_grid_counts_towards_the_population(tmp_path):
 # ---------------------------------------------------------------------- restores file
 def test_restores_are_noted_for_other_trials_only(tmp_path):
     from kiln.tune._record import _restores
-    from kiln.tune.search import _note_restore
+    from kiln.tune.trial import _note_restore
 
     def meta(owner, epoch):
         return {"epoch": epoch, "user": {"training_config": {"run_name": owner}}}

@@ -19,7 +19,7 @@ from kiln.tune.periodic import (
     PeriodicOptimizer,
 )
 from kiln.tune.schedulers import SCHEDULERS, create_scheduler, create_stopper
-from kiln.tune.search import SearchResult, search
+from kiln.tune.search import SearchConfig, SearchResult, search
 from kiln.tune.spaces import check_space, load_search_file, parse_space, trial_config
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "OptimizationStep",
     "PeriodicOptimizationCallback",
     "PeriodicOptimizer",
+    "SearchConfig",
     "SearchResult",
     "TrainingResult",
     "check_space",

@@ -240,7 +240,7 @@ def _params_at(params: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
 
 def _restores(trial_dir: Path) -> list[str]:
     """Trials whose checkpoints this trial took over (PBT), from the trial's restores file."""
-    from kiln.tune.search import RESTORES_FILE
+    from kiln.tune.trial import RESTORES_FILE
 
     path = trial_dir / RESTORES_FILE
     if not path.is_file():

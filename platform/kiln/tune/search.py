@@ -41,14 +41,15 @@ used other values: PBT finds a schedule, not one config).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,15 @@ from kiln.errors import ConfigError
 from kiln.paths import RunPaths
 from kiln.tune import schedulers as _sched
 from kiln.tune import spaces
+from kiln.tune.trial import (
+    TRIALS_DIR,
+    TrialResources,
+    TrialSetup,
+    run_trial,
+    trial_resources,
+)
 
 logger = logging.getLogger(__name__)
-
-TRIALS_DIR = "kiln_trials"
-#: Per trial, one JSON line per restart from another trial's checkpoint (PBT exploits).
-RESTORES_FILE = "restores.jsonl"
 
 
 @dataclass
@@ -95,112 +99,66 @@ class SearchResult:
     interrupted: bool = False
 
 
-@dataclass
-class TrialSetup:
-    """The picklable part every trial shares (the data travels separately, via ray.put)."""
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs: how many trials, how they are ranked, stopped and kept.
 
-    base: TrainingConfig
-    task: TaskSpec
-    trials_dir: str
-    metric: str
-    mode: str
-    data_dir: str | None = None
-    hooks: list[Any] = field(default_factory=list)
-    report_checkpoints: bool = False  # PBT: trials hand Tune every epoch's checkpoint
+    Attributes:
+        num_samples: samples drawn from the space (each grid point is repeated this often).
+        scheduler: "asha", "median", "fifo", "pbt" (or a Tune TrialScheduler). "pbt"
+            needs in-process trials (num_workers=0), at least 2 trials and a searched
+            hyperparameter it can mutate (see :mod:`kiln.tune.schedulers`).
+        metric, mode: what ranks trials; must be a metric every trial reports.
+        max_concurrent_trials: at most this many trials at once (default: what fits).
+        resources_per_trial: e.g. ``{"cpu": 2}``; default from the trial's config.
+        time_budget_s: stop the whole search after this many seconds.
+        register_as: register the best trial's best checkpoint under this name.
+        resume: continue the interrupted search ``name`` (or the newest one) instead of
+            starting over.
+        name: the search id (default: generated).
+        plateau: True or TrialPlateauStopper options: stop trials whose metric plateaus.
+        grace_period, reduction_factor: ASHA/median settings (in epochs).
+        perturbation_interval: PBT's epochs between exploit/explore steps (default: a
+            quarter of the most epochs a trial runs).
+        verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
+        seed: seeds the sampling of the space (same seed, same trials).
+    """
 
-    def config_for(self, params: Mapping[str, Any], trial_id: str) -> TrainingConfig:
-        """The trial's config: sampled params on the base, plus kiln's per-trial settings."""
-        cfg = spaces.trial_config(self.base, params)
-        ranked = self.metric.startswith(("train_", "val_"))
-        return cfg.replace(
-            tracking=False,
-            register_as=None,
-            export_formats=[],
-            run_name=trial_id,
-            checkpoint_dir=str(Path(self.trials_dir) / trial_id / "checkpoints"),
-            monitor=self.metric if ranked else cfg.monitor,
-            mode=self.mode if ranked else cfg.mode,
-        )
+    num_samples: int = 1
+    scheduler: Any = "asha"
+    metric: str = "val_loss"
+    mode: str = "min"
+    max_concurrent_trials: int | None = None
+    resources_per_trial: Mapping[str, float] | None = None
+    time_budget_s: float | None = None
+    register_as: str | None = None
+    resume: bool = False
+    name: str | None = None
+    plateau: Any = None
+    grace_period: int = 1
+    reduction_factor: float = 2
+    perturbation_interval: int | None = None
+    verbose: int = 0
+    seed: int | None = None
 
-
-def run_trial(
-    params: dict[str, Any],
-    *,
-    setup: TrialSetup,
-    train_data: Any = None,
-    val_data: Any = None,
-    model: Any = None,
-) -> None:
-    """Tune function trainable: one kiln Trainer run with this trial's config."""
-    from ray import tune
-
-    from kiln.engine.trainer import Trainer
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = setup.config_for(params, trial_id)
-    callbacks = []
-    if cfg.num_workers > 0:  # Ray Train workers report through Train; forward to Tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks = [TuneReportCallback()]
-        if cfg.report_interval_s is None:  # schedulers decide on every epoch's report
-            cfg = cfg.replace(report_interval_s=0.0)
-    trainer = Trainer(
-        model=model,
-        training_config=cfg,
-        task_spec=setup.task,
-        hooks=list(setup.hooks),
-        storage_path=Path(setup.trials_dir) / trial_id,
-        data_dir=setup.data_dir,
-        ray_callbacks=callbacks,
-        report_checkpoints=setup.report_checkpoints,
-    )
-    checkpoint = tune.get_checkpoint() if setup.report_checkpoints else None
-    if checkpoint is None:  # without one the Trainer resumes from this trial's own latest
-        trainer.train(train_data, val_data)
-        return
-    with checkpoint.as_directory() as path:  # PBT's exploit, a pause, or a resumed search
-        from kiln.engine.checkpoint_reader import read_metadata
-
-        meta = read_metadata(path)
-        _note_restore(Path(setup.trials_dir) / trial_id, trial_id, meta)
-        epoch = int(meta.get("epoch", 0))
-        if epoch >= cfg.epochs:  # a donor's final checkpoint: nothing is left to train
-            tune.report({**meta.get("metrics", {}), "epoch": epoch})
-            return
-        trainer.train(train_data, val_data, resume_from=str(path))
-
-
-def _note_restore(trial_dir: Path, trial_id: str, meta: Mapping[str, Any]) -> None:
-    """Append a restore from another trial's checkpoint to the trial's restores file."""
-    donor = (meta.get("user", {}).get("training_config") or {}).get("run_name")
-    if donor and donor != trial_id:
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"from_trial": donor, "epoch": int(meta.get("epoch", 0))})
-        with open(trial_dir / RESTORES_FILE, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-
-class TrialResources:
-    """Resources of one trial from its config (Tune calls this with the sampled params)."""
-
-    def __init__(self, base: TrainingConfig, override: Mapping[str, float] | None) -> None:
-        self.base, self.override = base, dict(override) if override else None
-
-    def __call__(self, params: Mapping[str, Any]) -> dict[str, float]:
-        return trial_resources(spaces.trial_config(self.base, params), self.override)
-
-
-def trial_resources(cfg: TrainingConfig, override: Mapping[str, float] | None) -> dict[str, float]:
-    """What the trial actor reserves. In-process trials hold the CPUs (and GPU) they train
-    on; with num_workers>=1 the trial only drives Ray Train, whose workers reserve their own."""
-    if override:
-        return {
-            k.upper() if k.lower() in ("cpu", "gpu") else k: float(v) for k, v in override.items()
-        }
-    if cfg.num_workers == 0:
-        return {"CPU": float(cfg.cpus_per_worker or 1), "GPU": 1.0 if cfg.use_gpu else 0.0}
-    return {"CPU": 0, "memory": 1}  # Ray Train reserves the workers; the trial only drives
+    def with_options(self, **options: Any) -> SearchConfig:
+        """A copy with ``options`` set; an unknown name is a ConfigError with suggestions."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise ConfigError(
+                [
+                    f"{k!r} is not a search setting"
+                    + (
+                        f"; did you mean {close[0]!r}?"
+                        if (close := get_close_matches(k, names, 1))
+                        else ""
+                    )
+                    + f" (settings: {', '.join(names)})"
+                    for k in unknown
+                ]
+            )
+        return dataclasses.replace(self, **options)
 
 
 def search(
@@ -209,31 +167,17 @@ def search(
     train_data: Any,
     val_data: Any,
     search_space: Mapping[str, Any] | str | os.PathLike[str],
-    num_samples: int = 1,
-    scheduler: Any = "asha",
-    metric: str = "val_loss",
-    mode: str = "min",
-    max_concurrent_trials: int | None = None,
-    resources_per_trial: Mapping[str, float] | None = None,
-    model: Any = None,
-    time_budget_s: float | None = None,
-    register_as: str | None = None,
-    storage_path: str | os.PathLike[str] | None = None,
-    db_path: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    name: str | None = None,
+    settings: SearchConfig | None = None,
     *,
-    plateau: Any = None,
-    grace_period: int = 1,
-    reduction_factor: float = 2,
-    perturbation_interval: int | None = None,
+    model: Any = None,
     hooks: Sequence[Any] = (),
     callbacks: Sequence[Any] = (),
-    verbose: int = 0,
-    seed: int | None = None,
+    paths: RunPaths | None = None,
+    storage_path: str | os.PathLike[str] | None = None,
+    db_path: str | os.PathLike[str] | None = None,
     artifacts_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
-    paths: RunPaths | None = None,
+    **options: Any,
 ) -> SearchResult:
     """Search hyperparameters with Ray Tune; every trial is one kiln Trainer run.
 
@@ -243,116 +187,102 @@ def search(
         train_data, val_data: anything ``Trainer.train`` accepts (dataset id, (X, y), ...).
         search_space: field -> Tune domain (``model.<param>``, ``preset`` allowed), its
             YAML form, or a path to a YAML search file (see :mod:`kiln.tune.spaces`).
-        num_samples: samples drawn from the space (each grid point is repeated this often).
-        scheduler: "asha", "median", "fifo", "pbt" (or a Tune TrialScheduler). "pbt"
-            needs in-process trials (num_workers=0), at least 2 trials and a searched
-            hyperparameter it can mutate (see :mod:`kiln.tune.schedulers`).
-        metric, mode: what ranks trials; must be a metric every trial reports.
-        max_concurrent_trials: at most this many trials at once (default: what fits).
-        resources_per_trial: e.g. ``{"cpu": 2}``; default from the trial's config.
+        settings: how the search runs (:class:`SearchConfig`); ``**options`` set single
+            fields of it (``num_samples=8, scheduler="asha", metric="val_accuracy"``).
         model: an nn.Module or factory shared by all trials (None: built from config).
-        time_budget_s: stop the whole search after this many seconds.
-        register_as: register the best trial's best checkpoint under this name.
-        storage_path: where searches live (default ``$KILN_HOME/tune``).
-        db_path: the experiment database (default ``$KILN_HOME/kiln.db``).
-        resume: continue the interrupted search ``name`` (or the newest one) instead of
-            starting over.
-        name: the search id (default: generated).
-        plateau: True or TrialPlateauStopper options: stop trials whose metric plateaus.
-        grace_period, reduction_factor: ASHA/median settings (in epochs).
-        perturbation_interval: PBT's epochs between exploit/explore steps (default: a
-            quarter of the most epochs a trial runs).
         hooks: kiln hooks/callbacks run inside every trial's loop.
         callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
-        verbose: Tune's console verbosity (0 quiet, 1 status table, 2 + trial results).
-        seed: seeds the sampling of the space (same seed, same trials).
-        paths: every location at once, as an entry point resolved them; ``storage_path``,
-            ``db_path``, ``artifacts_dir`` and ``data_dir`` override single ones.
+        paths: every location at once, as an entry point resolved them; ``storage_path``
+            (where searches live, default ``<home>/tune``), ``db_path``, ``artifacts_dir``
+            and ``data_dir`` override single ones.
     """
+    opts = (settings or SearchConfig()).with_options(**options)
     base = (training_config or TrainingConfig()).validate()
     space = _load_space(search_space)
     home = (paths or RunPaths.resolve()).with_overrides(
-        tune=storage_path, db=db_path or base.tracking_db, artifacts=artifacts_dir, datasets=data_dir
+        tune=storage_path,
+        db=db_path or base.tracking_db,
+        artifacts=artifacts_dir,
+        datasets=data_dir,
     )
     plan = _plan(train_data, val_data, task_spec, base, home.datasets)
-    errors = _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model)
-    if _sched.is_pbt(scheduler):
-        errors += _sched.check_pbt(
-            space,
-            _safe_candidates(space, base),
-            num_samples * _grid_size(space) if isinstance(num_samples, int) else 2,
-            perturbation_interval,
-            mutations_from_space=scheduler == "pbt",
-        )
-    if errors:
-        raise ConfigError(errors)
-
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
+    _check_search(space, base, plan, opts, model)
 
     from kiln._ray import ensure_ray
 
     ensure_ray()
-    _check_resources(space, base, resources_per_trial)
-
+    _check_resources(space, base, opts.resources_per_trial)
     home.tune.mkdir(parents=True, exist_ok=True)
-    search_id, experiment = _experiment(home.tune, name, resume)
+    search_id, experiment = _experiment(home.tune, opts.name, opts.resume)
     setup = TrialSetup(
         base=base,
         task=plan.task,
         trials_dir=str(experiment / TRIALS_DIR),
-        metric=metric,
-        mode=mode,
+        metric=opts.metric,
+        mode=opts.mode,
         data_dir=str(home.datasets),
         hooks=list(hooks),
-        report_checkpoints=_sched.is_pbt(scheduler),
+        report_checkpoints=_sched.is_pbt(opts.scheduler),
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial, setup=setup, train_data=train_data, val_data=val_data, model=model
-        ),
-        TrialResources(base, resources_per_trial),
-    )
-    max_t = spaces.epoch_bound(space, base)
     progress = _Samples()
-    if resume and tune.Tuner.can_restore(str(experiment)):
+    tuner = _tuner(
+        setup, space, opts, experiment, search_id, home, [*callbacks, progress],
+        train_data=train_data, val_data=val_data, model=model,
+    )  # fmt: skip
+    results = tuner.fit()
+    return _summarize(
+        results, setup, space, search_id, home, opts.register_as, plan, progress.total
+    )
+
+
+def _tuner(setup, space, opts: SearchConfig, experiment, search_id, home, callbacks, **data):
+    """A new ``tune.Tuner`` for this search, or the restored one when resuming."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup, **data),
+        TrialResources(setup.base, opts.resources_per_trial),
+    )
+    if opts.resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(
             str(experiment), trainable, resume_unfinished=True, resume_errored=True
         )
         # Tune restores the pickled RunConfig, callbacks included, and has no public way to
         # replace them; the old ones would carry stale state (and this run's reporters).
-        tuner._local_tuner.get_run_config().callbacks = [*callbacks, progress]
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=dict(space),
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                scheduler=_sched.create_scheduler(
-                    scheduler,
-                    max_t=max_t,
-                    grace_period=grace_period,
-                    reduction_factor=reduction_factor,
-                    space=space,
-                    perturbation_interval=perturbation_interval,
-                ),
-                num_samples=num_samples,
-                search_alg=BasicVariantGenerator(random_state=seed) if seed is not None else None,
-                max_concurrent_trials=max_concurrent_trials or _default_concurrency(space, base),
-                time_budget_s=time_budget_s,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=search_id,
-                storage_path=str(home.tune),
-                stop=_sched.create_stopper(plateau, metric, mode),
-                callbacks=[*callbacks, progress],
-                verbose=verbose,
-            ),
-        )
-    results = tuner.fit()
-    return _summarize(results, setup, space, search_id, home, register_as, plan, progress.total)
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
+    base = setup.base
+    scheduler = _sched.create_scheduler(
+        opts.scheduler,
+        max_t=spaces.epoch_bound(space, base),
+        grace_period=opts.grace_period,
+        reduction_factor=opts.reduction_factor,
+        space=space,
+        perturbation_interval=opts.perturbation_interval,
+    )
+    seeded = BasicVariantGenerator(random_state=opts.seed) if opts.seed is not None else None
+    return tune.Tuner(
+        trainable,
+        param_space=dict(space),
+        tune_config=tune.TuneConfig(
+            metric=opts.metric,
+            mode=opts.mode,
+            scheduler=scheduler,
+            num_samples=opts.num_samples,
+            search_alg=seeded,
+            max_concurrent_trials=opts.max_concurrent_trials or _default_concurrency(space, base),
+            time_budget_s=opts.time_budget_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=search_id,
+            storage_path=str(home.tune),
+            stop=_sched.create_stopper(opts.plateau, opts.metric, opts.mode),
+            callbacks=callbacks,
+            verbose=opts.verbose,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- checks
@@ -371,6 +301,24 @@ def _plan(train_data, val_data, task_spec, base, data_dir):
 
     probe = base.replace(num_workers=0, data_backend="auto")
     return plan_data(train_data, val_data, task_spec, probe, data_dir=data_dir)
+
+
+def _check_search(space, base, plan, opts: SearchConfig, model) -> None:
+    """Every problem with the space, metric, scheduler and data, before any trial runs."""
+    errors = _check_inputs(
+        space, base, plan, opts.metric, opts.mode, opts.scheduler, opts.num_samples, model
+    )
+    if _sched.is_pbt(opts.scheduler):
+        samples = opts.num_samples if isinstance(opts.num_samples, int) else 2
+        errors += _sched.check_pbt(
+            space,
+            _safe_candidates(space, base),
+            samples * _grid_size(space),
+            opts.perturbation_interval,
+            mutations_from_space=opts.scheduler == "pbt",
+        )
+    if errors:
+        raise ConfigError(errors)
 
 
 def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model) -> list[str]:
