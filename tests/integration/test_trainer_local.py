@@ -601,3 +601,49 @@ def test_wandb_project_without_wandb_fails_before_training(monkeypatch):
     )
     with pytest.raises(ConfigError, match="wandb_project='p' needs the `wandb` package"):
         TrainingConfig(wandb_project="p").validate()
+
+
+def test_model_config_names_the_architecture_and_config_stays_its_alias(tmp_path):
+    arch = {"name": "mlp", "hidden": [8]}
+    kw = dict(
+        training_config=_config(epochs=1),
+        storage_path=tmp_path / "runs",
+        db_path=tmp_path / "kiln.db",
+    )
+    new = Trainer(model_config=arch, **kw)
+    old = Trainer(config=arch, **kw)
+    assert new.training_config.model == old.training_config.model == arch
+    with pytest.raises(ConfigError, match="not both"):
+        Trainer(model_config=arch, config=arch, **kw)
+    results = new.train("iris")
+    assert results["final_metrics"]["val_loss"] > 0
+
+
+def test_resume_latest_looks_in_the_configured_checkpoint_dir(tmp_path):
+    """A run with checkpoint_dir=D that stopped at epoch 2 resumes from D/epoch_0002."""
+    ckpts = tmp_path / "my_ckpts"
+    first = _trainer(tmp_path, epochs=2, checkpoint_dir=str(ckpts)).train("iris")
+    assert Path(first["latest_checkpoint_path"]).parent == ckpts
+    again = _trainer(tmp_path / "other_home", epochs=3, checkpoint_dir=str(ckpts))
+    resumed = again.train("iris", resume_from="latest")
+    assert resumed["resumed_from"] == str(ckpts / "epoch_0002")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+
+
+def test_artifacts_sit_next_to_the_tracking_db(tmp_path, monkeypatch):
+    """register_as with tracking_db=/x/kiln.db puts artifacts in /x/artifacts, where
+    `kiln export NAME:1.0.0 --db /x/kiln.db` looks for them."""
+    from kiln.cli import main
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    db = tmp_path / "x" / "kiln.db"
+    results = Trainer(
+        training_config=_config(epochs=1, tracking_db=str(db), register_as="iris-x"),
+        storage_path=tmp_path / "runs",
+    ).train("iris")
+    assert results["model_id"] is not None
+    assert (tmp_path / "x" / "artifacts").is_dir()
+    assert not (tmp_path / "home" / "artifacts").exists()
+    out = tmp_path / "bundle"
+    assert main(["--db", str(db), "export", "iris-x:1.0.0", "-o", str(out)]) == 0
+    assert (out / "manifest.json").is_file()

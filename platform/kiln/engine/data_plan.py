@@ -9,6 +9,7 @@ Ray Data (``get_dataset_shard``); torch datasets and loaders go through
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,19 @@ logger = logging.getLogger(__name__)
 PROFILE_SAMPLE_ROWS = 2048
 
 
+class DataKind(str, enum.Enum):
+    """How batches reach the loop: Ray Data shards, in-memory arrays, or torch loaders."""
+
+    RAY = "ray"
+    MEMORY = "memory"
+    TORCH = "torch"
+
+
 @dataclass
 class DataPlan:
     """Data resolved in the driver: Ray datasets or torch loaders, plus the task."""
 
-    kind: str  # "ray", "memory" or "torch"
+    data_kind: DataKind
     task: TaskSpec
     input_shape: tuple[int, ...]
     num_train_rows: int
@@ -164,7 +173,7 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
             )
         arrays = {k: (d.x, d.y) for k, d in splits.items()}
         return DataPlan(
-            "memory",
+            DataKind.MEMORY,
             task,
             tuple(info.input_shape),
             len(train),
@@ -176,7 +185,7 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
     ensure_ray()  # before Ray Data's first call, which would start a Ray of its own
     datasets = {k: d.to_ray() for k, d in splits.items()}
     return DataPlan(
-        "ray",
+        DataKind.RAY,
         task,
         tuple(info.input_shape),
         len(train),
@@ -217,7 +226,7 @@ def _plan_ray(train, val, task, config) -> DataPlan:
         task = task.replace(num_classes=int(train.max(label_col)) + 1)
     datasets = {"train": train} if val is None else {"train": train, "val": val}
     return DataPlan(
-        "ray", task, tuple(x.shape), train.count(), datasets=datasets, cache_shards=False
+        DataKind.RAY, task, tuple(x.shape), train.count(), datasets=datasets, cache_shards=False
     )
 
 
@@ -256,7 +265,7 @@ def _plan_torch(train, val, task, config) -> DataPlan:
             "task_spec.num_classes is needed with a torch Dataset (kiln does not scan it); "
             "pass TaskSpec.classification(num_classes=...)"
         )
-    return DataPlan("torch", task, tuple(x.shape), len(dataset), loaders=loaders)
+    return DataPlan(DataKind.TORCH, task, tuple(x.shape), len(dataset), loaders=loaders)
 
 
 def complete_task(

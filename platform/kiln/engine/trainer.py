@@ -48,8 +48,7 @@ class Trainer:
     Args:
         model: an ``nn.Module``, a zero-argument factory returning one, or None to build
             the architecture described by ``training_config.model`` / ``config``.
-        config: optional architecture config (dict or SimpleNamespace) merged into
-            ``training_config.model``.
+        config: the architecture config under its older name; prefer ``model_config``.
         training_config: hyperparameters and run settings.
         task_spec: what is predicted; completed from the data where it is silent.
         hooks: a TrainingHooks/CallbackBase object or a list of them (run in the workers).
@@ -64,6 +63,8 @@ class Trainer:
         report_checkpoints: in-process (num_workers=0) inside a Ray Tune trial, checkpoint
             every epoch and hand each checkpoint to Tune with that epoch's report, so a
             scheduler such as PBT can restart trials from it; ignored elsewhere.
+        model_config: optional architecture config (dict or SimpleNamespace, e.g.
+            ``{"name": "mlp", "hidden": [64]}``) merged into ``training_config.model``.
         paths: every location at once (:class:`kiln.paths.RunPaths`), as an entry point
             resolved them; ``storage_path``, ``db_path``, ``artifacts_dir`` and
             ``data_dir`` override single ones. Artifacts sit next to the database.
@@ -85,10 +86,20 @@ class Trainer:
         ray_callbacks: Sequence[Any] = (),
         report_checkpoints: bool = False,
         paths: RunPaths | None = None,
+        model_config: dict[str, Any] | SimpleNamespace | None = None,
     ) -> None:
         cfg = training_config or TrainingConfig()
-        if config is not None:
-            extra = vars(config) if isinstance(config, SimpleNamespace) else dict(config)
+        if config is not None and model_config is not None:
+            raise ConfigError(
+                "pass the architecture as model_config= or as config= (its older name), not both"
+            )
+        architecture = model_config if model_config is not None else config
+        if architecture is not None:
+            extra = (
+                vars(architecture)
+                if isinstance(architecture, SimpleNamespace)
+                else dict(architecture)
+            )
             cfg = cfg.replace(model={**cfg.model, **extra})
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda"):
             raise ConfigError(f"device={device!r} must be 'cpu' or 'cuda'")
@@ -138,7 +149,7 @@ class Trainer:
             task=plan.task,
             model_factory=factory,
             checkpoint_dir=str(checkpoint_dir),
-            data=plan.kind,
+            data_kind=plan.data_kind,
             num_train_rows=plan.num_train_rows,
             cache_shards=plan.cache_shards,
             loaders=plan.loaders,
@@ -194,7 +205,9 @@ class Trainer:
 
             log_run_to_wandb(cfg.wandb_project, run_name, cfg.to_dict(), results["history"])
         if recorder or cfg.register_as:
-            registered = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
+            registered = (
+                _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
+            )
             results["model_id"] = registered
         self.results = results
         return results
@@ -389,7 +402,9 @@ def _results(
     best = MetricMode(cfg.mode).best(scored, key=lambda h: h[cfg.monitor])
     if best is None:
         best = history[-1] if history else {}
-    final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("steps", "alerts")}
+    final = {
+        k: v for k, v in (history[-1] if history else {}).items() if k not in ("steps", "alerts")
+    }
     return {
         "best_epoch": best.get("epoch"),
         "best_val_loss": best.get("val_loss", best.get("train_loss")),

@@ -52,6 +52,7 @@ from kiln.engine.callbacks import (
     TrainingHooks,
 )
 from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
+from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import get_loss_strategy, loss_for_task
@@ -69,7 +70,7 @@ class WorkerPlan:
     task: TaskSpec
     model_factory: Callable[[], nn.Module]
     checkpoint_dir: str
-    data: str  # "ray": Ray Data shards; "memory": the arrays below; "torch": the DataLoaders
+    data_kind: DataKind  # RAY: Ray Data shards; MEMORY: the arrays below; TORCH: the DataLoaders
     num_train_rows: int
     cache_shards: bool = True
     loaders: dict[str, Any] | None = None
@@ -265,7 +266,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
     user's DataLoader has its own batch size, which need not be ``config.batch_size``.
     """
     cfg = plan.config
-    if plan.data == "torch":
+    if plan.data_kind == DataKind.TORCH:
         import ray.train.torch
 
         loaders = dict(plan.loaders or {})
@@ -287,7 +288,7 @@ def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
             max(1, batches),
         )
 
-    if plan.data == "memory":
+    if plan.data_kind == DataKind.MEMORY:
         rank = _rank()
         parts = {
             name: _CachedShard(

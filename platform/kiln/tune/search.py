@@ -322,16 +322,18 @@ def _check_search(space, base, plan, opts: SearchConfig, model) -> None:
 
 
 def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model) -> list[str]:
+    from kiln.engine.data_plan import DataKind
+
     errors = []
     if not isinstance(num_samples, int) or num_samples < 1:
         errors.append(f"num_samples={num_samples!r} must be an integer >= 1")
     model_check = None if model is not None else _model_checker(plan)
     errors += spaces.check_space(space, base, model_check=model_check)
-    has_val = plan.kind == "memory" and "val" in (plan.arrays or {})
+    has_val = plan.data_kind == DataKind.MEMORY and "val" in (plan.arrays or {})
     has_val = has_val or "val" in (plan.datasets or {}) or "val" in (plan.loaders or {})
     errors += spaces.check_metric(metric, mode, plan.task.task_type, has_val)
     errors += _sched.check_scheduler(scheduler)
-    if plan.kind == "ray" and any(c.num_workers == 0 for c in _safe_candidates(space, base)):
+    if plan.data_kind == DataKind.RAY and any(c.num_workers == 0 for c in _safe_candidates(space, base)):
         errors.append(
             "in-process trials (num_workers=0) read in-memory data, but this data is read "
             "through Ray Data; pass arrays or a bundled dataset id, or set num_workers>=1"
