@@ -31,3 +31,26 @@ def kiln_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("KILN_HOME", str(home))
     return home
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests under tests/integration carry the ``integration`` marker; tests marked
+    ``requires_gpu`` are skipped, with the reason, where no CUDA device is present."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present here")
+    gpu_checked = None
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("requires_gpu"):
+            if gpu_checked is None:
+                gpu_checked = _cuda_available()
+            if not gpu_checked:
+                item.add_marker(no_gpu)

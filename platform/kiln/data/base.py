@@ -82,11 +82,6 @@ class DatasetInfo:
             n *= d
         return n
 
-    @property
-    def output_size(self) -> int | None:
-        """Width of the model's last layer: classes, regression outputs or vocabulary."""
-        return self.num_outputs if self.task_type == "regression" else self.num_classes
-
     def replace(self, **changes: Any) -> DatasetInfo:
         """Return a copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
