@@ -383,7 +383,12 @@ class CheckpointManager:
         if blocking:
             self.wait()
             return self._write(info, model_state, train_state)
-        model_state, train_state = _to_cpu(model_state), _to_cpu(train_state)
+        return self._save_in_background(info, _to_cpu(model_state), _to_cpu(train_state), value)
+
+    def _save_in_background(
+        self, info: dict[str, Any], model_state: Any, train_state: Any, value: float | None
+    ) -> CheckpointMetadata:
+        """Queue the write of CPU snapshots on the writer thread; describe it now."""
         with self._lock:
             best = self._best_seen()
             for pending in self._pending_values:
@@ -396,13 +401,13 @@ class CheckpointManager:
         self._pending.append(self._executor.submit(self._write, info, model_state, train_state))
         return CheckpointMetadata(
             path=str(self.checkpoint_dir / info["name"]),
-            epoch=epoch,
-            metrics=clean,
+            epoch=info["epoch"],
+            metrics=info["metrics"],
             is_best=is_best,
             timestamp=info["timestamp"],
             model_size_mb=_nbytes(model_state) / _MB,
             optimizer_state_size_mb=_nbytes(train_state) / _MB,
-            step=int(step),
+            step=info["step"],
             user=info["user"],
         )
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import kiln
-from kiln._fs import publish_dir, write_json_synced, write_text_synced
+from kiln._fs import TMP_MARK, publish_dir, write_json_synced, write_text_synced
 from kiln.export import _templates
 from kiln.export.formats import (
     DEFAULT_FORMATS,
@@ -104,56 +104,23 @@ def create_export_bundle(
 
     work = copy.deepcopy(model).cpu().eval()
     sample = _sample_batch(sample_input, input_shape, task, model_cfg)
-    row_shape = list(sample.shape[1:])
     with torch.inference_mode():
         reference = work(sample)
     if not isinstance(reference, torch.Tensor):
         raise ExportError(
             f"model: forward returned {type(reference).__name__}; export needs a single tensor"
         )
-    kind = _task_kind(task)
-    preprocessing = _preprocessing(task, class_names, row_shape, reference, kind)
     if tolerance is None:
         tolerance = FP32_TOLERANCE if _is_fp32(work) else 1e-2
-
-    out_root = Path(output_dir).expanduser().resolve()
-    name = bundle_name or f"model_{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S-%f}"
-    final = out_root / name
-    if final.exists() and not overwrite:
-        raise ExportError(
-            f"output_dir: bundle {str(final)!r} already exists; pass overwrite=True "
-            "or another bundle_name"
-        )
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    final = _bundle_path(output_dir, bundle_name, overwrite)
+    tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         (tmp / "artifacts").mkdir(parents=True)
         (tmp / "configs").mkdir()
         ctx = ExportContext(sample=sample, opset=opset or DEFAULT_OPSET, onnx_dynamo=onnx_dynamo)
         artifacts, parity = _export_formats(work, fmt_list, ctx, tmp, tolerance)
-        manifest = {
-            "schema_version": MANIFEST_SCHEMA_VERSION,
-            "name": name,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "kiln_version": kiln.__version__,
-            "torch_version": torch.__version__,
-            "onnx_opset": ctx.opset if "onnx" in fmt_list else None,
-            "task_type": kind,
-            "formats": fmt_list,
-            "inputs": [
-                {"name": INPUT_NAME, "dtype": _dtype_name(sample), "shape": ["batch", *row_shape]}
-            ],
-            "outputs": [
-                {
-                    "name": OUTPUT_NAME,
-                    "dtype": _dtype_name(reference),
-                    "shape": ["batch", *reference.shape[1:]],
-                }
-            ],
-            "preprocessing": preprocessing,
-            "artifacts": artifacts,
-            "parity": parity,
-        }
+        manifest = _manifest(final.name, fmt_list, ctx, task, class_names, sample, reference)
+        manifest.update(artifacts=artifacts, parity=parity)
         _write_side_files(tmp, final, manifest, task, model_cfg, train_cfg)
         manifest["files"] = {
             p.relative_to(tmp).as_posix(): sha256_file(p)
@@ -171,6 +138,55 @@ def create_export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _bundle_path(output_dir: Any, bundle_name: str | None, overwrite: bool) -> Path:
+    """``output_dir/bundle_name`` (default name: a UTC timestamp); refuses an existing one."""
+    out_root = Path(output_dir).expanduser().resolve()
+    name = bundle_name or f"model_{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S-%f}"
+    final = out_root / name
+    if final.exists() and not overwrite:
+        raise ExportError(
+            f"output_dir: bundle {str(final)!r} already exists; pass overwrite=True "
+            "or another bundle_name"
+        )
+    out_root.mkdir(parents=True, exist_ok=True)
+    return final
+
+
+def _manifest(
+    name: str,
+    fmt_list: list[str],
+    ctx: ExportContext,
+    task: dict[str, Any],
+    class_names: Sequence[str] | None,
+    sample: torch.Tensor,
+    reference: torch.Tensor,
+) -> dict[str, Any]:
+    """The manifest's description of the model: formats, tensors, pre/post-processing."""
+    row_shape = list(sample.shape[1:])
+    kind = _task_kind(task)
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "name": name,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "kiln_version": kiln.__version__,
+        "torch_version": torch.__version__,
+        "onnx_opset": ctx.opset if "onnx" in fmt_list else None,
+        "task_type": kind,
+        "formats": fmt_list,
+        "inputs": [
+            {"name": INPUT_NAME, "dtype": _dtype_name(sample), "shape": ["batch", *row_shape]}
+        ],
+        "outputs": [
+            {
+                "name": OUTPUT_NAME,
+                "dtype": _dtype_name(reference),
+                "shape": ["batch", *reference.shape[1:]],
+            }
+        ],
+        "preprocessing": _preprocessing(task, class_names, row_shape, reference, kind),
+    }
 
 
 def _check_formats(formats: str | Iterable[str]) -> list[str]:
