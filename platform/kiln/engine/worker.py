@@ -211,8 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if raised:
             metrics["alerts"] = raised
             if rank == 0:
-                for alert in raised:
-                    print(f"alert ({alert['type']}): {alert['message']}", flush=True)
+                _print_alerts(raised, alerts.alerts)
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
         last = stop or epoch == cfg.epochs
@@ -545,6 +544,18 @@ def _gradient_health(monitor: GradientMonitor, checks_before: int) -> dict[str, 
     if checked:  # an epoch shorter than the interval has no check
         out["grad_max_norm"] = max(checked)
     return out
+
+
+def _print_alerts(raised: list[dict[str, Any]], seen: list[dict[str, Any]]) -> None:
+    """Print the first alert of each type in a run; later ones are only recorded."""
+    for alert in raised:
+        count = sum(a["type"] == alert["type"] for a in seen)
+        if count == 1:
+            print(
+                f"alert ({alert['type']}): {alert['message']} (later alerts of this type are "
+                "kept in the run's history, not printed)",
+                flush=True,
+            )
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
