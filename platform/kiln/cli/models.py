@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.cli.runs import db_path, handles_errors, print_table
@@ -134,16 +135,11 @@ def cmd_drift(args: argparse.Namespace) -> int:
     import pandas as pd  # imported lazily: keeps `kiln --help` fast
 
     from kiln.tracking import ExperimentDB, model_drift
+    from kiln.tracking.monitoring import reference_profile
 
-    x = _load_inputs(args.data)
-    drift = model_drift(
-        _open(args),
-        ExperimentDB(db_path(args)),
-        args.ref,
-        x,
-        warning=args.warning,
-        critical=args.critical,
-    )
+    registry, db = _open(args), ExperimentDB(db_path(args))
+    x = _load_inputs(args.data, reference_profile(registry, db, args.ref), args.label)
+    drift = model_drift(registry, db, args.ref, x, warning=args.warning, critical=args.critical)
     rows = sorted(drift.details.items(), key=lambda kv: -kv[1])
     df = pd.DataFrame(rows, columns=["feature", "js_divergence"])
     print_table(df.head(args.top), title=f"drift of {args.data} against {args.ref} ({len(x)} rows)")
@@ -155,18 +151,37 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0 if drift.status != "critical" or not args.fail_on_critical else 3
 
 
-def _load_inputs(source: str) -> Any:
-    """Feature rows from a .npy file, a dataset id or a local parquet/csv/jsonl path."""
-    import numpy as np
+def _load_inputs(source: str, profile: dict[str, Any], label: str | None) -> Any:
+    """Feature rows from a .npy file, a local parquet/csv/jsonl file, or a dataset id.
 
-    if source.endswith(".npy"):
-        return np.load(source, allow_pickle=False)
+    Files need no label column (``--label COL`` names one to leave out); their columns
+    are matched to the training features by name where the names agree.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from kiln.tracking.monitoring import inputs_like_profile
+
+    path = Path(source)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": _read_jsonl}
+    if path.suffix in readers:
+        if not path.is_file():
+            raise FileNotFoundError(f"file not found: {source}")
+        return inputs_like_profile(profile, readers[path.suffix](path), label)
     from kiln.data import ArrayDataset, get_dataset
 
     dataset = get_dataset(source)
     if isinstance(dataset, ArrayDataset):
         return dataset.x
     return dataset.local_arrays()[0]
+
+
+def _read_jsonl(path: Path) -> Any:
+    import pandas as pd
+
+    return pd.read_json(path, lines=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -205,7 +220,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("drift", help="drift of new inputs against the model's training data")
     p.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
-    p.add_argument("data", metavar="DATA", help="dataset id, parquet/csv/jsonl path, or .npy")
+    p.add_argument(
+        "data", metavar="DATA", help="parquet/csv/jsonl file (labels optional), .npy, or dataset id"
+    )
+    p.add_argument(
+        "--label", metavar="COL", help="the label column of labelled data, left out of the drift"
+    )
     p.add_argument("--warning", type=float, default=0.1, help="JS divergence warning threshold")
     p.add_argument("--critical", type=float, default=0.2, help="JS divergence critical threshold")
     p.add_argument("--top", type=int, default=10, help="features shown")

@@ -88,46 +88,17 @@ def run(args: argparse.Namespace) -> int:
         from kiln._ray import ensure_ray
 
         ensure_ray(args.address, dashboard=args.dashboard)
-    hooks = [] if args.quiet else [ProgressHook(config.epochs)]
     print(
         f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs "
         f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'})",
         flush=True,
     )
-    trainer = Trainer(training_config=config, task_spec=task, hooks=hooks, paths=run_paths(args))
+    trainer = Trainer(
+        training_config=config, task_spec=task, verbose=not args.quiet, paths=run_paths(args)
+    )
     results = trainer.train(resume_from=args.resume)
     print_summary(results)
     return 0
-
-
-class ProgressHook:
-    """Prints one line per epoch on rank 0 (forwarded by Ray from worker actors).
-
-    A duck-typed TrainingHooks (only the methods it needs), so the CLI does not import
-    torch before it has parsed its arguments.
-    """
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-        self.rank = 0
-
-    def on_training_start(self) -> None:
-        from kiln.engine.worker import world
-
-        self.rank = world()[0]
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        shown = "  ".join(
-            f"{k} {_fmt(k, v)}"
-            for k, v in metrics.items()
-            if k.startswith(("train_", "val_")) and isinstance(v, float)
-        )
-        print(
-            f"epoch {epoch:>3}/{self.epochs}  {shown}  ({metrics.get('epoch_duration_seconds', 0):.2f} s)",
-            flush=True,
-        )
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -161,11 +132,9 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 def _fmt(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if "accuracy" in key:
-        return f"{value * 100:.2f}%"
-    return f"{value:.4f}"
+    from kiln.engine.progress import format_metric
+
+    return format_metric(key, value)
 
 
 def _parse_value(text: str) -> Any:

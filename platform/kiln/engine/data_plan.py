@@ -50,6 +50,7 @@ class DataPlan:
     # Up to PROFILE_SAMPLE_ROWS training inputs, taken while planning when the run is
     # recorded: the reference of the run's data profile (drift checks).
     profile_sample: np.ndarray | None = None
+    feature_names: tuple[str, ...] | None = None  # the data's own column names, when known
 
 
 def plan_data(
@@ -91,6 +92,8 @@ def plan_data(
         raise _unsupported(train_data)
     if config.tracking or config.register_as:
         plan.profile_sample = _profile_sample(plan)
+        if isinstance(train_data, kdata.KilnDataset) and train_data.info.feature_names:
+            plan.feature_names = tuple(train_data.info.feature_names)
     return plan
 
 
@@ -115,7 +118,9 @@ def data_profile(plan: DataPlan, model: torch.nn.Module | None = None) -> dict[s
             predictions = (
                 logits.argmax(-1).numpy() if plan.task.is_classification else logits.numpy()
             )
-        return compute_profile(x, predictions=predictions)
+        names = plan.feature_names
+        fits = names is not None and x.ndim == 2 and x.shape[1] == len(names)
+        return compute_profile(x, predictions=predictions, feature_names=names if fits else None)
     except Exception:
         logger.warning("could not compute the data profile", exc_info=True)
         return None

@@ -65,6 +65,7 @@ class Trainer:
             scheduler such as PBT can restart trials from it; ignored elsewhere.
         model_config: optional architecture config (dict or SimpleNamespace, e.g.
             ``{"name": "mlp", "hidden": [64]}``) merged into ``training_config.model``.
+        verbose: log one line per epoch through the ``kiln.progress`` logger (rank 0).
         paths: every location at once (:class:`kiln.paths.RunPaths`), as an entry point
             resolved them; ``storage_path``, ``db_path``, ``artifacts_dir`` and
             ``data_dir`` override single ones. Artifacts sit next to the database.
@@ -87,6 +88,7 @@ class Trainer:
         report_checkpoints: bool = False,
         paths: RunPaths | None = None,
         model_config: dict[str, Any] | SimpleNamespace | None = None,
+        verbose: bool = True,
     ) -> None:
         cfg = training_config or TrainingConfig()
         if config is not None and model_config is not None:
@@ -113,6 +115,10 @@ class Trainer:
         self.training_config = cfg.validate()
         self.task_spec = task_spec
         self.hooks = _as_list(hooks)
+        if verbose:
+            from kiln.engine.progress import EpochProgress
+
+            self.hooks.append(EpochProgress(cfg.epochs))
         self.device = device
         overrides = dict(
             runs=storage_path,
@@ -330,6 +336,7 @@ def _fit(
         # Ray Train also logs every print() of a worker, so each line would reach the
         # driver twice; kiln's progress lines are plain prints.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    _quiet_ray_logs()
     if plan.datasets or cfg.num_workers > 0:
         ensure_ray()
     if cfg.num_workers > 0:
@@ -358,6 +365,19 @@ def _fit(
         ),
     )
     return trainer.fit()
+
+
+def _quiet_ray_logs() -> None:
+    """Keep Ray's INFO lines ("Reported metrics: {...}" per epoch, local-mode notices) off
+    the console: kiln prints its own line per epoch. ``KILN_LOG_LEVEL=INFO`` (or DEBUG)
+    brings them back."""
+    wanted = os.environ.get("KILN_LOG_LEVEL", "WARNING").upper()
+    level = logging.getLevelName(wanted)
+    level = level if isinstance(level, int) else logging.WARNING
+    for name in ("ray.train", "ray.tune", "ray.data"):
+        logger_ = logging.getLogger(name)
+        if logger_.level == logging.NOTSET or logger_.level < level:
+            logger_.setLevel(level)
 
 
 def _ordered_execution():

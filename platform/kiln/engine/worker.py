@@ -153,6 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     )
 
     alerts = AlertMonitor(AlertConfig())  # loss spikes, accuracy drops, exploding gradients
+    printed_alerts: set[str] = set()
     to_tune = plan.report_checkpoints and _in_tune()
     reporter = _ReportPacer(cfg.report_interval_s, distributed)
     history: list[dict[str, Any]] = []
@@ -211,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if raised:
             metrics["alerts"] = raised
             if rank == 0:
-                _print_alerts(raised, alerts.alerts)
+                _print_alerts(raised, printed_alerts)
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
         last = stop or epoch == cfg.epochs
@@ -546,16 +547,17 @@ def _gradient_health(monitor: GradientMonitor, checks_before: int) -> dict[str, 
     return out
 
 
-def _print_alerts(raised: list[dict[str, Any]], seen: list[dict[str, Any]]) -> None:
+def _print_alerts(raised: list[dict[str, Any]], printed: set[str]) -> None:
     """Print the first alert of each type in a run; later ones are only recorded."""
     for alert in raised:
-        count = sum(a["type"] == alert["type"] for a in seen)
-        if count == 1:
-            print(
-                f"alert ({alert['type']}): {alert['message']} (later alerts of this type are "
-                "kept in the run's history, not printed)",
-                flush=True,
-            )
+        if alert["type"] in printed:
+            continue
+        printed.add(alert["type"])
+        print(
+            f"alert ({alert['type']}): {alert['message']} (later alerts of this type are "
+            "kept in the run's history, not printed)",
+            flush=True,
+        )
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -90,6 +90,7 @@ def run_trial(
         data_dir=setup.data_dir,
         ray_callbacks=callbacks,
         report_checkpoints=setup.report_checkpoints,
+        verbose=False,  # Tune's own reporter shows trials; a line per epoch per trial is noise
     )
     checkpoint = tune.get_checkpoint() if setup.report_checkpoints else None
     if checkpoint is None:  # without one the Trainer resumes from this trial's own latest
