@@ -116,18 +116,28 @@ def print_summary(results: dict[str, Any]) -> None:
             table.add_row(key, _fmt(key, value), _fmt(key, best.get(key)))
     console = Console(file=sys.stdout, width=110)
     console.print(table)
+    test = results.get("test_metrics") or {}
     acc = best.get("val_accuracy")
+    if "test_accuracy" in test:
+        print(
+            f"test accuracy: {test['test_accuracy']:.2%} on {int(test['test_rows'])} held-out "
+            "rows no selection saw (test_split)"
+        )
+    elif "test_loss" in test:
+        print(f"test loss: {test['test_loss']:.4f} on {int(test['test_rows'])} held-out rows")
     if acc is not None:
         print(
-            f"held-out accuracy: {acc * 100:.2f}% (validation split, best epoch {results['best_epoch']})"
+            f"validation accuracy: {acc:.2%} (the split that chose best epoch "
+            f"{results['best_epoch']}, so optimistic)"
         )
     print(f"best checkpoint: {results['checkpoint_path']}")
     if results.get("stopped_early"):
         print(f"stopped early after epoch {final.get('epoch')}")
     if results.get("run_id") is not None:
         print(f"run id: {results['run_id']}  (kiln runs show {results['run_id']})")
-    if results.get("model_id") is not None:
-        print(f"registered model id: {results['model_id']}")
+    if results.get("registered"):
+        ref = results["registered"]
+        print(f"registered {ref}  (next: kiln models promote {ref} production)")
     print(f"total time: {results['total_time']:.1f} s")
 
 

@@ -58,6 +58,12 @@ class TrainingConfig:
     epochs: int = _f(10, "training", "Number of epochs.")
     warmup_ratio: float = _f(0.1, "training", "Fraction of optimizer steps spent warming up.")
     validation_split: float = _f(0.1, "training", "Held-out fraction when no val data is given.")
+    test_split: float | None = _f(
+        None,
+        "training",
+        "Held-out test fraction that no selection sees, scored once at the end (test_loss, "
+        "test_accuracy). None: 0.1 for the bundled datasets, 0 otherwise; 0 turns it off.",
+    )
     early_stopping_patience: int | None = _f(None, "training", "Epochs without improvement.")
     early_stopping_min_delta: float = _f(0.0, "training", "Smallest change that counts.")
     loss: str | None = _f(None, "training", "Loss strategy name; None picks by task type.")
@@ -319,6 +325,13 @@ def _range_errors(c: TrainingConfig) -> list[str]:
     need(c.epochs >= 1, f"epochs={c.epochs!r} must be >= 1")
     need(0 <= c.warmup_ratio < 1, f"warmup_ratio={c.warmup_ratio!r} must be in [0, 1)")
     need(0 <= c.validation_split < 1, f"validation_split={c.validation_split!r} must be in [0, 1)")
+    if c.test_split is not None:
+        need(0 <= c.test_split < 1, f"test_split={c.test_split!r} must be in [0, 1) or null")
+        need(
+            c.test_split + c.validation_split < 1,
+            f"test_split={c.test_split!r} + validation_split={c.validation_split!r} must stay "
+            "below 1 (rows are left for training)",
+        )
     need(c.weight_decay >= 0, f"weight_decay={c.weight_decay!r} must be >= 0")
     need(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
     need(

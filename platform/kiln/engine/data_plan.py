@@ -51,6 +51,8 @@ class DataPlan:
     # recorded: the reference of the run's data profile (drift checks).
     profile_sample: np.ndarray | None = None
     feature_names: tuple[str, ...] | None = None  # the data's own column names, when known
+    # Held-out test rows (x, y) no selection sees; the driver scores the best model once.
+    test: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def plan_data(
@@ -145,11 +147,39 @@ def _unsupported(train_data: Any) -> DatasetError:
     )
 
 
+DEFAULT_TEST_SPLIT = 0.1  # for the bundled datasets, when test_split is None
+
+
+def split_for_run(dataset: Any, config: TrainingConfig, val: Any = None) -> tuple[Any, Any, Any]:
+    """``(train, val, test)`` as a run with ``config`` splits ``dataset``.
+
+    The test rows come off first (``test_split``; None: 0.1 for bundled datasets), then
+    the validation rows from the rest (``validation_split``) unless ``val`` is given.
+    The same config gives the same rows, so ``kiln datasets export --split val|test``
+    writes the rows a run held out.
+    """
+    from kiln.data import ArrayDataset
+
+    fraction = config.test_split
+    if fraction is None:
+        fraction = DEFAULT_TEST_SPLIT if dataset.info.source == "bundled" else 0.0
+    test = None
+    if fraction > 0:
+        if not isinstance(dataset, ArrayDataset):
+            raise ConfigError(
+                f"test_split={fraction!r} needs in-memory data, but {dataset.info.id!r} is read "
+                "from files; keep a separate test file (kiln eval) and set test_split: 0"
+            )
+        dataset, test = dataset.split(fraction, config.random_seed)
+    if val is None and config.validation_split > 0:
+        dataset, val = dataset.split(config.validation_split, config.random_seed)
+    return dataset, val, test
+
+
 def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
     from kiln import data as kdata
 
-    if val is None and config.validation_split > 0:
-        train, val = train.split(config.validation_split, config.random_seed)
+    train, val, test = split_for_run(train, config, val)
     info = train.info
     task = complete_task(
         task,
@@ -184,6 +214,7 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
             len(train),
             arrays=arrays,
             dataset_id=dataset_id,
+            test=(test.x, test.y) if test is not None else None,
         )
     from kiln._ray import ensure_ray
 
@@ -197,6 +228,7 @@ def _plan_kiln(train, val, task, config, dataset_id) -> DataPlan:
         datasets=datasets,
         cache_shards=in_memory,
         dataset_id=dataset_id,
+        test=(test.x, test.y) if test is not None else None,
     )
 
 

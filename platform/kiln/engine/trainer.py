@@ -192,6 +192,8 @@ class Trainer:
         total_time = time.perf_counter() - started
         results = _results(summary, cfg, plan, run_name, run_dir, total_time)
         self.trained_model = self._final_model(factory, summary.get("latest_checkpoint"))
+        if plan.test is not None and results["checkpoint_path"]:
+            results["test_metrics"] = _score_test(factory, results["checkpoint_path"], plan, cfg)
         if cfg.export_formats and results["checkpoint_path"]:
             results["bundle_path"] = str(
                 _export_best(factory, results["checkpoint_path"], model_config, plan, cfg, run_dir)
@@ -205,16 +207,17 @@ class Trainer:
                 results["history"],
                 results["checkpoints"],
                 profile=data_profile(plan, self.trained_model),
+                final_metrics=results.get("test_metrics"),
             )
         if cfg.wandb_project:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
             log_run_to_wandb(cfg.wandb_project, run_name, cfg.to_dict(), results["history"])
         if recorder or cfg.register_as:
-            registered = (
-                _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
-            )
-            results["model_id"] = registered
+            entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
+            results["model_id"] = entry.model_id if entry is not None else None
+            if entry is not None:
+                results["registered"] = f"{entry.name}:{entry.version}"
         self.results = results
         return results
 
@@ -297,6 +300,31 @@ class Trainer:
         target = self.model if isinstance(self.model, nn.Module) else factory()
         target.load_state_dict(state)
         return target
+
+
+def _score_test(
+    factory: Callable[[], nn.Module], checkpoint: str, plan: DataPlan, cfg: TrainingConfig
+) -> dict[str, float]:
+    """The best checkpoint's loss and accuracy (or MAE) on the held-out test rows.
+
+    Scored once, in this process, after the run: no epoch or checkpoint was chosen by it.
+    """
+    from kiln.engine.loops import ValidationLoop, metrics_from_sums
+    from kiln.engine.loss import get_loss_strategy, loss_for_task
+
+    model = factory()  # a fresh copy, also of a user's module
+    model.load_state_dict(load_model_state(checkpoint))
+    assert plan.test is not None
+    x, y = (torch.as_tensor(a) for a in plan.test)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+    task = plan.task
+    loop = ValidationLoop(
+        get_loss_strategy(cfg.loss or loss_for_task(task.task_type)), task_type=task.task_type
+    )
+    result = loop.run_epoch(0, model, batches)
+    metrics = metrics_from_sums(result.sums, loop.classification, loop.regression, "test")
+    metrics["test_rows"] = float(len(x))
+    return metrics
 
 
 def _export_best(
@@ -525,17 +553,17 @@ def _run_params(cfg: TrainingConfig, plan: DataPlan, resume: str | None) -> dict
 
 def _register(
     paths: RunPaths, cfg: TrainingConfig, plan: DataPlan, results: dict[str, Any], run_id
-) -> int | None:
+) -> Any:
     """Register the run's best checkpoint as the next version of ``cfg.register_as``."""
     from kiln.tracking.recorder import RunRecorder
 
     if not results.get("checkpoint_path"):
         return None
-    return RunRecorder(paths.db, paths.artifacts).register(
+    return RunRecorder(paths.db, paths.artifacts).register_entry(
         str(cfg.register_as),
         results["checkpoint_path"],
         config=cfg.to_dict(),
-        metrics=results["final_metrics"],
+        metrics={**results["final_metrics"], **results.get("test_metrics", {})},
         task_type=plan.task.task_type,
         run_id=run_id,
         description=f"run {results['run_name']}, best epoch {results['best_epoch']}",

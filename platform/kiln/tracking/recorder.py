@@ -75,6 +75,7 @@ class RunRecorder:
         checkpoints: Iterable[str] = (),
         profile: Mapping[str, Any] | None = None,
         error: BaseException | str | None = None,
+        final_metrics: Mapping[str, Any] | None = None,
     ) -> None:
         """Write the run's per-epoch metrics, checkpoints, alerts and data profile, then its status.
 
@@ -84,6 +85,8 @@ class RunRecorder:
         db = ExperimentDB(self.db_path)
         try:
             log_history(db, run_id, history)
+            if final_metrics:  # scored once after the run (e.g. the test split): no epoch
+                db.log_metrics(run_id, numeric_metrics(final_metrics))
             alerts = [a for row in history for a in row.get("alerts", [])]
             if alerts:
                 db.log_params(run_id, {"alerts": alerts})
@@ -116,11 +119,33 @@ class RunRecorder:
         description: str,
     ) -> int:
         """Register ``checkpoint`` as the next version of model ``name``; its model id."""
+        return self.register_entry(
+            name,
+            checkpoint,
+            config=config,
+            metrics=metrics,
+            task_type=task_type,
+            run_id=run_id,
+            description=description,
+        ).model_id
+
+    def register_entry(
+        self,
+        name: str,
+        checkpoint: str,
+        *,
+        config: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        task_type: str,
+        run_id: int | None,
+        description: str,
+    ) -> Any:
+        """Like :meth:`register`, returning the registry entry (name, version, tags, ...)."""
         from kiln.tracking.registry import ModelRegistry
 
         registry = ModelRegistry(self.db_path, self.artifacts_dir)
         try:
-            return registry.register_model(
+            model_id = registry.register_model(
                 name,
                 checkpoint,
                 config=dict(config),
@@ -129,6 +154,7 @@ class RunRecorder:
                 training_run_id=run_id,
                 description=description,
             )
+            return registry.get_model(model_id=model_id)
         finally:
             registry.close()
 
