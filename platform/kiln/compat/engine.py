@@ -1,4 +1,4 @@
-"""Seed 000's TrainingEngine: a dataset id and a layer list in, a TrainingSession out.
+"""TrainingEngine: a dataset id and a layer list in, a TrainingSession out.
 
 A thin facade over :class:`kiln.engine.trainer.Trainer`; it has no loop of its own.
 ``train()`` never raises: failures come back as ``status="failed"`` with a message
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kiln.compat.callbacks import adapt_callback
 from kiln.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class TrainingMetrics:
 
 @dataclass
 class TrainingSession:
-    """The record of one ``TrainingEngine.train`` call (seed 000's structure)."""
+    """The record of one ``TrainingEngine.train`` call: status, timing, per-epoch metrics."""
 
     session_id: str
     model_id: str | None
@@ -73,11 +74,12 @@ class TrainingEngine:
 
     Args:
         dataset_id: a dataset id (``kiln datasets`` lists them) or a local file path.
-        model_config: ``{"layers": [...]}`` (seed 000 layer list) or an architecture
+        model_config: ``{"layers": [...]}`` (a layer list) or an architecture
             dict such as ``{"name": "mlp", "hidden": [64]}``.
         device: "cpu" or "cuda".
         training_config: hyperparameters; default :func:`default_engine_config`.
-        callbacks: CallbackBase / TrainingHooks objects run inside the training loop.
+        callbacks: kiln ``CallbackBase`` / ``TrainingHooks`` objects, or trainer-first
+            :class:`~kiln.compat.callbacks.TrainingCallback` objects, run inside the loop.
     """
 
     def __init__(
@@ -93,7 +95,7 @@ class TrainingEngine:
         self.model_config = model_config
         self.device = device
         self.training_config = training_config or default_engine_config()
-        self.callbacks = list(callbacks or [])
+        self.callbacks = [adapt_callback(cb, self.training_config) for cb in callbacks or []]
         self.trainer_kwargs = trainer_kwargs
         self.trainer = None
 
