@@ -1,7 +1,7 @@
 """Losses kept for API compatibility: PEFT-aware and quantization-safe cross entropy.
 
 kiln's own task losses live in :mod:`kiln.engine.loss`; these two are the extra
-strategies the seed API names. Both are registered there by name (``"peft"``,
+strategies the older API names. Both are registered there by name (``"peft"``,
 ``"quantization_safe"``), so ``TrainingConfig(loss="quantization_safe")`` works.
 """
 

@@ -124,10 +124,7 @@ class TrainingStep:
             return metrics
         if not labels.is_floating_point() and logits.dim() == labels.dim() + 1:
             keep = labels != -100
-            if logits.dim() == 4:  # segmentation: classes on dim 1
-                predicted = logits.argmax(dim=1)
-            else:
-                predicted = logits.argmax(dim=-1)
+            predicted = logits.argmax(dim=1 if logits.dim() == 4 else -1)  # 4-D: [B, C, H, W]
             hits = (predicted == labels.to(predicted.device)) & keep.to(predicted.device)
             metrics["accuracy"] = float(hits.sum()) / max(1, int(keep.sum()))
         return metrics

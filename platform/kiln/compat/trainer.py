@@ -218,7 +218,9 @@ class ModelTrainer:
             loop = ValidationLoop(
                 self.step_handler.loss_strategy, precision=self.precision, task_type=self._task
             )
-            self._val_metrics = dict(loop.run_epoch(self.epoch, self.model, batches, self.device).metrics)
+            self._val_metrics = dict(
+                loop.run_epoch(self.epoch, self.model, batches, self.device).metrics
+            )
         return dict(self._val_metrics)
 
     # ------------------------------------------------------------------ one step
@@ -303,7 +305,9 @@ class ModelTrainer:
                 cfg.monitor, cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.mode
             )
             self.callbacks.append(KilnCallbackAdapter(policy))
-        if cfg.checkpoint_dir and not any(isinstance(c, CheckpointCallback) for c in self.callbacks):
+        if cfg.checkpoint_dir and not any(
+            isinstance(c, CheckpointCallback) for c in self.callbacks
+        ):
             self.callbacks.append(
                 CheckpointCallback(
                     cfg.checkpoint_dir,
@@ -339,7 +343,9 @@ class ModelTrainer:
                 batches = len(loader)
             except TypeError:
                 batches = 0
-            steps = math.ceil(batches / self.config.gradient_accumulation_steps) * self.config.epochs
+            steps = (
+                math.ceil(batches / self.config.gradient_accumulation_steps) * self.config.epochs
+            )
             cfg = self.config if steps else self.config.replace(lr_scheduler="constant")
             self.scheduler = build_scheduler(self.optimizer, cfg, steps or 1)
             self.step_handler.scheduler = self.scheduler
@@ -353,7 +359,9 @@ class ModelTrainer:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            logits = ModelOutput.from_raw(self.model(torch.as_tensor(inputs)[:2].to(self.device))).logits
+            logits = ModelOutput.from_raw(
+                self.model(torch.as_tensor(inputs)[:2].to(self.device))
+            ).logits
         self.model.train(was_training)
         name = infer_loss_name(logits, labels[:2])
         if self.step_handler.loss_strategy is None:

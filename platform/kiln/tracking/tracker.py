@@ -1,4 +1,4 @@
-"""MetricsTracker: per-epoch and per-step metrics with a summary (seeds 002 and 004).
+"""MetricsTracker: per-epoch and per-step metrics with a summary.
 
 Backed by an :class:`~kiln.tracking.experiments.ExperimentDB` run when one is given
 (the same store the Trainer writes, not a second one), in memory otherwise.
@@ -44,8 +44,8 @@ def flatten_epoch_metrics(
 class MetricsSummary(dict):
     """``{metric: {"last", "min", "max", "mean", "count", "best", "best_epoch", "mode"}}``.
 
-    Indexing with a list of columns (seed 002's ``summary[["epoch", "train_loss"]]``)
-    selects from :attr:`history`, the per-epoch DataFrame.
+    Indexing with a list of columns (``summary[["epoch", "train_loss"]]``) selects from
+    :attr:`history`, the per-epoch DataFrame.
     """
 
     def __init__(self, stats: dict[str, dict[str, Any]], history: pd.DataFrame) -> None:
@@ -107,6 +107,20 @@ class MetricsTracker:
             self._wandb.log(
                 {**values, **({"epoch": epoch} if epoch is not None else {})}, step=step
             )
+
+    @property
+    def current_step(self) -> int:
+        """The step the next ``update`` without ``step`` records at."""
+        return self._step
+
+    @property
+    def metrics(self) -> dict[str, list[tuple[int | None, float]]]:
+        """``{name: [(step, value), ...]}`` in recording order."""
+        out: dict[str, list[tuple[int | None, float]]] = {}
+        for row in self.rows().itertuples(index=False):
+            step = None if pd.isna(row.step) else int(row.step)
+            out.setdefault(str(row.name), []).append((step, float(row.value)))
+        return out
 
     def log_epoch(
         self,
