@@ -405,6 +405,69 @@ def test_data_module_protocol_is_runtime_checkable():
     assert not isinstance(TensorDataset(x, y), DataModuleProtocol)
 
 
+def test_data_loader_factory_with_task_collator():
+    from kiln.compat import DataLoaderConfig, DataLoaderFactory
+
+    task_spec = TaskSpec.classification(name="xor", num_classes=2)
+    factory = DataLoaderFactory(task_spec=task_spec, seed=42, pin_memory=True, num_workers=0)
+    x, y = _xy(40)
+    train_dataset = TensorDataset(x, y)
+    train_loader = factory.create_loader(
+        dataset=train_dataset, config=DataLoaderConfig(batch_size=16, shuffle=True, drop_last=True)
+    )
+    batches = list(train_loader)
+    assert [b["x"].shape for b in batches] == [(16, 4), (16, 4)]  # the collator's dict
+    again = factory.create_loader(train_dataset, DataLoaderConfig(16, True, True))
+    assert torch.equal(next(iter(again))["y"], batches[0]["y"])  # same seed, same order
+    is_eval = True
+    loader = factory.create_loader(
+        dataset=train_dataset,
+        config=DataLoaderConfig(batch_size=16, shuffle=not is_eval, drop_last=not is_eval),
+        is_eval=is_eval,
+    )
+    assert [len(b["y"]) for b in loader] == [16, 16, 8]
+    assert torch.equal(torch.cat([b["y"] for b in loader]), y)
+
+
+def test_universal_data_module_file_and_huggingface(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # never the network
+
+    from kiln.compat import UniversalDataModule
+
+    x, y = _xy(60)
+    rows = [
+        {"a": float(r[0]), "b": float(r[1]), "label": int(t)} for r, t in zip(x, y, strict=True)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task_spec = TaskSpec.classification(name="file", num_classes=2)
+    module = UniversalDataModule(task_spec=task_spec, batch_size=32, num_workers=0, seed=42)
+    train_loader, val_loader = module.load_from_file(file_path=str(data), validation_split=0.1)
+    n_train = sum(len(b["y"]) for b in train_loader)
+    n_val = sum(len(b["y"]) for b in val_loader)
+    assert n_train + n_val == 60 and 0 < n_val < 20
+    assert next(iter(train_loader))["x"].shape[1] == 2
+
+    hub = tmp_path / "hub_like"  # a local folder stands in for the hub (no downloads)
+    hub.mkdir()
+    for split, n in (("train", 40), ("validation", 20)):
+        table = datasets.Dataset.from_dict({"x": x[:n].tolist(), "y": y[:n].tolist()})
+        table.to_parquet(str(hub / f"{split}.parquet"))
+    train_loader, val_loader = module.load_huggingface(
+        dataset_name=str(hub),
+        dataset_config=None,
+        train_split="train",
+        validation_split="validation",
+        max_samples=30,
+        cache_dir=str(tmp_path / "hf_cache"),
+    )
+    assert sum(len(b["y"]) for b in train_loader) == 30
+    assert sum(len(b["y"]) for b in val_loader) == 20
+    assert next(iter(val_loader))["x"].dtype == torch.float32
+
+
 # ============================================================================ metrics
 def test_metrics_engine_epoch_scalar_confidence_alerts():
     from kiln.tracking import AlertConfig, MetricsEngine

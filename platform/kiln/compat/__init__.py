@@ -14,7 +14,9 @@ class lives and what it maps to: ``docs/seeds.md``.
   which runs such callbacks in kiln's loop.
 - :class:`PEFTAwareLoss`, :class:`QuantizationSafeLoss`: loss strategies also
   registered by name (``"peft"``, ``"quantization_safe"``).
-- :class:`DataModuleProtocol`: the data-module interface kiln datasets satisfy.
+- :class:`DataModuleProtocol`: the data-module interface kiln datasets satisfy;
+  :class:`DataLoaderFactory`, :class:`DataLoaderConfig`, :class:`UniversalDataModule`:
+  loaders with the task's collator.
 - ``QuantumOptimizer``: the older name of :class:`kiln.tune.PeriodicOptimizer`.
 """
 
@@ -22,6 +24,8 @@ from kiln._lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointCallback": "kiln.compat.callbacks",
+    "DataLoaderConfig": "kiln.compat.data",
+    "DataLoaderFactory": "kiln.compat.data",
     "DataManager": "kiln.compat.data",
     "DataModuleProtocol": "kiln.compat.data",
     "EarlyStoppingCallback": "kiln.compat.callbacks",
@@ -42,6 +46,7 @@ _EXPORTS = {
     "TrainingResult": "kiln.compat.trainer",
     "TrainingSession": "kiln.compat.engine",
     "TrainingStep": "kiln.compat.steps",
+    "UniversalDataModule": "kiln.compat.data",
 }
 
 __all__ = [*sorted(_EXPORTS)]

@@ -1,14 +1,22 @@
-"""Data access in the older API's shapes: ``DataManager`` and ``DataModuleProtocol``.
+"""Data access in the older APIs' shapes, over kiln's datasets and collators.
 
 - :class:`DataModuleProtocol`: what a data module offers kiln (``info``, ``len``,
   ``split``, ``to_ray``). Every :class:`~kiln.data.KilnDataset` satisfies it, and a
   user's module that does can be checked with ``isinstance``.
 - :class:`DataManager`: a torch ``DataLoader`` over a torch dataset or over a kiln
   dataset id, for in-process loops such as :class:`~kiln.compat.trainer.ModelTrainer`.
+- :class:`DataLoaderFactory` / :class:`DataLoaderConfig`: seeded loaders whose collator
+  is the task's (``TaskSpec.collator``, from :class:`kiln.data.CollatorRegistry`).
+- :class:`UniversalDataModule`: ``(train_loader, val_loader)`` from a local file or a
+  Hugging Face dataset, through the factory.
+
+kiln's :class:`~kiln.Trainer` does not need any of these: it takes dataset ids, files,
+arrays and loaders directly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,7 +25,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from kiln.errors import DatasetError
 
-__all__ = ["DataManager", "DataModuleProtocol"]
+__all__ = [
+    "DataLoaderConfig",
+    "DataLoaderFactory",
+    "DataManager",
+    "DataModuleProtocol",
+    "UniversalDataModule",
+]
 
 
 @runtime_checkable
@@ -117,8 +131,10 @@ class DataManager:
 
 
 def _as_torch(dataset: Any) -> TensorDataset:
-    """A TensorDataset over a kiln dataset held in memory (``x`` and ``y`` arrays)."""
+    """A TensorDataset over a kiln dataset's rows (in-memory arrays, or a local file's)."""
     x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
+    if (x is None or y is None) and callable(getattr(dataset, "local_arrays", None)):
+        x, y = dataset.local_arrays()
     if x is None or y is None:
         name = getattr(getattr(dataset, "info", None), "id", type(dataset).__name__)
         raise DatasetError(
@@ -126,3 +142,135 @@ def _as_torch(dataset: Any) -> TensorDataset:
             "DataLoader here; train on it with kiln.Trainer, which streams it through Ray Data"
         )
     return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+
+
+@dataclass(frozen=True)
+class DataLoaderConfig:
+    """Batch size and order for one loader (evaluation loaders never shuffle or drop)."""
+
+    batch_size: int = 32
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
+        if self.batch_size < 1:
+            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
+
+
+class DataLoaderFactory:
+    """Seeded DataLoaders that batch samples with the task's collator.
+
+    Args:
+        task_spec: picks the collator (``TaskSpec.collator``; the default collate for
+            tasks without one, such as regression).
+        seed: seeds the shuffle order (the same seed, the same order).
+        pin_memory: pin host memory; only takes effect where a GPU is present.
+        num_workers: loader worker processes (0 loads in this process).
+    """
+
+    def __init__(
+        self, task_spec: Any, seed: int = 42, pin_memory: bool = True, num_workers: int = 4
+    ) -> None:
+        from kiln.data import CollatorRegistry
+
+        name = getattr(task_spec, "collator", None)
+        self.task_spec = task_spec
+        self.collate_fn = CollatorRegistry().get(name) if name else None
+        self.seed = seed
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.num_workers = num_workers
+
+    def create_loader(
+        self, dataset: Dataset, config: DataLoaderConfig | None = None, is_eval: bool = False
+    ) -> DataLoader:
+        """A loader over ``dataset``; ``is_eval`` keeps every row in order."""
+        config = config or DataLoaderConfig()
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=config.shuffle and not is_eval,
+            drop_last=config.drop_last and not is_eval,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+
+class UniversalDataModule:
+    """Training and validation loaders from a local file or a Hugging Face dataset.
+
+    Args:
+        task_spec: the task; its ``input_column``/``label_column`` name the columns of
+            Hugging Face datasets, and its collator batches the rows.
+        batch_size, num_workers, seed: for the loaders (see :class:`DataLoaderFactory`).
+    """
+
+    def __init__(
+        self, task_spec: Any, batch_size: int = 32, num_workers: int = 4, seed: int = 42
+    ) -> None:
+        self.task_spec = task_spec
+        self.factory = DataLoaderFactory(task_spec, seed=seed, num_workers=num_workers)
+        self.config = DataLoaderConfig(batch_size=batch_size)
+        self.seed = seed
+
+    def load_from_file(
+        self, file_path: str | Path, validation_split: float = 0.1
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """Loaders over a local parquet/CSV/JSONL file, split by a seeded row hash."""
+        from kiln.data import get_dataset
+
+        train, val = get_dataset(file_path).split(validation_split, self.seed)
+        return self._loaders(_as_torch(train), None if val is None else _as_torch(val))
+
+    def load_huggingface(
+        self,
+        dataset_name: str,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        validation_split: str | None = "validation",
+        max_samples: int | None = None,
+        **load_kwargs: Any,
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """Loaders over a dataset ``datasets.load_dataset`` finds (a hub name or a local
+        folder); ``max_samples`` caps each split. ``load_kwargs`` go to ``load_dataset``."""
+        import datasets
+
+        columns = [self.task_spec.input_column, self.task_spec.label_column]
+        parts = []
+        for split in (train_split, validation_split):
+            if split is None:
+                parts.append(None)
+                continue
+            ds = datasets.load_dataset(dataset_name, dataset_config, split=split, **load_kwargs)
+            missing = [c for c in columns if c not in ds.column_names]
+            if missing:
+                raise DatasetError(
+                    f"split {split!r} of {dataset_name!r} has columns {ds.column_names}, not "
+                    f"{missing}; set TaskSpec(input_column=..., label_column=...)"
+                )
+            if max_samples is not None:
+                ds = ds.select(range(min(max_samples, len(ds))))
+            parts.append(_Columns(ds.with_format("torch", columns=columns), *columns))
+        return self._loaders(parts[0], parts[1])
+
+    def _loaders(self, train: Dataset, val: Dataset | None) -> tuple[DataLoader, DataLoader | None]:
+        val_loader = None if val is None else self.factory.create_loader(val, self.config, True)
+        return self.factory.create_loader(train, self.config), val_loader
+
+
+class _Columns(Dataset):
+    """``(input, label)`` samples from a dataset of column dicts."""
+
+    def __init__(self, rows: Any, input_column: str, label_column: str) -> None:
+        self.rows, self.columns = rows, (input_column, label_column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        row = self.rows[index]
+        return row[self.columns[0]], row[self.columns[1]]
