@@ -47,6 +47,7 @@ _EXPORTS = {
     "TrainingSession": "kiln.compat.engine",
     "TrainingStep": "kiln.compat.steps",
     "UniversalDataModule": "kiln.compat.data",
+    "adapt_callback": "kiln.compat.callbacks",
 }
 
 __all__ = [*sorted(_EXPORTS)]

@@ -197,15 +197,36 @@ class EarlyStoppingCallback(TrainingCallback):
 class SeedCallbackAdapter(CallbackBase):
     """Runs a trainer-first callback inside kiln's loop (``Trainer``, ``TrainingEngine``).
 
-    The "trainer" it passes is a namespace with ``model``, ``optimizer`` and ``config``.
+    The "trainer" it passes is one namespace per process with ``model``, ``optimizer``,
+    ``config``, ``rank``, ``world_size`` and ``stop_training`` (set it to stop the run,
+    as setting the callback's own ``stop_training`` does).
     """
 
     def __init__(self, callback: Any, config: Any = None) -> None:
         self.callback, self.config = callback, config
         self.steps = 0
+        self.trainer: SimpleNamespace | None = None
+
+    def set_context(self, model=None, optimizer=None, rank: int = 0, world_size: int = 1) -> None:
+        super().set_context(model, optimizer, rank, world_size)
+        self.trainer = None  # rebuilt around this process's model and optimizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["trainer"] = None  # holds the process-local model
+        return state
 
     def _trainer(self) -> SimpleNamespace:
-        return SimpleNamespace(model=self.model, optimizer=self.optimizer, config=self.config)
+        if self.trainer is None:
+            self.trainer = SimpleNamespace(
+                model=self.model,
+                optimizer=self.optimizer,
+                config=self.config,
+                rank=self.rank,
+                world_size=self.world_size,
+                stop_training=False,
+            )
+        return self.trainer
 
     def _call(self, name: str, *args: Any) -> None:
         fn = getattr(self.callback, name, None)
@@ -230,7 +251,8 @@ class SeedCallbackAdapter(CallbackBase):
 
     @property  # type: ignore[override]
     def stop_training(self) -> bool:
-        return bool(getattr(self.callback, "stop_training", False))
+        asked = self.trainer is not None and bool(self.trainer.stop_training)
+        return asked or bool(getattr(self.callback, "stop_training", False))
 
 
 class KilnCallbackAdapter(TrainingCallback):

@@ -38,11 +38,11 @@ from kiln.compat.callbacks import (
     as_trainer_callback,
 )
 from kiln.compat.steps import TrainingStep, infer_loss_name, model_device
-from kiln.config import TrainingConfig
+from kiln.config import TaskSpec, TrainingConfig
 from kiln.engine.callbacks import EarlyStoppingCallback as _EarlyStopping
 from kiln.engine.gradients import GradientAccumulator
 from kiln.engine.loops import TrainingLoop, ValidationLoop, unpack_batch
-from kiln.engine.loss import ModelOutput, get_loss_strategy
+from kiln.engine.loss import ModelOutput, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.errors import ConfigError
 from kiln.tracking.tracker import MetricsTracker, metric_mode
@@ -82,9 +82,19 @@ class ModelTrainer:
             ``"anneal"`` for an :class:`~kiln.tune.periodic.LRMultiplierAnnealer` judged on
             one batch of the validation loader (the training loader when there is none).
         optimization_frequency: training batches between periodic-optimizer rounds.
-        loss: a loss strategy name; default ``config.loss``, else inferred from the first
-            batch (integer labels classify, float labels regress).
+        task_spec: what is predicted (its task type picks the loss and metrics, its
+            columns read dict batches); default inferred from the first batch: integer
+            labels classify (per token for ``[B, T, V]`` outputs), float labels regress.
+            ``config.loss`` overrides the loss either way.
+        metrics_tracker: where epoch metrics are recorded, e.g. a
+            :class:`~kiln.tracking.MetricsTracker` over an ExperimentDB run; in memory
+            by default.
+
+    A callback (or the caller) may set ``trainer.stop_training = True`` to end ``train``
+    after the current epoch.
     """
+
+    stop_training: bool = False
 
     def __init__(
         self,
@@ -93,13 +103,15 @@ class ModelTrainer:
         quantum_optimizer: Any = None,
         *,
         optimization_frequency: int = 100,
-        loss: str | None = None,
+        task_spec: TaskSpec | None = None,
+        metrics_tracker: MetricsTracker | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.quantum_optimizer = quantum_optimizer
         self.optimization_frequency = optimization_frequency
-        self.loss = loss
+        self.task_spec = task_spec
+        self.metrics_tracker = metrics_tracker if metrics_tracker is not None else MetricsTracker()
         self.setup_training()
 
     # ------------------------------------------------------------------ setup
@@ -125,15 +137,17 @@ class ModelTrainer:
         self.precision = Precision.from_config(cfg, self.device)
         self.scaler = self.precision.make_scaler()
         self.accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
-        name = self.loss or cfg.loss
+        task = self.task_spec
+        self._task: str | None = task.task_type if task is not None else None
         self.step_handler = TrainingStep(
             self.model,
             self.optimizer,
             precision=self.precision,
             scaler=self.scaler,
-            loss_strategy=get_loss_strategy(name) if name else None,
+            loss_strategy=_loss_for(cfg, task),
+            input_column=task.input_column if task is not None else "x",
+            label_column=task.label_column if task is not None else "y",
         )
-        self.metrics_tracker = MetricsTracker()
         self.callbacks: list[Any] = []
         self.history: list[dict[str, Any]] = []
         self.optimization_results: list[OptimizationResult] = []
@@ -145,10 +159,9 @@ class ModelTrainer:
         self._running = _Running()
         self._epoch_metrics: dict[str, Any] = {}
         self._val_metrics: dict[str, Any] = {}
-        self._task: str | None = None
+        self._last_loss = math.nan
         self._solver: Any = None if q == "anneal" else q
         self._started = time.perf_counter()
-        self._checkpoint_path: str | None = None
 
     # ------------------------------------------------------------------ the whole run
     def train(
@@ -168,7 +181,9 @@ class ModelTrainer:
                 self.quantum_optimize()
             metrics = self.end_epoch()
             self._fire("on_epoch_end", self.epoch, metrics)
-            if any(getattr(cb, "stop_training", False) for cb in self.callbacks):
+            if self.stop_training or any(
+                getattr(c, "stop_training", False) for c in self.callbacks
+            ):
                 self.stopped_early = self.epoch < self.config.epochs
                 break
         self._fire("on_training_end")
@@ -182,7 +197,7 @@ class ModelTrainer:
         first, batches = _peek(dataloader)
         if first is None:
             raise ConfigError("the training dataloader yielded no batches")
-        self._ensure_ready(first, dataloader)
+        self._ensure_ready(first, dataloader, training=True)
         if self._uses_kiln_loop(first):
             self._run_kiln_epoch(batches)
         else:
@@ -206,7 +221,7 @@ class ModelTrainer:
         first, batches = _peek(dataloader)
         if first is None:
             raise ConfigError("the validation dataloader yielded no batches")
-        self._ensure_ready(first, dataloader)
+        self._ensure_ready(first, dataloader, training=False)
         if self.step_handler._is_model_kwargs(first):
             running = _Running()
             self.model.eval()
@@ -215,8 +230,13 @@ class ModelTrainer:
                     running.add(self.step_handler.forward_step(batch)[1])
             self._val_metrics = running.metrics("val")
         else:
+            input_column, label_column = self.step_handler.columns
             loop = ValidationLoop(
-                self.step_handler.loss_strategy, precision=self.precision, task_type=self._task
+                self.step_handler.loss_strategy,
+                precision=self.precision,
+                task_type=self._task or "classification",
+                input_column=input_column,
+                label_column=label_column,
             )
             self._val_metrics = dict(
                 loop.run_epoch(self.epoch, self.model, batches, self.device).metrics
@@ -279,9 +299,12 @@ class ModelTrainer:
         """Metrics of the last epoch, the history, the best epoch by ``config.monitor``."""
         history = self.history or [self.get_epoch_metrics()]
         best = _best(history, self.config.monitor, self.config.mode)
-        checkpoint = self._checkpoint_path
+        checkpoint = None
         for cb in self.callbacks:
-            checkpoint = getattr(cb, "best_path", None) or checkpoint
+            inner = getattr(cb, "callback", None)  # a kiln callback inside its adapter
+            checkpoint = (
+                getattr(cb, "best_path", None) or getattr(inner, "best_path", None) or checkpoint
+            )
         return TrainingResult(
             metrics=dict(history[-1]),
             history=[dict(h) for h in history],
@@ -320,13 +343,10 @@ class ModelTrainer:
             )
         if self.quantum_optimizer == "anneal" and self._solver is None:
             first, _ = _peek(val_loader if val_loader is not None else train_loader)
-            self._solver = LRMultiplierAnnealer(unpack_batch(first))
+            self._solver = LRMultiplierAnnealer(unpack_batch(first, *self.step_handler.columns))
         bind = getattr(self._solver, "bind", None)
         if callable(bind):
             bind(self.optimizer)
-        first, _ = _peek(train_loader)
-        if first is not None:
-            self._ensure_ready(first, train_loader)
 
     def _fire(self, name: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -334,11 +354,12 @@ class ModelTrainer:
             if callable(fn):
                 fn(self, *args)
 
-    def _ensure_ready(self, first: Any, loader: Any) -> None:
-        """Pick the loss and task from the first batch; build the schedule from its length."""
+    def _ensure_ready(self, first: Any, loader: Any, training: bool) -> None:
+        """Pick the loss and task from the first batch; the schedule from the training
+        loader's length (once)."""
         if self.step_handler.loss_strategy is None or self._task is None:
             self._infer_task(first)
-        if self.scheduler is None:
+        if training and self.scheduler is None:
             try:
                 batches = len(loader)
             except TypeError:
@@ -354,7 +375,7 @@ class ModelTrainer:
         if self.step_handler._is_model_kwargs(first):
             self._task = "model_loss"
             return
-        inputs, labels = unpack_batch(first)
+        inputs, labels = unpack_batch(first, *self.step_handler.columns)
         labels = torch.as_tensor(labels)
         was_training = self.model.training
         self.model.eval()
@@ -366,7 +387,8 @@ class ModelTrainer:
         name = infer_loss_name(logits, labels[:2])
         if self.step_handler.loss_strategy is None:
             self.step_handler.loss_strategy = get_loss_strategy(name)
-        self._task = name  # kiln's loops count accuracy for "classification", MAE for "regression"
+        if self._task is None:  # the loops count accuracy for classification, MAE for regression
+            self._task = name
 
     def _uses_kiln_loop(self, first: Any) -> bool:
         overridden = any(
@@ -383,6 +405,8 @@ class ModelTrainer:
             self.config.max_grad_norm,
             precision=self.precision,
             task_type=self._task or "classification",
+            input_column=self.step_handler.columns[0],
+            label_column=self.step_handler.columns[1],
         )
         loop.global_step = self.global_step
         result = loop.run_epoch(
@@ -447,6 +471,20 @@ class _Running:
     def metrics(self, prefix: str) -> dict[str, float]:
         n = max(self.samples, 1.0)
         return {f"{prefix}_{k}": v / n for k, v in self.sums.items()}
+
+
+def _loss_for(config: TrainingConfig, task: TaskSpec | None) -> Any:
+    """``config.loss``, else the task's default loss (None: infer from the first batch)."""
+    if config.loss:
+        return get_loss_strategy(config.loss)
+    if task is None:
+        return None
+    if (
+        task.task_type in ("language_modeling", "sequence_to_sequence")
+        and task.pad_token_id is not None
+    ):
+        return get_loss_strategy(loss_for_task(task.task_type), pad_token_id=task.pad_token_id)
+    return get_loss_strategy(loss_for_task(task.task_type))
 
 
 def _as_config(config: Any) -> TrainingConfig:
