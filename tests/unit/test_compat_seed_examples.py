@@ -149,6 +149,27 @@ def test_callback_system_logging_checkpoint_registry_and_early_stopping(tmp_path
     assert (Path(checkpoints.best_path) / "model.pt").is_file()
 
 
+def test_training_engine_resumes_from_a_checkpoint(tmp_path):
+    from kiln import TrainingEngine
+
+    def engine(epochs: int) -> TrainingEngine:
+        config = _quick(epochs=epochs, batch_size=50, checkpoint_dir=str(tmp_path / "ckpt"))
+        return TrainingEngine(
+            "iris",
+            {"name": "mlp", "hidden": [8]},
+            training_config=config,
+            storage_path=tmp_path / "runs",
+            db_path=tmp_path / "kiln.db",
+        )
+
+    first = engine(2).train()
+    resumed = engine(3).train(resume_from="latest")
+    assert resumed.status == "completed", resumed.error_message
+    assert [m.epoch for m in resumed.metrics] == [1, 2, 3]  # two restored, one trained
+    assert [m.loss for m in resumed.metrics[:2]] == [m.loss for m in first.metrics]
+    assert resumed.current_epoch == 3
+
+
 def test_data_manager_by_dataset_id():
     from kiln.compat import DataManager
 
@@ -219,6 +240,30 @@ def test_loss_strategy_registry_builtin_and_custom():
         registry.get("custom").compute_loss(logits, labels), F.cross_entropy(logits, labels)
     )
     assert strategy.compute_loss(torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))).dim() == 0
+
+
+def test_workflow_custom_loss_strategy():
+    from kiln.engine import LossStrategyRegistry
+
+    registry = LossStrategyRegistry()
+    weights = torch.tensor([0.2, 0.8])
+
+    class CustomWeightedLoss:
+        def __init__(self, class_weights):
+            self.class_weights = class_weights
+
+        def compute_loss(self, logits, labels, inputs=None):
+            return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="mean")
+
+        def validate_inputs(self, logits, labels):
+            assert logits.ndim == 2
+            assert labels.ndim == 1
+
+    registry.register("weighted-ce", CustomWeightedLoss(weights))
+    strategy = registry.get("weighted-ce")
+    logits, labels = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
+    expected = F.cross_entropy(logits, labels, weight=weights)
+    assert torch.allclose(strategy.compute_loss(logits, labels), expected)
 
 
 def test_language_modeling_loss_with_padding():

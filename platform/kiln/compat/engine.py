@@ -99,8 +99,14 @@ class TrainingEngine:
         self.trainer_kwargs = trainer_kwargs
         self.trainer = None
 
-    def train(self, model_id: str | None = None) -> TrainingSession:
-        """Train and return the session; failures are reported, never raised."""
+    def train(self, model_id: str | None = None, resume_from: str | None = None) -> TrainingSession:
+        """Train and return the session; failures are reported, never raised.
+
+        Args:
+            model_id: registers the best checkpoint under this name (and names the run).
+            resume_from: ``"latest"``, ``"best"`` or a checkpoint path to continue from;
+                the session's metrics then include the epochs trained before.
+        """
         from kiln.engine.trainer import Trainer
 
         session = TrainingSession(
@@ -125,7 +131,7 @@ class TrainingEngine:
             self.trainer = Trainer(
                 training_config=cfg, hooks=self.callbacks, device=self.device, **self.trainer_kwargs
             )
-            results = self.trainer.train()
+            results = self.trainer.train(resume_from=resume_from)
         except Exception as exc:  # the session carries the failure
             logger.debug("training session failed", exc_info=True)
             session.status = "failed"
