@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.engine.loops import unpack_batch
 from kiln.engine.loss import LossStrategy, ModelOutput, get_loss_strategy
 from kiln.engine.optim import Precision
 from kiln.tune.periodic import OptimizationResult, PeriodicOptimizer, check_solver, optimize_once
@@ -88,7 +89,7 @@ class TrainingStep:
         """Forward pass and loss; returns ``(loss, {"loss", "batch_size", "accuracy"?})``."""
         device = model_device(self.model)
         with self._autocast():
-            if self._is_model_kwargs(batch):
+            if self.model_computes_loss(batch):
                 outputs = self.model(**{k: _to(v, device) for k, v in batch.items()})
                 loss = _loss_of(outputs)
                 labels = batch.get("labels")
@@ -129,16 +130,15 @@ class TrainingStep:
             metrics["accuracy"] = float(hits.sum()) / max(1, int(keep.sum()))
         return metrics
 
+    def model_computes_loss(self, batch: Any) -> bool:
+        """True for dict batches without the input column: ``model(**batch).loss``."""
+        return isinstance(batch, dict) and self.columns[0] not in batch
+
     # -- helpers -----------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast()
 
-    def _is_model_kwargs(self, batch: Any) -> bool:
-        return isinstance(batch, dict) and self.columns[0] not in batch
-
     def _inputs_labels(self, batch: Any) -> tuple[Any, Any]:
-        from kiln.engine.loops import unpack_batch
-
         return unpack_batch(batch, *self.columns)
 
 

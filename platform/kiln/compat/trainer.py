@@ -222,7 +222,7 @@ class ModelTrainer:
         if first is None:
             raise ConfigError("the validation dataloader yielded no batches")
         self._ensure_ready(first, dataloader, training=False)
-        if self.step_handler._is_model_kwargs(first):
+        if self.step_handler.model_computes_loss(first):
             running = _Running()
             self.model.eval()
             with torch.no_grad():
@@ -283,8 +283,12 @@ class ModelTrainer:
 
     # ------------------------------------------------------------------ results
     def get_epoch_metrics(self) -> dict[str, Any]:
-        """The current epoch's train (and, after ``validate``, validation) metrics."""
-        return {"epoch": self.epoch, **self._epoch_metrics, **self._val_metrics}
+        """The current epoch's train (and, after ``validate``, validation) metrics.
+
+        Before any ``train_epoch``, the train metrics are those of the steps taken by hand.
+        """
+        train = self._epoch_metrics or self._running.metrics("train")
+        return {"epoch": self.epoch, **train, **self._val_metrics}
 
     def end_epoch(self) -> dict[str, Any]:
         """Record the epoch's metrics in the history and the tracker; return them."""
@@ -372,7 +376,7 @@ class ModelTrainer:
             self.step_handler.scheduler = self.scheduler
 
     def _infer_task(self, first: Any) -> None:
-        if self.step_handler._is_model_kwargs(first):
+        if self.step_handler.model_computes_loss(first):
             self._task = "model_loss"
             return
         inputs, labels = unpack_batch(first, *self.step_handler.columns)
@@ -395,7 +399,7 @@ class ModelTrainer:
             getattr(type(self), m) is not getattr(ModelTrainer, m)
             for m in ("train_step", "backward_step", "optimization_step")
         )
-        return not overridden and not self.step_handler._is_model_kwargs(first)
+        return not overridden and not self.step_handler.model_computes_loss(first)
 
     def _run_kiln_epoch(self, batches: Iterator[Any]) -> None:
         loop = TrainingLoop(
