@@ -249,8 +249,8 @@ class SeedCallbackAdapter(CallbackBase):
     def on_train_end(self, logs=None) -> None:
         self._call("on_training_end")
 
-    @property  # type: ignore[override]
-    def stop_training(self) -> bool:
+    @property
+    def stop_training(self) -> bool:  # type: ignore[override]  # read from the wrapped object
         asked = self.trainer is not None and bool(self.trainer.stop_training)
         return asked or bool(getattr(self.callback, "stop_training", False))
 
@@ -262,8 +262,8 @@ class KilnCallbackAdapter(TrainingCallback):
         self.callback = callback
         self.is_callback = isinstance(callback, CallbackBase)
 
-    @property  # type: ignore[override]
-    def stop_training(self) -> bool:
+    @property
+    def stop_training(self) -> bool:  # type: ignore[override]  # read from the wrapped object
         return bool(getattr(self.callback, "stop_training", False))
 
     def _hook(self, name: str, *args: Any) -> None:

@@ -237,25 +237,29 @@ class UniversalDataModule:
     ) -> tuple[DataLoader, DataLoader | None]:
         """Loaders over a dataset ``datasets.load_dataset`` finds (a hub name or a local
         folder); ``max_samples`` caps each split. ``load_kwargs`` go to ``load_dataset``."""
+
+        def split_of(name: str) -> Dataset:
+            return self._hf_split(dataset_name, dataset_config, name, max_samples, load_kwargs)
+
+        val = None if validation_split is None else split_of(validation_split)
+        return self._loaders(split_of(train_split), val)
+
+    def _hf_split(
+        self, name: str, config: str | None, split: str, max_samples: int | None, kwargs: Any
+    ) -> Dataset:
         import datasets
 
         columns = [self.task_spec.input_column, self.task_spec.label_column]
-        parts = []
-        for split in (train_split, validation_split):
-            if split is None:
-                parts.append(None)
-                continue
-            ds = datasets.load_dataset(dataset_name, dataset_config, split=split, **load_kwargs)
-            missing = [c for c in columns if c not in ds.column_names]
-            if missing:
-                raise DatasetError(
-                    f"split {split!r} of {dataset_name!r} has columns {ds.column_names}, not "
-                    f"{missing}; set TaskSpec(input_column=..., label_column=...)"
-                )
-            if max_samples is not None:
-                ds = ds.select(range(min(max_samples, len(ds))))
-            parts.append(_Columns(ds.with_format("torch", columns=columns), *columns))
-        return self._loaders(parts[0], parts[1])
+        ds = datasets.load_dataset(name, config, split=split, **kwargs)
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise DatasetError(
+                f"split {split!r} of {name!r} has columns {ds.column_names}, not {missing}; "
+                "set TaskSpec(input_column=..., label_column=...)"
+            )
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
+        return _Columns(ds.with_format("torch", columns=columns), *columns)
 
     def _loaders(self, train: Dataset, val: Dataset | None) -> tuple[DataLoader, DataLoader | None]:
         val_loader = None if val is None else self.factory.create_loader(val, self.config, True)

@@ -97,7 +97,7 @@ class TrainingEngine:
         self.training_config = training_config or default_engine_config()
         self.callbacks = [adapt_callback(cb, self.training_config) for cb in callbacks or []]
         self.trainer_kwargs = trainer_kwargs
-        self.trainer = None
+        self.trainer: Any = None  # the kiln Trainer of the last train() call
 
     def train(self, model_id: str | None = None, resume_from: str | None = None) -> TrainingSession:
         """Train and return the session; failures are reported, never raised.

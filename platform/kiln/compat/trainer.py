@@ -107,7 +107,7 @@ class ModelTrainer:
         metrics_tracker: MetricsTracker | None = None,
     ) -> None:
         self.model = model
-        self.config = config
+        self.config = _as_config(config)
         self.quantum_optimizer = quantum_optimizer
         self.optimization_frequency = optimization_frequency
         self.task_spec = task_spec
@@ -119,7 +119,7 @@ class ModelTrainer:
         """Check the inputs and build the optimizer, precision and step handlers."""
         if not isinstance(self.model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        self.config = _as_config(self.config)
+        self.config.validate()
         if isinstance(self.optimization_frequency, bool) or self.optimization_frequency < 1:
             raise ConfigError(
                 f"optimization_frequency={self.optimization_frequency!r} must be an int >= 1"
@@ -231,6 +231,7 @@ class ModelTrainer:
             self._val_metrics = running.metrics("val")
         else:
             input_column, label_column = self.step_handler.columns
+            assert self.step_handler.loss_strategy is not None  # set by _ensure_ready
             loop = ValidationLoop(
                 self.step_handler.loss_strategy,
                 precision=self.precision,
@@ -402,6 +403,7 @@ class ModelTrainer:
         return not overridden and not self.step_handler.model_computes_loss(first)
 
     def _run_kiln_epoch(self, batches: Iterator[Any]) -> None:
+        assert self.step_handler.loss_strategy is not None  # set by _ensure_ready
         loop = TrainingLoop(
             self.accumulator,
             None,
