@@ -126,7 +126,7 @@ def test_kiln_callbacks_and_stop_requests_inside_model_trainer(capsys):
         callbacks=[LoggingCallback(), EarlyStoppingCallback(patience=50), hooks, StopAfterTwo()],
     )
     assert [h["epoch"] for h in result.history] == [1, 2] and result.stopped_early
-    assert hooks.events == [0, 1, ["val_accuracy", "val_loss"], 2, 3, ["val_accuracy", "val_loss"]]
+    assert hooks.events == [0, 1, ["val_accuracy", "val_loss"], 0, 1, ["val_accuracy", "val_loss"]]
     assert "epoch 2/6 - " in capsys.readouterr().out
 
 

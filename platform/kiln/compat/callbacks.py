@@ -285,10 +285,11 @@ class KilnCallbackAdapter(TrainingCallback):
             self._hook("on_epoch_start", epoch)
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
+        batch = int(metrics.get("batch", step - 1))  # kiln counts batches within the epoch
         if self.is_callback:
-            self.callback.on_batch_end(step - 1, dict(metrics))
+            self.callback.on_batch_end(batch, dict(metrics))
         else:
-            self._hook("on_batch_end", step - 1, float(metrics["loss"]))
+            self._hook("on_batch_end", batch, float(metrics["loss"]))
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
         if self.is_callback:
