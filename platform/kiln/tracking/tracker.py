@@ -65,6 +65,9 @@ class MetricsTracker:
         db: Store rows in this run of an ExperimentDB (with ``run_id``); in memory if None.
         run_id: The run the rows belong to (required with ``db``).
         use_wandb: Also send every row to Weights & Biases (needs ``wandb`` installed).
+            The first row joins the active W&B run, or starts one in ``wandb_project``;
+            :meth:`close` finishes a run the tracker started.
+        wandb_project: The W&B project of a run the tracker starts (W&B's default if None).
         modes: ``{"metric": "min"|"max"}`` overriding :func:`metric_mode` for "best".
     """
 
@@ -74,6 +77,7 @@ class MetricsTracker:
         run_id: int | None = None,
         use_wandb: bool = False,
         modes: Mapping[str, str] | None = None,
+        wandb_project: str | None = None,
     ) -> None:
         if (db is None) != (run_id is None):
             raise ValueError(
@@ -88,6 +92,9 @@ class MetricsTracker:
         self._rows: list[dict[str, Any]] = []
         self._step = 0
         self._wandb = _import_wandb() if use_wandb else None
+        self.wandb_project = wandb_project
+        self._wandb_run: Any = None
+        self._started_wandb_run = False
 
     def update(
         self, metrics: Mapping[str, float], step: int | None = None, epoch: int | None = None
@@ -104,9 +111,24 @@ class MetricsTracker:
                 {"name": k, "value": v, "epoch": epoch, "step": step} for k, v in values.items()
             )
         if self._wandb is not None:
-            self._wandb.log(
+            self._run().log(
                 {**values, **({"epoch": epoch} if epoch is not None else {})}, step=step
             )
+
+    def _run(self) -> Any:
+        """The W&B run rows go to: the active one, else one started here (once)."""
+        if self._wandb_run is None:
+            self._wandb_run = self._wandb.run
+            if self._wandb_run is None:
+                self._wandb_run = self._wandb.init(project=self.wandb_project)
+                self._started_wandb_run = True
+        return self._wandb_run
+
+    def close(self) -> None:
+        """Finish the W&B run this tracker started, if any."""
+        if self._started_wandb_run and self._wandb_run is not None:
+            self._wandb_run.finish()
+        self._wandb_run, self._started_wandb_run = None, False
 
     @property
     def current_step(self) -> int:
