@@ -142,8 +142,10 @@ def test_config_checks():
         ModelTrainer(_model(), _cfg(), quantum_optimizer=object())
     with pytest.raises(ConfigError, match="epochs=0"):
         ModelTrainer(_model(), {"num_epochs": 0})
-    with pytest.raises(ConfigError, match="needs a quantum_optimizer"):
+    with pytest.raises(ConfigError, match="no solver: pass quantum_optimizer="):
         ModelTrainer(_model(), _cfg()).quantum_optimize()
+    with pytest.raises(ConfigError, match="'anneal' builds its solver from the loaders"):
+        ModelTrainer(_model(), _cfg(), quantum_optimizer="anneal").quantum_optimize()
     with pytest.raises(ConfigError, match="yielded no batches"):
         ModelTrainer(_model(), _cfg()).train_epoch([])
 
@@ -246,3 +248,18 @@ def test_data_manager_errors_and_file_rows(tmp_path):
     manager = DataManager(str(path), batch_size=4, num_workers=0)
     xb, yb = next(iter(manager.get_dataloader(shuffle=False)))
     assert xb.shape == (4, 2) and yb.tolist() == [0, 1, 0, 1]
+
+
+def test_hand_driven_steps_call_the_periodic_optimizer_every_n_steps():
+    from kiln.compat import LRMultiplierAnnealer, ModelTrainer
+
+    x, y = _data(64)
+    annealer = LRMultiplierAnnealer((x[:32], y[:32]))
+    trainer = ModelTrainer(_model(), _cfg(), quantum_optimizer=annealer, optimization_frequency=2)
+    for batch in _loader(x, y):  # the custom loop, without train() or train_epoch()
+        loss = trainer.train_step(batch)
+        trainer.backward_step(loss)
+        trainer.optimization_step()
+    assert [r.step for r in trainer.optimization_results] == [2, 4]
+    assert annealer.optimizer is trainer.optimizer  # bound at construction
+    assert set(trainer.get_epoch_metrics()) >= {"epoch", "train_loss", "train_accuracy"}

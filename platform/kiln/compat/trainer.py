@@ -161,6 +161,7 @@ class ModelTrainer:
         self._val_metrics: dict[str, Any] = {}
         self._last_loss = math.nan
         self._solver: Any = None if q == "anneal" else q
+        self._bind_solver()
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------ the whole run
@@ -274,7 +275,13 @@ class ModelTrainer:
     def quantum_optimize(self) -> OptimizationResult:
         """One periodic-optimizer round (formulate, solve, apply) on the model now."""
         if self._solver is None:
-            raise ConfigError("quantum_optimize() needs a quantum_optimizer (or 'anneal')")
+            hint = (
+                "'anneal' builds its solver from the loaders in train(); to step by hand pass "
+                "LRMultiplierAnnealer(held_out=(x, y))"
+                if self.quantum_optimizer == "anneal"
+                else "pass quantum_optimizer= a PeriodicOptimizer or 'anneal'"
+            )
+            raise ConfigError(f"quantum_optimize() has no solver: {hint}")
         metrics = {"step": self.global_step, "epoch": self.epoch, **self._epoch_metrics}
         result = optimize_once(self._solver, self.model, metrics)
         result.step = self.global_step
@@ -349,6 +356,10 @@ class ModelTrainer:
         if self.quantum_optimizer == "anneal" and self._solver is None:
             first, _ = _peek(val_loader if val_loader is not None else train_loader)
             self._solver = LRMultiplierAnnealer(unpack_batch(first, *self.step_handler.columns))
+            self._bind_solver()
+
+    def _bind_solver(self) -> None:
+        """Give the solver this trainer's optimizer, if it takes one."""
         bind = getattr(self._solver, "bind", None)
         if callable(bind):
             bind(self.optimizer)
