@@ -38,7 +38,7 @@ _EXPORTS = {
     "OptimizationStep": "kiln.compat.steps",
     "PEFTAwareLoss": "kiln.compat.losses",
     "QuantizationSafeLoss": "kiln.compat.losses",
-    "QuantumOptimizer": "kiln.compat.aliases",
+    "QuantumOptimizer": "kiln.compat.steps",
     "SeedCallbackAdapter": "kiln.compat.callbacks",
     "TrainingCallback": "kiln.compat.callbacks",
     "TrainingEngine": "kiln.compat.engine",

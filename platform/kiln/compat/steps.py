@@ -8,7 +8,8 @@ loss. The loss of ``(inputs, labels)`` batches is kiln's loss strategy for the
 labels' kind (or the one given). Autocast runs on the model's own device type.
 
 :class:`OptimizationStep` runs one round of a periodic optimizer
-(:func:`kiln.tune.periodic.optimize_once`).
+(:func:`kiln.tune.periodic.optimize_once`); ``QuantumOptimizer`` is the older name of
+its protocol, :class:`~kiln.tune.periodic.PeriodicOptimizer`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from kiln.engine.loss import LossStrategy, ModelOutput, get_loss_strategy
 from kiln.engine.optim import Precision
 from kiln.tune.periodic import OptimizationResult, PeriodicOptimizer, check_solver, optimize_once
 
-__all__ = ["OptimizationStep", "TrainingStep", "infer_loss_name", "model_device"]
+__all__ = [
+    "OptimizationStep",
+    "QuantumOptimizer",
+    "TrainingStep",
+    "infer_loss_name",
+    "model_device",
+]
+
+QuantumOptimizer = PeriodicOptimizer
+"""The periodic hyper-parameter optimizer protocol under its older name."""
 
 
 def model_device(model: nn.Module) -> torch.device:
