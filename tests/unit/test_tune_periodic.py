@@ -74,6 +74,21 @@ def test_callback_calls_every_n_batches():
     assert [r.step for r in cb.results] == [4, 8]
 
 
+def test_callback_log_is_the_drivers_view_of_the_results(tmp_path):
+    from kiln.tune.periodic import read_optimization_log
+
+    log = tmp_path / "periodic" / "results.jsonl"
+    for rank in (0, 1):  # rank 1 computes the same results but does not write them
+        cb = PeriodicOptimizationCallback(CountingOptimizer(), 3, log_path=log)
+        cb.set_context(model=_model(), optimizer=None, rank=rank, world_size=2)
+        for batch in range(7):
+            cb.on_batch_end(batch, {"loss": 0.5})
+    results = read_optimization_log(log)
+    assert [(r.step, r.applied) for r in results] == [(3, False), (6, False)]
+    assert all("seconds" in r.details for r in results)
+    assert read_optimization_log(tmp_path / "missing.jsonl") == []
+
+
 def test_annealer_finds_a_better_learning_rate_and_applies_it():
     x, y = _data()
     model = _model()
