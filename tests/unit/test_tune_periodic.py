@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.config import TrainingConfig
+from kiln.errors import ConfigError
 from kiln.tune import (
     LRMultiplierAnnealer,
     ModelTrainer,
@@ -56,9 +57,9 @@ def test_protocol_is_runtime_checkable():
     x, y = _data()
     assert isinstance(CountingOptimizer(), PeriodicOptimizer)
     assert isinstance(LRMultiplierAnnealer((x, y)), PeriodicOptimizer)
-    with pytest.raises(TypeError, match="lacks formulate_problem, solve, apply_solution"):
+    with pytest.raises(ConfigError, match="lacks formulate_problem, solve, apply_solution"):
         OptimizationStep(object(), 10)
-    with pytest.raises(TypeError, match="lacks formulate_problem, solve, apply_solution"):
+    with pytest.raises(ConfigError, match="lacks formulate_problem, solve, apply_solution"):
         PeriodicOptimizationCallback(object(), 10)
     with pytest.raises(ValueError, match="optimization_frequency=0"):
         OptimizationStep(CountingOptimizer(), 0)

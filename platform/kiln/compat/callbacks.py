@@ -35,6 +35,7 @@ from kiln.engine.callbacks import (
 from kiln.engine.callbacks import (
     EarlyStoppingCallback as _EarlyStopping,
 )
+from kiln.errors import ConfigError
 from kiln.tracking.tracker import MetricsTracker
 
 __all__ = [
@@ -78,10 +79,9 @@ class MetricsCallback(TrainingCallback):
     """
 
     def __init__(self, tracker: MetricsTracker | None = None, log_every_n_steps: int = 1) -> None:
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int):
-            raise ValueError(f"log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
-        if log_every_n_steps < 0:
-            raise ValueError(f"log_every_n_steps must be an int >= 0; got {log_every_n_steps!r}")
+        n = log_every_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"log_every_n_steps must be an int >= 0; got {n!r}")
         self.tracker = tracker if tracker is not None else MetricsTracker()
         self.log_every_n_steps = log_every_n_steps
         self.history: list[dict[str, float]] = []

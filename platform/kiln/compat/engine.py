@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln.compat.callbacks import adapt_callback
 from kiln.config import TrainingConfig
+from kiln.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class TrainingEngine:
         )
         try:
             if not isinstance(self.model_config, dict):
-                raise TypeError(
+                raise ConfigError(
                     f"model_config must be a dict with a 'layers' list, got {type(self.model_config).__name__}"
                 )
             cfg = self.training_config.replace(

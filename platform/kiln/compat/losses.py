@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kiln.engine.loss import LossInputs, check_cross_entropy_any, cross_entropy_any
+from kiln.errors import ConfigError
 
 __all__ = ["PEFTAwareLoss", "QuantizationSafeLoss"]
 
@@ -40,9 +41,9 @@ class PEFTAwareLoss:
         self, base_model_frozen: bool = True, adapter_scale: float = 1.0, l2_weight: float = 0.0
     ) -> None:
         if adapter_scale <= 0:
-            raise ValueError(f"adapter_scale must be > 0; got {adapter_scale!r}")
+            raise ConfigError(f"adapter_scale must be > 0; got {adapter_scale!r}")
         if l2_weight < 0:
-            raise ValueError(f"l2_weight must be >= 0; got {l2_weight!r}")
+            raise ConfigError(f"l2_weight must be >= 0; got {l2_weight!r}")
         self.base_model_frozen = bool(base_model_frozen)
         self.adapter_scale = float(adapter_scale)
         self.l2_weight = float(l2_weight)
@@ -110,7 +111,7 @@ class QuantizationSafeLoss:
         if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
             errors.append(f"grad_clip must be a number > 0 or None; got {grad_clip!r}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError(errors)
         self.bits = bits
         self.symmetric = bool(symmetric)
         self.fake_quantize = bool(fake_quantize)

@@ -23,6 +23,7 @@ from torch import nn
 from kiln.engine.loops import unpack_batch
 from kiln.engine.loss import LossStrategy, ModelOutput, get_loss_strategy
 from kiln.engine.optim import Precision
+from kiln.errors import ConfigError, ModelConfigError
 from kiln.tune.periodic import OptimizationResult, PeriodicOptimizer, check_solver, optimize_once
 
 __all__ = [
@@ -116,7 +117,7 @@ class TrainingStep:
     def backward_step(self, loss: torch.Tensor, gradient_accumulation: int = 1) -> None:
         """Backward of ``loss / gradient_accumulation`` (scaled by the GradScaler, if any)."""
         if gradient_accumulation < 1:
-            raise ValueError(f"gradient_accumulation={gradient_accumulation!r} must be >= 1")
+            raise ConfigError(f"gradient_accumulation={gradient_accumulation!r} must be >= 1")
         scaled = loss / gradient_accumulation if gradient_accumulation > 1 else loss
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
@@ -165,7 +166,7 @@ class OptimizationStep:
         self, quantum_optimizer: PeriodicOptimizer, optimization_frequency: int = 100
     ) -> None:
         if optimization_frequency < 1:
-            raise ValueError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
+            raise ConfigError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
         check_solver(quantum_optimizer)
         self.quantum_optimizer = quantum_optimizer
         self.optimization_frequency = optimization_frequency
@@ -189,7 +190,7 @@ def _to(value: Any, device: torch.device) -> Any:
 def _loss_of(outputs: Any) -> torch.Tensor:
     loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(
+        raise ModelConfigError(
             f"a dict batch without the input column goes to model(**batch), whose output must "
             f"carry a .loss tensor (Hugging Face style); got {type(outputs).__name__} without one. "
             "Pass (inputs, labels) batches or dicts with 'x'/'y' to use kiln's loss strategies"

@@ -126,10 +126,7 @@ class ModelTrainer:
             )
         q = self.quantum_optimizer
         if q is not None and q != "anneal":
-            try:
-                check_solver(q)
-            except TypeError as exc:
-                raise ConfigError(f"quantum_optimizer: {exc}; pass 'anneal' or None") from None
+            check_solver(q)
         cfg = self.config
         self.device = model_device(self.model)
         self.optimizer = build_optimizer(self.model, cfg)

@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+from kiln.errors import ConfigError
+
 __all__ = [
     "TrainingHooks",
     "HookDispatcher",
@@ -275,11 +277,11 @@ class LoggingCallback(CallbackBase):
         total_epochs: int | None = None,
     ) -> None:
         if not isinstance(log_every_n_batches, int) or log_every_n_batches < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"log_every_n_batches must be an int >= 0; got {log_every_n_batches!r}"
             )
         if file is not None and not isinstance(file, (str, os.PathLike)):
-            raise ValueError(f"file must be a path or None; got {type(file).__name__}")
+            raise ConfigError(f"file must be a path or None; got {type(file).__name__}")
         self.log_every_n_batches = log_every_n_batches
         self.file = os.fspath(file) if file is not None else None
         self.rank_zero_only = rank_zero_only
@@ -333,7 +335,7 @@ class LoggingCallback(CallbackBase):
 
 def _check_mode(mode: str) -> None:
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}")
+        raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}")
 
 
 REGISTER_WHEN = ("best", "every")
@@ -383,7 +385,7 @@ class ModelCheckpointCallback(CallbackBase):
                 f"register_as must name the model when registry is given; got {register_as!r}"
             )
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError(errors)
         self.registry = registry
         self.register_as = register_as
         self.register = register
@@ -516,7 +518,7 @@ class EarlyStoppingCallback(CallbackBase):
         if mode not in ("min", "max"):
             errors.append(f"mode must be 'min' or 'max'; got {mode!r}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError(errors)
         self.monitor = monitor
         self.patience = patience
         self.min_delta = float(min_delta)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from kiln.errors import ConfigError
 from kiln.tracking.experiments import ExperimentDB
 
 __all__ = ["MetricsSummary", "MetricsTracker", "flatten_epoch_metrics", "metric_mode"]
@@ -80,7 +81,7 @@ class MetricsTracker:
         wandb_project: str | None = None,
     ) -> None:
         if (db is None) != (run_id is None):
-            raise ValueError(
+            raise ConfigError(
                 f"db and run_id go together; got db={db!r}, run_id={run_id!r} "
                 f"(create the run with db.log_run(...) first)"
             )
@@ -88,7 +89,7 @@ class MetricsTracker:
         self.modes = dict(modes or {})
         for name, mode in self.modes.items():
             if mode not in ("min", "max"):
-                raise ValueError(f"modes[{name!r}]={mode!r} is not allowed; use 'min' or 'max'")
+                raise ConfigError(f"modes[{name!r}]={mode!r} is not allowed; use 'min' or 'max'")
         self._rows: list[dict[str, Any]] = []
         self._step = 0
         self._wandb = _import_wandb() if use_wandb else None

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from kiln.engine.callbacks import CallbackBase
+from kiln.errors import ConfigError
 
 
 @dataclass
@@ -124,9 +125,9 @@ class LRMultiplierAnnealer:
         seed: int = 0,
     ) -> None:
         if 1.0 not in choices:
-            raise ValueError(f"choices={tuple(choices)!r} must include 1.0 (keep the current lr)")
+            raise ConfigError(f"choices={tuple(choices)!r} must include 1.0 (keep the current lr)")
         if iterations < 1:
-            raise ValueError(f"iterations={iterations!r} must be >= 1")
+            raise ConfigError(f"iterations={iterations!r} must be >= 1")
         self.held_out = (torch.as_tensor(held_out[0]), torch.as_tensor(held_out[1]))
         self.loss_fn = loss_fn
         self.choices = tuple(float(c) for c in sorted(choices))
@@ -312,10 +313,10 @@ SOLVER_METHODS = ("formulate_problem", "solve", "apply_solution")
 
 
 def check_solver(solver: Any) -> None:
-    """Raise TypeError naming the :class:`PeriodicOptimizer` methods ``solver`` lacks."""
+    """Raise ConfigError naming the :class:`PeriodicOptimizer` methods ``solver`` lacks."""
     missing = [m for m in SOLVER_METHODS if not callable(getattr(solver, m, None))]
     if missing:
-        raise TypeError(
+        raise ConfigError(
             f"{type(solver).__name__} is not a PeriodicOptimizer: it lacks {', '.join(missing)}"
         )
 
@@ -346,7 +347,7 @@ class PeriodicOptimizationCallback(CallbackBase):
     ) -> None:
         check_solver(optimizer)
         if optimization_frequency < 1:
-            raise ValueError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
+            raise ConfigError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
         self.solver = optimizer
         self.optimization_frequency = optimization_frequency
         self.log_path = str(log_path) if log_path else None
