@@ -31,9 +31,9 @@ _EXPORTS = {
     "Trainer": "kiln.engine",
     "TrainingConfig": "kiln.config",
     "TrainingConfigBuilder": "kiln.config",
-    "TrainingEngine": "kiln.engine",
+    "TrainingEngine": "kiln.compat",
     "TrainingHooks": "kiln.engine",
-    "TrainingSession": "kiln.engine",
+    "TrainingSession": "kiln.compat",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

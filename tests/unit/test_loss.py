@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kiln.compat.losses import PEFTAwareLoss, QuantizationSafeLoss
 from kiln.engine.loss import (
     ClassificationLoss,
     LanguageModelingLoss,
     LossStrategy,
     LossStrategyRegistry,
     ModelOutput,
-    PEFTAwareLoss,
-    QuantizationSafeLoss,
     RegressionLoss,
+    SequenceToSequenceLoss,
     VisionLoss,
     get_loss_strategy,
     loss_for_task,
@@ -153,6 +153,38 @@ def test_quantization_safe_loss_handles_inf_and_half():
         QuantizationSafeLoss(bits=1)
 
 
+def test_quantization_safe_loss_clips_logit_gradients_whatever_the_loss_scale():
+    # row 0 is confidently wrong: cross entropy's gradient on its logits is +/-1 per row
+    logits = torch.tensor([[10.0, -10.0], [0.0, 0.0]])
+    labels = torch.tensor([1, 0])
+
+    def grad(clip, scale):
+        x = logits.clone().requires_grad_()
+        loss = QuantizationSafeLoss(fake_quantize=False, grad_clip=clip).compute_loss(x, labels)
+        (loss * scale).backward()  # a GradScaler or accumulation scales the same way
+        return x.grad
+
+    free = grad(None, 1.0)
+    assert torch.allclose(free, torch.tensor([[0.5, -0.5], [-0.25, 0.25]]))  # mean over 2 rows
+    clipped = grad(0.5, 1.0)
+    assert torch.allclose(clipped, torch.tensor([[0.25, -0.25], [-0.25, 0.25]]))
+    assert torch.allclose(grad(0.5, 1000.0), clipped * 1000.0)
+    with pytest.raises(ValueError, match="grad_clip must be a number > 0 or None; got 0"):
+        QuantizationSafeLoss(grad_clip=0)
+
+
+def test_sequence_to_sequence_loss_is_unshifted_and_skips_padding():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100], [4, 0, 0]])
+    got = SequenceToSequenceLoss(pad_token_id=0).compute_loss(logits, labels)
+    keep = torch.tensor([True, True, False, True, False, False])
+    expected = F.cross_entropy(logits.reshape(6, 5)[keep], labels.reshape(6)[keep])
+    assert torch.allclose(got, expected)
+    assert get_loss_strategy("segmentation").task == "segmentation"
+    with pytest.raises(ValueError, match="target_len"):
+        SequenceToSequenceLoss().compute_loss(torch.randn(2, 5), torch.tensor([1, 2]))
+
+
 def test_vision_loss_classification_and_segmentation():
     logits = torch.randn(2, 3, 4, 4)
     labels = torch.randint(0, 3, (2, 4, 4))
@@ -199,7 +231,16 @@ def test_model_output_from_raw():
 def test_registry_builtins_custom_and_unknown():
     registry = LossStrategyRegistry()
     assert registry.names() == sorted(
-        ["language_modeling", "classification", "peft", "quantization_safe", "vision", "regression"]
+        [
+            "language_modeling",
+            "classification",
+            "peft",
+            "quantization_safe",
+            "vision",
+            "segmentation",
+            "sequence_to_sequence",
+            "regression",
+        ]
     )
     for name in registry.names():
         assert isinstance(registry.get(name), LossStrategy)
@@ -238,6 +279,8 @@ def test_loss_for_task():
     assert loss_for_task("image_classification") == "classification"
     assert loss_for_task("regression") == "regression"
     assert loss_for_task("language_modeling") == "language_modeling"
+    assert loss_for_task("sequence_to_sequence") == "sequence_to_sequence"
+    assert loss_for_task("segmentation") == "segmentation"
     with pytest.raises(ConfigError, match="'ranking'.*regression"):
         loss_for_task("ranking")
 
@@ -251,6 +294,7 @@ def test_strategies_pickle():
         PEFTAwareLoss(adapter_scale=0.5),
         QuantizationSafeLoss(bits=4),
         VisionLoss("segmentation"),
+        SequenceToSequenceLoss(pad_token_id=0),
         RegressionLoss("huber"),
     ]
     logits = torch.randn(3, 2)

@@ -1,5 +1,5 @@
-"""Seed 004: PeriodicOptimizer protocol, the LR-multiplier annealer, the loop callback,
-and ModelTrainer on plain DataLoaders (in-process kiln Trainer runs)."""
+"""PeriodicOptimizer protocol, the LR-multiplier annealer, the loop callback, and
+ModelTrainer on plain DataLoaders (in-process, epochs in kiln's TrainingLoop)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.config import TrainingConfig
+from kiln.errors import ConfigError
 from kiln.tune import (
     LRMultiplierAnnealer,
     ModelTrainer,
@@ -56,8 +57,10 @@ def test_protocol_is_runtime_checkable():
     x, y = _data()
     assert isinstance(CountingOptimizer(), PeriodicOptimizer)
     assert isinstance(LRMultiplierAnnealer((x, y)), PeriodicOptimizer)
-    with pytest.raises(TypeError, match="lacks formulate_problem, solve, apply_solution"):
+    with pytest.raises(ConfigError, match="lacks formulate_problem, solve, apply_solution"):
         OptimizationStep(object(), 10)
+    with pytest.raises(ConfigError, match="lacks formulate_problem, solve, apply_solution"):
+        PeriodicOptimizationCallback(object(), 10)
     with pytest.raises(ValueError, match="optimization_frequency=0"):
         OptimizationStep(CountingOptimizer(), 0)
 
@@ -70,6 +73,21 @@ def test_callback_calls_every_n_batches():
         cb.on_batch_end(batch, {"loss": 1.0})
     assert fake.calls == [4, 8]
     assert [r.step for r in cb.results] == [4, 8]
+
+
+def test_callback_log_is_the_drivers_view_of_the_results(tmp_path):
+    from kiln.tune.periodic import read_optimization_log
+
+    log = tmp_path / "periodic" / "results.jsonl"
+    for rank in (0, 1):  # rank 1 computes the same results but does not write them
+        cb = PeriodicOptimizationCallback(CountingOptimizer(), 3, log_path=log)
+        cb.set_context(model=_model(), optimizer=None, rank=rank, world_size=2)
+        for batch in range(7):
+            cb.on_batch_end(batch, {"loss": 0.5})
+    results = read_optimization_log(log)
+    assert [(r.step, r.applied) for r in results] == [(3, False), (6, False)]
+    assert all("seconds" in r.details for r in results)
+    assert read_optimization_log(tmp_path / "missing.jsonl") == []
 
 
 def test_annealer_finds_a_better_learning_rate_and_applies_it():
@@ -131,14 +149,13 @@ def test_model_trainer_on_plain_dataloaders(tmp_path):
     train, val = _loaders()
     model = _model()
     first = [p.detach().clone() for p in model.parameters()]
-    result = ModelTrainer(model, _config(learning_rate=0.05), storage_path=tmp_path).train(
-        train, val
-    )
+    cfg = _config(learning_rate=0.05, checkpoint_dir=str(tmp_path / "ckpt"))
+    result = ModelTrainer(model, cfg).train(train, val)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert result.metrics["val_accuracy"] > 0.8
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.optimization_results == []
-    assert result.checkpoint_path
+    assert result.checkpoint_path.startswith(str(tmp_path / "ckpt"))
     # the user's module holds the trained weights
     assert any(not torch.equal(a, b) for a, b in zip(first, model.parameters(), strict=True))
     assert result.model is model
@@ -146,13 +163,9 @@ def test_model_trainer_on_plain_dataloaders(tmp_path):
 
 def test_model_trainer_periodic_optimizer_called_and_applied(tmp_path):
     train, val = _loaders()  # 128 rows / 16 = 8 batches per epoch, 3 epochs = 24 batches
-    plain = ModelTrainer(_model(), _config(), storage_path=tmp_path / "a").train(train, val)
+    plain = ModelTrainer(_model(), _config()).train(train, val)
     result = ModelTrainer(
-        _model(),
-        _config(),
-        quantum_optimizer="anneal",
-        optimization_frequency=5,
-        storage_path=tmp_path / "b",
+        _model(), _config(), quantum_optimizer="anneal", optimization_frequency=5
     ).train(train, val)
     assert [r.step for r in result.optimization_results] == [5, 10, 15, 20]
     assert any(r.applied for r in result.optimization_results)
@@ -175,7 +188,7 @@ def test_model_trainer_seed_style_callbacks(tmp_path):
                 f.write(f"{epoch} {type(trainer.model).__name__} {metrics['val_loss']:.3f}\n")
 
     log = tmp_path / "log.txt"
-    ModelTrainer(_model(), _config(epochs=2), storage_path=tmp_path).train(
+    ModelTrainer(_model(), _config(epochs=2)).train(
         train, val, callbacks=[Seed004Callback(str(log))]
     )
     lines = log.read_text().splitlines()

@@ -8,16 +8,36 @@ from typing import Any
 
 from kiln.errors import ConfigError
 
-TASK_TYPES = ("classification", "image_classification", "regression", "language_modeling")
+TASK_TYPES = (
+    "classification",
+    "image_classification",
+    "regression",
+    "language_modeling",
+    "sequence_to_sequence",
+    "segmentation",
+)
 MODALITIES = ("tabular", "text", "vision", "audio", "tokens")
+
+# The collator (kiln.data.CollatorRegistry name) that batches plain-DataLoader samples
+# for each task; regression samples are stacked by the default collate.
+COLLATORS: dict[str, str | None] = {
+    "classification": "classification",
+    "image_classification": "vision",
+    "regression": None,
+    "language_modeling": "language_modeling",
+    "sequence_to_sequence": "sequence_to_sequence",
+    "segmentation": "vision",
+}
 
 
 @dataclass
 class TaskSpec:
-    """Task specification (seed 002) plus the columns and shapes kiln needs.
+    """What is predicted, from which columns, with which shapes.
 
-    ``num_classes`` (classification), ``num_outputs`` (regression) and ``vocab_size``
-    (language modeling) may be left None and filled in from the dataset.
+    ``task_type`` picks the default loss (``kiln.engine.loss.loss_for_task``) and the
+    collator (:attr:`collator`). ``num_classes`` (classification, segmentation),
+    ``num_outputs`` (regression) and ``vocab_size`` (language modeling, sequence to
+    sequence) may be left None and filled in from the dataset.
     """
 
     name: str
@@ -123,15 +143,47 @@ class TaskSpec:
             **kwargs,
         )
 
+    @classmethod
+    def sequence_to_sequence(
+        cls,
+        name: str = "sequence_to_sequence",
+        vocab_size: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> TaskSpec:
+        """Token ids in, token ids out (translation, summarisation); loss per target token."""
+        kwargs.setdefault("modality", "text")
+        return cls(
+            name=name,
+            task_type="sequence_to_sequence",
+            vocab_size=vocab_size,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    @classmethod
+    def segmentation(
+        cls, name: str = "segmentation", num_classes: int | None = None, **kwargs: Any
+    ) -> TaskSpec:
+        """A class per pixel: logits ``[B, C, H, W]``, labels ``[B, H, W]``."""
+        kwargs.setdefault("modality", "vision")
+        return cls(name=name, task_type="segmentation", num_classes=num_classes, **kwargs)
+
     # helpers --------------------------------------------------------------
     @property
     def is_classification(self) -> bool:
+        """One class per example (not per pixel or token)."""
         return self.task_type in ("classification", "image_classification")
 
     @property
+    def collator(self) -> str | None:
+        """The name of the collator for this task in ``kiln.data.CollatorRegistry``."""
+        return COLLATORS[self.task_type]
+
+    @property
     def output_dim(self) -> int | None:
-        """Width of the model's last layer for this task."""
-        if self.is_classification:
+        """Width of the model's last layer (channels, for segmentation) for this task."""
+        if self.is_classification or self.task_type == "segmentation":
             return self.num_classes
         if self.task_type == "regression":
             return self.num_outputs

@@ -13,7 +13,10 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import re
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +179,17 @@ class TrainingConfig:
             raise ConfigError([_unknown_field_message(k, names) for k in unknown])
         return dataclasses.replace(self, **changes).validate()
 
-    def save(self, path: str | Path) -> Path:
-        """Write the config as JSON, or YAML when the suffix is .yaml/.yml."""
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the config as JSON, or YAML when the suffix is .yaml/.yml; return the path.
+
+        With no ``path`` the file goes next to the run's checkpoints:
+        ``<checkpoint_dir>/training_config_<YYYYmmdd-HHMMSS>.json``, or in the current
+        directory when ``checkpoint_dir`` is not set. The write is atomic (a complete
+        file or none).
+        """
+        if path is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path(self.checkpoint_dir or ".") / f"training_config_{stamp}.json"
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
@@ -185,7 +197,7 @@ class TrainingConfig:
             text = yaml.safe_dump(data, sort_keys=False)
         else:
             text = json.dumps(data, indent=2) + "\n"
-        path.write_text(text)
+        _write_atomic(path, text)
         return path
 
     @classmethod
@@ -204,6 +216,20 @@ class TrainingConfig:
             if value is not None and spec.get("name") == "tiny_transformer":
                 spec.setdefault(key, value)
         return spec
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def field_names() -> set[str]:

@@ -1,4 +1,8 @@
-"""The training engine: Trainer (driver), the worker loop, and the loop's pieces."""
+"""The training engine: Trainer (driver), the worker loop, and the loop's pieces.
+
+``TrainingEngine``/``TrainingSession``/``TrainingMetrics`` and the ``PEFTAwareLoss`` /
+``QuantizationSafeLoss`` strategies are re-exported from :mod:`kiln.compat`.
+"""
 
 from kiln._lazy import lazy_exports
 
@@ -21,16 +25,17 @@ _EXPORTS = {
     "LossStrategyRegistry": "kiln.engine.loss",
     "ModelCheckpointCallback": "kiln.engine.callbacks",
     "ModelOutput": "kiln.engine.loss",
-    "PEFTAwareLoss": "kiln.engine.loss",
-    "QuantizationSafeLoss": "kiln.engine.loss",
+    "PEFTAwareLoss": "kiln.compat.losses",
+    "QuantizationSafeLoss": "kiln.compat.losses",
     "RegressionLoss": "kiln.engine.loss",
     "SeedManager": "kiln.engine.seed",
+    "SequenceToSequenceLoss": "kiln.engine.loss",
     "Trainer": "kiln.engine.trainer",
-    "TrainingEngine": "kiln.engine.facade",
+    "TrainingEngine": "kiln.compat.engine",
     "TrainingHooks": "kiln.engine.callbacks",
     "TrainingLoop": "kiln.engine.loops",
-    "TrainingMetrics": "kiln.engine.facade",
-    "TrainingSession": "kiln.engine.facade",
+    "TrainingMetrics": "kiln.compat.engine",
+    "TrainingSession": "kiln.compat.engine",
     "ValidationLoop": "kiln.engine.loops",
     "VisionLoss": "kiln.engine.loss",
     "check_gradient_health": "kiln.engine.gradients",

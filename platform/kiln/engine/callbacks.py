@@ -2,12 +2,12 @@
 
 Two interfaces, both with no-op defaults, both accepted by ``Trainer(hooks=...)``:
 
-* :class:`TrainingHooks` (seed 002): ``on_training_start()``, ``on_epoch_start(epoch)``,
+* :class:`TrainingHooks`: ``on_training_start()``, ``on_epoch_start(epoch)``,
   ``on_batch_end(batch_idx, loss)``, ``on_validation_end(metrics)``,
   ``on_epoch_end(epoch, metrics)``, ``on_training_end()``. Subclassing is optional:
   any object with some of these methods works (:class:`HookDispatcher` calls only
   the methods that exist).
-* :class:`CallbackBase` (seed 001, Keras style): ``on_train_begin(logs)``,
+* :class:`CallbackBase` (Keras style): ``on_train_begin(logs)``,
   ``on_epoch_begin(epoch, logs)``, ``on_batch_end(batch, logs)``,
   ``on_epoch_end(epoch, logs)``, ``on_train_end(logs)``, plus ``stop_training``.
 
@@ -34,6 +34,9 @@ rank's loss. Callbacks that print or write files (:class:`LoggingCallback`,
 :class:`ModelCheckpointCallback`) act on rank 0 only. Everything here pickles
 (the objects are shipped to workers); the model and optimizer given by
 ``set_context`` are process-local and are dropped when a callback is pickled.
+
+Callbacks whose methods take the trainer first (``on_epoch_end(trainer, epoch,
+metrics)``) run here through :class:`kiln.compat.SeedCallbackAdapter`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
+from kiln.errors import ConfigError
 
 __all__ = [
     "TrainingHooks",
@@ -74,7 +79,7 @@ HOOK_NAMES = (
 
 
 class TrainingHooks:
-    """Seed-002 lifecycle hooks; every method is a no-op. Subclass and override any."""
+    """Lifecycle hooks without arguments beyond the event's; every method is a no-op."""
 
     def on_training_start(self) -> None:
         """Once, before the first epoch."""
@@ -142,7 +147,7 @@ class HookDispatcher(TrainingHooks):
 
 
 class CallbackBase:
-    """Seed-001 callback; every method is a no-op. Set ``stop_training`` to end training."""
+    """Keras-style callback; every method is a no-op. Set ``stop_training`` to end training."""
 
     stop_training: bool = False
     model: torch.nn.Module | None = None
@@ -272,11 +277,11 @@ class LoggingCallback(CallbackBase):
         total_epochs: int | None = None,
     ) -> None:
         if not isinstance(log_every_n_batches, int) or log_every_n_batches < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"log_every_n_batches must be an int >= 0; got {log_every_n_batches!r}"
             )
         if file is not None and not isinstance(file, (str, os.PathLike)):
-            raise ValueError(f"file must be a path or None; got {type(file).__name__}")
+            raise ConfigError(f"file must be a path or None; got {type(file).__name__}")
         self.log_every_n_batches = log_every_n_batches
         self.file = os.fspath(file) if file is not None else None
         self.rank_zero_only = rank_zero_only
@@ -330,7 +335,10 @@ class LoggingCallback(CallbackBase):
 
 def _check_mode(mode: str) -> None:
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}")
+        raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}")
+
+
+REGISTER_WHEN = ("best", "every")
 
 
 class ModelCheckpointCallback(CallbackBase):
@@ -339,12 +347,23 @@ class ModelCheckpointCallback(CallbackBase):
     Writes through :class:`~kiln.engine.checkpoint.CheckpointManager` (crash-ordered,
     ``epoch_NNNN/model.pt`` + ``metadata.json``), keeping the best and the latest.
 
+    With a ``registry``, saved checkpoints also become versions of ``register_as`` in
+    that :class:`~kiln.tracking.ModelRegistry`: the best one when training ends
+    (``register="best"``), or each one as it is saved (``"every"``). Only the driver
+    writes to the database, so the registry link works where the callback runs in the
+    driver (in-process runs, ``num_workers=0``); a copy shipped to a Ray worker has no
+    registry and logs that it skipped registering (use ``TrainingConfig.register_as``
+    there). :attr:`registered` lists the new model ids.
+
     Args:
         dirpath: directory for the checkpoints.
         monitor: metric in the epoch logs; missing -> a warning once and no save
             (with ``save_best_only``).
         mode: ``"min"`` or ``"max"``.
         save_best_only: save only on improvement; False saves every epoch.
+        registry: a ModelRegistry to register checkpoints in.
+        register_as: the model name for the registered versions (needed with ``registry``).
+        register: ``"best"`` or ``"every"``.
     """
 
     def __init__(
@@ -353,8 +372,25 @@ class ModelCheckpointCallback(CallbackBase):
         monitor: str = "val_loss",
         mode: str = "min",
         save_best_only: bool = True,
+        registry: Any = None,
+        register_as: str | None = None,
+        register: str = "best",
     ) -> None:
         _check_mode(mode)
+        errors = []
+        if register not in REGISTER_WHEN:
+            errors.append(f"register must be one of {', '.join(REGISTER_WHEN)}; got {register!r}")
+        if registry is not None and not register_as:
+            errors.append(
+                f"register_as must name the model when registry is given; got {register_as!r}"
+            )
+        if errors:
+            raise ConfigError(errors)
+        self.registry = registry
+        self.register_as = register_as
+        self.register = register
+        self.registered: list[int] = []
+        self._wants_registry = registry is not None
         self.dirpath = os.fspath(dirpath)
         self.monitor = monitor
         self.mode = mode
@@ -362,13 +398,30 @@ class ModelCheckpointCallback(CallbackBase):
         self.best: float | None = None
         self.best_path: str | None = None
         self.last_path: str | None = None
+        self.best_metrics: dict[str, float] = {}
         self._warned = False
+        self._warned_registry = False
         self._manager: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_manager"] = None  # holds a thread pool; rebuilt where it runs
+        state["registry"] = None  # a database connection: only the driver writes
         return state
+
+    def _register(self, path: str, metrics: dict[str, float]) -> None:
+        if self.registry is None:
+            if self._wants_registry and not self._warned_registry:
+                self._warned_registry = True
+                logger.warning(
+                    "ModelCheckpointCallback runs in a Ray worker and has no registry there; "
+                    "not registering %s (set TrainingConfig.register_as to register the best "
+                    "checkpoint from the driver)",
+                    self.register_as,
+                )
+            return
+        model_id = self.registry.register_model(self.register_as, path, metrics=metrics)
+        self.registered.append(model_id)
 
     def _get_manager(self) -> Any:
         if self._manager is None:
@@ -410,8 +463,15 @@ class ModelCheckpointCallback(CallbackBase):
         if improved:
             self.best = value
             self.best_path = meta.path
+            self.best_metrics = metrics
+        if self.register == "every":
+            self._register(meta.path, metrics)
 
     def on_train_end(self, logs=None) -> None:
+        if self._manager is not None:
+            self._manager.wait()
+        if self.register == "best" and self.rank == 0 and self.best_path is not None:
+            self._register(self.best_path, self.best_metrics)
         if self._manager is not None:
             self._manager.close()
 
@@ -458,7 +518,7 @@ class EarlyStoppingCallback(CallbackBase):
         if mode not in ("min", "max"):
             errors.append(f"mode must be 'min' or 'max'; got {mode!r}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError(errors)
         self.monitor = monitor
         self.patience = patience
         self.min_delta = float(min_delta)

@@ -13,11 +13,16 @@ strategy                  logits                 labels
 ========================  =====================  ================
 ``language_modeling``     ``[B, T, V]``          ``[B, T]`` ids
 ``classification``        ``[B, C]``             ``[B]`` class ids
+``sequence_to_sequence``  ``[B, T, V]``          ``[B, T]`` ids (not shifted)
+``vision``                ``[B, C]``/``[B,C,H,W]`` ``[B]``/``[B,H,W]``
+``segmentation``          ``[B, C, H, W]``       ``[B, H, W]``
+``regression``            ``[B, K]``             ``[B, K]`` (or ``[B]`` when K=1)
 ``peft``                  ``[B, C]``/``[B,T,V]``  as above
 ``quantization_safe``     ``[B, C]``/``[B,T,V]``  as above
-``vision``                ``[B, C]``/``[B,C,H,W]`` ``[B]``/``[B,H,W]``
-``regression``            ``[B, K]``             ``[B, K]`` (or ``[B]`` when K=1)
 ========================  =====================  ================
+
+``peft`` and ``quantization_safe`` live in :mod:`kiln.compat.losses` (they exist for
+the API kiln keeps compatible); the registry builds them by name like the others.
 """
 
 from __future__ import annotations
@@ -37,8 +42,7 @@ __all__ = [
     "LossStrategy",
     "LanguageModelingLoss",
     "ClassificationLoss",
-    "PEFTAwareLoss",
-    "QuantizationSafeLoss",
+    "SequenceToSequenceLoss",
     "VisionLoss",
     "RegressionLoss",
     "LossStrategyRegistry",
@@ -225,7 +229,7 @@ class ClassificationLoss:
         )
 
 
-def _ce_any(
+def cross_entropy_any(
     name: str, logits: torch.Tensor, labels: torch.Tensor, inputs: LossInputs | None
 ) -> torch.Tensor:
     """Cross entropy for ``[B, C]`` (classification) or ``[B, T, V]`` (shifted LM) logits."""
@@ -239,127 +243,12 @@ def _ce_any(
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
-def _validate_ce_any(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+def check_cross_entropy_any(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """The shape checks :func:`cross_entropy_any` makes, without computing the loss."""
     if logits.dim() == 3:
         _check_lm(name, logits, labels)
     else:
         _check_class_labels(name, logits, labels)
-
-
-class PEFTAwareLoss:
-    """Loss for parameter-efficient fine-tuning (LoRA, adapters).
-
-    What it does, exactly:
-
-    * ``compute_loss`` is cross entropy: classification for ``[B, C]`` logits,
-      shifted next-token LM loss for ``[B, T, V]`` logits; multiplied by
-      ``adapter_scale``. With a frozen base, gradients only reach the adapter
-      parameters, so ``adapter_scale`` acts as a learning-rate multiplier for them.
-    * ``regularization(model)`` returns ``l2_weight * sum(p**2)`` over the
-      trainable parameters (``requires_grad=True``) or a zero tensor when
-      ``l2_weight`` is 0; the loop adds it to the loss when it wants it.
-    * ``check_model(model)``: when ``base_model_frozen`` is true, raises
-      ValueError unless the model has both frozen and trainable parameters, which
-      catches the common mistake of fine-tuning a "PEFT" model with nothing frozen.
-
-    Freezing itself is the model's job (``kiln.llm``); this loss does not change
-    which parameters train.
-    """
-
-    def __init__(
-        self, base_model_frozen: bool = True, adapter_scale: float = 1.0, l2_weight: float = 0.0
-    ) -> None:
-        if adapter_scale <= 0:
-            raise ValueError(f"adapter_scale must be > 0; got {adapter_scale!r}")
-        if l2_weight < 0:
-            raise ValueError(f"l2_weight must be >= 0; got {l2_weight!r}")
-        self.base_model_frozen = bool(base_model_frozen)
-        self.adapter_scale = float(adapter_scale)
-        self.l2_weight = float(l2_weight)
-
-    def validate_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        _validate_ce_any("PEFTAwareLoss", logits, labels)
-
-    def compute_loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, inputs: LossInputs | None = None
-    ) -> torch.Tensor:
-        return _ce_any("PEFTAwareLoss", logits, labels, inputs) * self.adapter_scale
-
-    def regularization(self, model: torch.nn.Module) -> torch.Tensor:
-        """L2 penalty over trainable parameters (zero when ``l2_weight`` is 0)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.l2_weight == 0.0 or not params:
-            device = params[0].device if params else None
-            return torch.zeros((), device=device)
-        return self.l2_weight * torch.stack([p.pow(2).sum() for p in params]).sum()
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ValueError when ``base_model_frozen`` but nothing (or everything) is frozen."""
-        if not self.base_model_frozen:
-            return
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        if trainable == 0 or frozen == 0:
-            raise ValueError(
-                "PEFTAwareLoss(base_model_frozen=True) expects a frozen base and trainable "
-                f"adapters; the model has {trainable} trainable and {frozen} frozen parameters"
-            )
-
-
-class QuantizationSafeLoss:
-    """Cross entropy that is stable for quantized (int8/int4) models.
-
-    Steps: cast logits to float32; replace ``+/-inf`` by the clamp bounds; clamp to
-    the range of a ``bits``-bit quantizer whose scale comes from the largest finite
-    logit of each row (symmetric: ``[-max|x|, max|x|]`` on ``2**(bits-1)-1`` levels
-    per side; asymmetric: ``[min x, max x]`` on ``2**bits - 1`` steps); and, with
-    ``fake_quantize=True`` (default), round the logits onto that grid with a
-    straight-through estimator, so the loss value is the loss of the quantized
-    logits while the gradient passes through unchanged. NaN logits stay NaN
-    (they are a bug to surface, not to hide). For ``[B, T, V]`` logits the
-    shifted LM loss is used.
-    """
-
-    def __init__(self, bits: int = 8, symmetric: bool = True, fake_quantize: bool = True) -> None:
-        if not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"bits must be an int in [2, 16]; got {bits!r}")
-        self.bits = bits
-        self.symmetric = bool(symmetric)
-        self.fake_quantize = bool(fake_quantize)
-
-    def validate_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        _validate_ce_any("QuantizationSafeLoss", logits, labels)
-
-    def quantize(self, logits: torch.Tensor) -> torch.Tensor:
-        """Float32 logits clamped (and, if enabled, rounded) onto the quantizer's grid."""
-        x = logits.float()
-        finite = torch.isfinite(x)
-        if self.symmetric:
-            high = torch.where(finite, x.abs(), torch.zeros_like(x)).amax(-1, keepdim=True)
-            low = -high
-            levels = 2 ** (self.bits - 1) - 1
-            scale = (high / levels).clamp_min(1e-12).detach()
-            zero = torch.zeros_like(scale)
-        else:
-            big = torch.finfo(torch.float32).max
-            high = torch.where(finite, x, torch.full_like(x, -big)).amax(-1, keepdim=True)
-            low = torch.where(finite, x, torch.full_like(x, big)).amin(-1, keepdim=True)
-            scale = ((high - low) / (2**self.bits - 1)).clamp_min(1e-12).detach()
-            zero = low.detach()
-        low, high = low.detach(), high.detach()
-        x = torch.where(torch.isposinf(x), high.expand_as(x), x)
-        x = torch.where(torch.isneginf(x), low.expand_as(x), x)
-        x = torch.maximum(torch.minimum(x, high), low)
-        if self.fake_quantize:
-            q = torch.round((x - zero) / scale) * scale + zero
-            x = x + (q - x).detach()
-        return x
-
-    def compute_loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, inputs: LossInputs | None = None
-    ) -> torch.Tensor:
-        self.validate_inputs(logits, labels)
-        return _ce_any("QuantizationSafeLoss", self.quantize(logits), labels, inputs)
 
 
 class VisionLoss:
@@ -407,6 +296,50 @@ class VisionLoss:
         )
 
 
+class SequenceToSequenceLoss:
+    """Token cross entropy for encoder-decoder outputs: ``logits[:, t]`` predicts ``labels[:, t]``.
+
+    Unlike :class:`LanguageModelingLoss` nothing is shifted (the decoder's inputs are
+    already the targets shifted right). Targets equal to ``-100`` (the padding the
+    ``sequence_to_sequence`` collator writes) or to ``pad_token_id`` are left out.
+
+    Args:
+        pad_token_id: target id to leave out besides ``-100``; ``inputs["pad_token_id"]``
+            overrides it.
+        label_smoothing: in ``[0, 1)``.
+    """
+
+    def __init__(self, pad_token_id: int | None = None, label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+        self.pad_token_id = pad_token_id
+        self.label_smoothing = float(label_smoothing)
+
+    def validate_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.dim() != 3 or labels.dim() != 2 or tuple(logits.shape[:2]) != tuple(labels.shape):
+            raise ValueError(
+                "SequenceToSequenceLoss expects logits [batch, target_len, vocab] and labels "
+                f"[batch, target_len]; got {_shapes(logits, labels)}"
+            )
+
+    def compute_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, inputs: LossInputs | None = None
+    ) -> torch.Tensor:
+        self.validate_inputs(logits, labels)
+        pad = (inputs or {}).get("pad_token_id", self.pad_token_id)
+        targets = labels
+        if pad is not None:
+            targets = labels.masked_fill(labels == pad, IGNORE_INDEX)
+        if not bool((targets != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0  # nothing to learn from: keep the graph connected
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.label_smoothing,
+        )
+
+
 class RegressionLoss:
     """Mean squared error, Huber (``delta``) or L1 between outputs and float targets."""
 
@@ -442,12 +375,30 @@ class RegressionLoss:
         return F.l1_loss(logits, target)
 
 
+def _segmentation(**kwargs: Any) -> VisionLoss:
+    return VisionLoss(task="segmentation", **kwargs)
+
+
+def _compat_loss(name: str) -> Callable[..., Any]:
+    """A factory for a loss kept in :mod:`kiln.compat.losses`, imported when first built."""
+
+    def build(**kwargs: Any) -> Any:
+        from kiln.compat import losses
+
+        return getattr(losses, name)(**kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
 _BUILTINS: dict[str, Callable[..., Any]] = {
     "language_modeling": LanguageModelingLoss,
     "classification": ClassificationLoss,
-    "peft": PEFTAwareLoss,
-    "quantization_safe": QuantizationSafeLoss,
+    "peft": _compat_loss("PEFTAwareLoss"),
+    "quantization_safe": _compat_loss("QuantizationSafeLoss"),
     "vision": VisionLoss,
+    "segmentation": _segmentation,
+    "sequence_to_sequence": SequenceToSequenceLoss,
     "regression": RegressionLoss,
 }
 
@@ -514,6 +465,8 @@ _TASK_LOSS = {
     "image_classification": "classification",
     "regression": "regression",
     "language_modeling": "language_modeling",
+    "sequence_to_sequence": "sequence_to_sequence",
+    "segmentation": "segmentation",
 }
 
 

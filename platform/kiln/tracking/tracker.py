@@ -1,4 +1,4 @@
-"""MetricsTracker: per-epoch and per-step metrics with a summary (seeds 002 and 004).
+"""MetricsTracker: per-epoch and per-step metrics with a summary.
 
 Backed by an :class:`~kiln.tracking.experiments.ExperimentDB` run when one is given
 (the same store the Trainer writes, not a second one), in memory otherwise.
@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from kiln.errors import ConfigError
 from kiln.tracking.experiments import ExperimentDB
 
 __all__ = ["MetricsSummary", "MetricsTracker", "flatten_epoch_metrics", "metric_mode"]
@@ -44,8 +45,8 @@ def flatten_epoch_metrics(
 class MetricsSummary(dict):
     """``{metric: {"last", "min", "max", "mean", "count", "best", "best_epoch", "mode"}}``.
 
-    Indexing with a list of columns (seed 002's ``summary[["epoch", "train_loss"]]``)
-    selects from :attr:`history`, the per-epoch DataFrame.
+    Indexing with a list of columns (``summary[["epoch", "train_loss"]]``) selects from
+    :attr:`history`, the per-epoch DataFrame.
     """
 
     def __init__(self, stats: dict[str, dict[str, Any]], history: pd.DataFrame) -> None:
@@ -65,6 +66,9 @@ class MetricsTracker:
         db: Store rows in this run of an ExperimentDB (with ``run_id``); in memory if None.
         run_id: The run the rows belong to (required with ``db``).
         use_wandb: Also send every row to Weights & Biases (needs ``wandb`` installed).
+            The first row joins the active W&B run, or starts one in ``wandb_project``;
+            :meth:`close` finishes a run the tracker started.
+        wandb_project: The W&B project of a run the tracker starts (W&B's default if None).
         modes: ``{"metric": "min"|"max"}`` overriding :func:`metric_mode` for "best".
     """
 
@@ -74,9 +78,10 @@ class MetricsTracker:
         run_id: int | None = None,
         use_wandb: bool = False,
         modes: Mapping[str, str] | None = None,
+        wandb_project: str | None = None,
     ) -> None:
         if (db is None) != (run_id is None):
-            raise ValueError(
+            raise ConfigError(
                 f"db and run_id go together; got db={db!r}, run_id={run_id!r} "
                 f"(create the run with db.log_run(...) first)"
             )
@@ -84,10 +89,13 @@ class MetricsTracker:
         self.modes = dict(modes or {})
         for name, mode in self.modes.items():
             if mode not in ("min", "max"):
-                raise ValueError(f"modes[{name!r}]={mode!r} is not allowed; use 'min' or 'max'")
+                raise ConfigError(f"modes[{name!r}]={mode!r} is not allowed; use 'min' or 'max'")
         self._rows: list[dict[str, Any]] = []
         self._step = 0
         self._wandb = _import_wandb() if use_wandb else None
+        self.wandb_project = wandb_project
+        self._wandb_run: Any = None
+        self._started_wandb_run = False
 
     def update(
         self, metrics: Mapping[str, float], step: int | None = None, epoch: int | None = None
@@ -104,9 +112,38 @@ class MetricsTracker:
                 {"name": k, "value": v, "epoch": epoch, "step": step} for k, v in values.items()
             )
         if self._wandb is not None:
-            self._wandb.log(
+            self._run().log(
                 {**values, **({"epoch": epoch} if epoch is not None else {})}, step=step
             )
+
+    def _run(self) -> Any:
+        """The W&B run rows go to: the active one, else one started here (once)."""
+        if self._wandb_run is None:
+            self._wandb_run = self._wandb.run
+            if self._wandb_run is None:
+                self._wandb_run = self._wandb.init(project=self.wandb_project)
+                self._started_wandb_run = True
+        return self._wandb_run
+
+    def close(self) -> None:
+        """Finish the W&B run this tracker started, if any."""
+        if self._started_wandb_run and self._wandb_run is not None:
+            self._wandb_run.finish()
+        self._wandb_run, self._started_wandb_run = None, False
+
+    @property
+    def current_step(self) -> int:
+        """The step the next ``update`` without ``step`` records at."""
+        return self._step
+
+    @property
+    def metrics(self) -> dict[str, list[tuple[int | None, float]]]:
+        """``{name: [(step, value), ...]}`` in recording order."""
+        out: dict[str, list[tuple[int | None, float]]] = {}
+        for row in self.rows().itertuples(index=False):
+            step = None if pd.isna(row.step) else int(row.step)
+            out.setdefault(str(row.name), []).append((step, float(row.value)))
+        return out
 
     def log_epoch(
         self,

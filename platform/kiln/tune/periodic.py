@@ -1,10 +1,10 @@
-"""Seed 004's periodic optimizer: a pluggable solver the loop calls every N steps.
+"""Periodic hyper-parameter optimization: a pluggable solver the loop calls every N steps.
 
 A :class:`PeriodicOptimizer` turns the model's current state into a problem, solves
-it, and applies the solution. Any backend (a classical heuristic, a quantum
-annealer behind an API) implements the same three methods. kiln ships one real
-solver, :class:`LRMultiplierAnnealer`: simulated annealing over a discrete
-learning-rate multiplier per optimizer parameter group, judged by a one-step
+it, and applies the solution. Any backend (a classical heuristic, an annealer behind
+an API) implements the same three methods; :func:`optimize_once` runs them in order.
+kiln ships one real solver, :class:`LRMultiplierAnnealer`: simulated annealing over a
+discrete learning-rate multiplier per optimizer parameter group, judged by a one-step
 look-ahead loss on a held-out batch.
 
 Where it runs: :class:`PeriodicOptimizationCallback` is a kiln ``CallbackBase``;
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from kiln.engine.callbacks import CallbackBase
+from kiln.errors import ConfigError
 
 
 @dataclass
@@ -64,7 +65,7 @@ class OptimizationResult:
 
 @runtime_checkable
 class PeriodicOptimizer(Protocol):
-    """A solver the training loop calls periodically (seed 004's ``QuantumOptimizer``)."""
+    """A solver the training loop calls periodically: formulate, solve, apply."""
 
     def formulate_problem(self, model: nn.Module, metrics: dict[str, Any]) -> Any:
         """Build the problem from the model's current state and recent metrics."""
@@ -124,9 +125,9 @@ class LRMultiplierAnnealer:
         seed: int = 0,
     ) -> None:
         if 1.0 not in choices:
-            raise ValueError(f"choices={tuple(choices)!r} must include 1.0 (keep the current lr)")
+            raise ConfigError(f"choices={tuple(choices)!r} must include 1.0 (keep the current lr)")
         if iterations < 1:
-            raise ValueError(f"iterations={iterations!r} must be >= 1")
+            raise ConfigError(f"iterations={iterations!r} must be >= 1")
         self.held_out = (torch.as_tensor(held_out[0]), torch.as_tensor(held_out[1]))
         self.loss_fn = loss_fn
         self.choices = tuple(float(c) for c in sorted(choices))
@@ -308,30 +309,24 @@ class LRMultiplierAnnealer:
 
 
 # ---------------------------------------------------------------------- loop wiring
-class OptimizationStep:
-    """Seed 004's handler: formulate, solve and apply with one periodic optimizer."""
+SOLVER_METHODS = ("formulate_problem", "solve", "apply_solution")
 
-    def __init__(
-        self, quantum_optimizer: PeriodicOptimizer, optimization_frequency: int = 100
-    ) -> None:
-        if optimization_frequency < 1:
-            raise ValueError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
-        missing = [
-            m for m in ("formulate_problem", "solve", "apply_solution")
-            if not callable(getattr(quantum_optimizer, m, None))
-        ]  # fmt: skip
-        if missing:
-            raise TypeError(
-                f"{type(quantum_optimizer).__name__} is not a PeriodicOptimizer: it lacks "
-                f"{', '.join(missing)}"
-            )
-        self.quantum_optimizer = quantum_optimizer
-        self.optimization_frequency = optimization_frequency
 
-    def optimize_step(self, model: nn.Module, metrics: dict[str, Any]) -> OptimizationResult:
-        problem = self.quantum_optimizer.formulate_problem(model, metrics)
-        solution = self.quantum_optimizer.solve(problem)
-        return self.quantum_optimizer.apply_solution(model, solution)
+def check_solver(solver: Any) -> None:
+    """Raise ConfigError naming the :class:`PeriodicOptimizer` methods ``solver`` lacks."""
+    missing = [m for m in SOLVER_METHODS if not callable(getattr(solver, m, None))]
+    if missing:
+        raise ConfigError(
+            f"{type(solver).__name__} is not a PeriodicOptimizer: it lacks {', '.join(missing)}"
+        )
+
+
+def optimize_once(
+    solver: PeriodicOptimizer, model: nn.Module, metrics: dict[str, Any]
+) -> OptimizationResult:
+    """One round: formulate the problem from the model, solve it, apply the solution."""
+    problem = solver.formulate_problem(model, metrics)
+    return solver.apply_solution(model, solver.solve(problem))
 
 
 class PeriodicOptimizationCallback(CallbackBase):
@@ -350,14 +345,14 @@ class PeriodicOptimizationCallback(CallbackBase):
         optimization_frequency: int = 100,
         log_path: str | Path | None = None,
     ) -> None:
-        self.step_handler = OptimizationStep(optimizer, optimization_frequency)
+        check_solver(optimizer)
+        if optimization_frequency < 1:
+            raise ConfigError(f"optimization_frequency={optimization_frequency!r} must be >= 1")
+        self.solver = optimizer
+        self.optimization_frequency = optimization_frequency
         self.log_path = str(log_path) if log_path else None
         self.steps = 0
         self.results: list[OptimizationResult] = []
-
-    @property
-    def solver(self) -> PeriodicOptimizer:
-        return self.step_handler.quantum_optimizer
 
     def set_context(self, model=None, optimizer=None, rank: int = 0, world_size: int = 1) -> None:
         super().set_context(model, optimizer, rank, world_size)
@@ -370,11 +365,11 @@ class PeriodicOptimizationCallback(CallbackBase):
         reapply = getattr(self.solver, "reapply", None)
         if callable(reapply):
             reapply()
-        if self.steps % self.step_handler.optimization_frequency or self.model is None:
+        if self.steps % self.optimization_frequency or self.model is None:
             return
         started = time.perf_counter()
         metrics = {"step": self.steps, "batch": batch, **(logs or {})}
-        result = self.step_handler.optimize_step(self.model, metrics)
+        result = optimize_once(self.solver, self.model, metrics)
         result.step = self.steps
         result.details.setdefault("seconds", time.perf_counter() - started)
         self.results.append(result)

@@ -1,4 +1,4 @@
-"""Seed 000's TrainingEngine: a dataset id and a layer list in, a TrainingSession out.
+"""TrainingEngine: a dataset id and a layer list in, a TrainingSession out.
 
 A thin facade over :class:`kiln.engine.trainer.Trainer`; it has no loop of its own.
 ``train()`` never raises: failures come back as ``status="failed"`` with a message
@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kiln.compat.callbacks import adapt_callback
 from kiln.config import TrainingConfig
+from kiln.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class TrainingMetrics:
 
 @dataclass
 class TrainingSession:
-    """The record of one ``TrainingEngine.train`` call (seed 000's structure)."""
+    """The record of one ``TrainingEngine.train`` call: status, timing, per-epoch metrics."""
 
     session_id: str
     model_id: str | None
@@ -73,11 +75,12 @@ class TrainingEngine:
 
     Args:
         dataset_id: a dataset id (``kiln datasets`` lists them) or a local file path.
-        model_config: ``{"layers": [...]}`` (seed 000 layer list) or an architecture
+        model_config: ``{"layers": [...]}`` (a layer list) or an architecture
             dict such as ``{"name": "mlp", "hidden": [64]}``.
         device: "cpu" or "cuda".
         training_config: hyperparameters; default :func:`default_engine_config`.
-        callbacks: CallbackBase / TrainingHooks objects run inside the training loop.
+        callbacks: kiln ``CallbackBase`` / ``TrainingHooks`` objects, or trainer-first
+            :class:`~kiln.compat.callbacks.TrainingCallback` objects, run inside the loop.
     """
 
     def __init__(
@@ -93,12 +96,18 @@ class TrainingEngine:
         self.model_config = model_config
         self.device = device
         self.training_config = training_config or default_engine_config()
-        self.callbacks = list(callbacks or [])
+        self.callbacks = [adapt_callback(cb, self.training_config) for cb in callbacks or []]
         self.trainer_kwargs = trainer_kwargs
-        self.trainer = None
+        self.trainer: Any = None  # the kiln Trainer of the last train() call
 
-    def train(self, model_id: str | None = None) -> TrainingSession:
-        """Train and return the session; failures are reported, never raised."""
+    def train(self, model_id: str | None = None, resume_from: str | None = None) -> TrainingSession:
+        """Train and return the session; failures are reported, never raised.
+
+        Args:
+            model_id: registers the best checkpoint under this name (and names the run).
+            resume_from: ``"latest"``, ``"best"`` or a checkpoint path to continue from;
+                the session's metrics then include the epochs trained before.
+        """
         from kiln.engine.trainer import Trainer
 
         session = TrainingSession(
@@ -111,7 +120,7 @@ class TrainingEngine:
         )
         try:
             if not isinstance(self.model_config, dict):
-                raise TypeError(
+                raise ConfigError(
                     f"model_config must be a dict with a 'layers' list, got {type(self.model_config).__name__}"
                 )
             cfg = self.training_config.replace(
@@ -123,7 +132,7 @@ class TrainingEngine:
             self.trainer = Trainer(
                 training_config=cfg, hooks=self.callbacks, device=self.device, **self.trainer_kwargs
             )
-            results = self.trainer.train()
+            results = self.trainer.train(resume_from=resume_from)
         except Exception as exc:  # the session carries the failure
             logger.debug("training session failed", exc_info=True)
             session.status = "failed"

@@ -1,0 +1,280 @@
+"""Data access in the older APIs' shapes, over kiln's datasets and collators.
+
+- :class:`DataModuleProtocol`: what a data module offers kiln (``info``, ``len``,
+  ``split``, ``to_ray``). Every :class:`~kiln.data.KilnDataset` satisfies it, and a
+  user's module that does can be checked with ``isinstance``.
+- :class:`DataManager`: a torch ``DataLoader`` over a torch dataset or over a kiln
+  dataset id, for in-process loops such as :class:`~kiln.compat.trainer.ModelTrainer`.
+- :class:`DataLoaderFactory` / :class:`DataLoaderConfig`: seeded loaders whose collator
+  is the task's (``TaskSpec.collator``, from :class:`kiln.data.CollatorRegistry`).
+- :class:`UniversalDataModule`: ``(train_loader, val_loader)`` from a local file or a
+  Hugging Face dataset, through the factory.
+
+kiln's :class:`~kiln.Trainer` does not need any of these: it takes dataset ids, files,
+arrays and loaders directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kiln.errors import DatasetError
+
+__all__ = [
+    "DataLoaderConfig",
+    "DataLoaderFactory",
+    "DataManager",
+    "DataModuleProtocol",
+    "UniversalDataModule",
+]
+
+
+@runtime_checkable
+class DataModuleProtocol(Protocol):
+    """A data module kiln can train on (the interface of :class:`kiln.data.KilnDataset`)."""
+
+    @property
+    def info(self) -> Any:
+        """A :class:`~kiln.data.DatasetInfo`: id, task type, shapes, row count."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        ...
+
+    def split(self, validation_split: float, seed: int) -> tuple[Any, Any]:
+        """``(train, validation)``; validation is None when the fraction is 0."""
+        ...
+
+    def to_ray(self) -> Any:
+        """A ``ray.data.Dataset`` with columns ``x`` and ``y``."""
+        ...
+
+
+class DataManager:
+    """Builds DataLoaders over a dataset given as an object or as a kiln dataset id.
+
+    Args:
+        dataset: a torch ``Dataset``, a kiln dataset (in-memory arrays), or a dataset id
+            or local file path that :func:`kiln.data.get_dataset` loads.
+        batch_size: rows per batch.
+        num_workers: DataLoader worker processes.
+        data_dir: folder for ids backed by local files (``mnist``).
+        **dataset_kwargs: passed to :func:`kiln.data.get_dataset` for ids.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset | Any | str | Path,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        *,
+        data_dir: str | Path | None = None,
+        **dataset_kwargs: Any,
+    ) -> None:
+        errors = []
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            errors.append(f"batch_size={batch_size!r} must be an int >= 1")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            errors.append(f"num_workers={num_workers!r} must be an int >= 0")
+        if errors:
+            raise DatasetError("; ".join(errors))
+        self.dataset_id: str | None = None
+        self.info: Any = None
+        if isinstance(dataset, (str, Path)):
+            from kiln.data import get_dataset
+
+            self.dataset_id = str(dataset)
+            dataset = get_dataset(dataset, data_dir=data_dir, **dataset_kwargs)
+        if not isinstance(dataset, Dataset):
+            self.info = getattr(dataset, "info", None)
+            dataset = _as_torch(dataset)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    @classmethod
+    def from_id(cls, dataset_id: str, batch_size: int = 32, **kwargs: Any) -> DataManager:
+        """The manager of a registered dataset (``kiln datasets`` lists the ids)."""
+        return cls(dataset_id, batch_size, **kwargs)
+
+    def get_dataloader(self, shuffle: bool = True) -> DataLoader:
+        """A DataLoader; memory is pinned only where a GPU is present."""
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle=shuffle,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def get_dataloaders(
+        self, validation_split: float = 0.2, seed: int = 0
+    ) -> tuple[DataLoader, DataLoader]:
+        """Shuffled training and ordered validation loaders over a seeded random split."""
+        if not 0.0 < validation_split < 1.0:
+            raise DatasetError(f"validation_split={validation_split!r} must be in (0, 1)")
+        n = len(self.dataset)  # type: ignore[arg-type]
+        n_val = max(1, int(round(n * validation_split)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        parts = (order[n_val:], order[:n_val])
+        train, val = (DataManager(torch.utils.data.Subset(self.dataset, p)) for p in parts)
+        for part in (train, val):
+            part.batch_size, part.num_workers = self.batch_size, self.num_workers
+        return train.get_dataloader(shuffle=True), val.get_dataloader(shuffle=False)
+
+
+def _as_torch(dataset: Any) -> TensorDataset:
+    """A TensorDataset over a kiln dataset's rows (in-memory arrays, or a local file's)."""
+    x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
+    if (x is None or y is None) and callable(getattr(dataset, "local_arrays", None)):
+        x, y = dataset.local_arrays()
+    if x is None or y is None:
+        name = getattr(getattr(dataset, "info", None), "id", type(dataset).__name__)
+        raise DatasetError(
+            f"dataset {name!r} is not held in memory (no x/y arrays), so it has no torch "
+            "DataLoader here; train on it with kiln.Trainer, which streams it through Ray Data"
+        )
+    return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+
+
+@dataclass(frozen=True)
+class DataLoaderConfig:
+    """Batch size and order for one loader (evaluation loaders never shuffle or drop)."""
+
+    batch_size: int = 32
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
+        if self.batch_size < 1:
+            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
+
+
+class DataLoaderFactory:
+    """Seeded DataLoaders that batch samples with the task's collator.
+
+    Args:
+        task_spec: picks the collator (``TaskSpec.collator``; the default collate for
+            tasks without one, such as regression).
+        seed: seeds the shuffle order (the same seed, the same order).
+        pin_memory: pin host memory; only takes effect where a GPU is present.
+        num_workers: loader worker processes (0 loads in this process).
+    """
+
+    def __init__(
+        self, task_spec: Any, seed: int = 42, pin_memory: bool = True, num_workers: int = 4
+    ) -> None:
+        from kiln.data import CollatorRegistry
+
+        name = getattr(task_spec, "collator", None)
+        self.task_spec = task_spec
+        self.collate_fn = CollatorRegistry().get(name) if name else None
+        self.seed = seed
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.num_workers = num_workers
+
+    def create_loader(
+        self, dataset: Dataset, config: DataLoaderConfig | None = None, is_eval: bool = False
+    ) -> DataLoader:
+        """A loader over ``dataset``; ``is_eval`` keeps every row in order."""
+        config = config or DataLoaderConfig()
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=config.shuffle and not is_eval,
+            drop_last=config.drop_last and not is_eval,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+
+class UniversalDataModule:
+    """Training and validation loaders from a local file or a Hugging Face dataset.
+
+    Args:
+        task_spec: the task; its ``input_column``/``label_column`` name the columns of
+            Hugging Face datasets, and its collator batches the rows.
+        batch_size, num_workers, seed: for the loaders (see :class:`DataLoaderFactory`).
+    """
+
+    def __init__(
+        self, task_spec: Any, batch_size: int = 32, num_workers: int = 4, seed: int = 42
+    ) -> None:
+        self.task_spec = task_spec
+        self.factory = DataLoaderFactory(task_spec, seed=seed, num_workers=num_workers)
+        self.config = DataLoaderConfig(batch_size=batch_size)
+        self.seed = seed
+
+    def load_from_file(
+        self, file_path: str | Path, validation_split: float = 0.1
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """Loaders over a local parquet/CSV/JSONL file, split by a seeded row hash."""
+        from kiln.data import get_dataset
+
+        train, val = get_dataset(file_path).split(validation_split, self.seed)
+        return self._loaders(_as_torch(train), None if val is None else _as_torch(val))
+
+    def load_huggingface(
+        self,
+        dataset_name: str,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        validation_split: str | None = "validation",
+        max_samples: int | None = None,
+        **load_kwargs: Any,
+    ) -> tuple[DataLoader, DataLoader | None]:
+        """Loaders over a dataset ``datasets.load_dataset`` finds (a hub name or a local
+        folder); ``max_samples`` caps each split. ``load_kwargs`` go to ``load_dataset``."""
+
+        def split_of(name: str) -> Dataset:
+            return self._hf_split(dataset_name, dataset_config, name, max_samples, load_kwargs)
+
+        val = None if validation_split is None else split_of(validation_split)
+        return self._loaders(split_of(train_split), val)
+
+    def _hf_split(
+        self, name: str, config: str | None, split: str, max_samples: int | None, kwargs: Any
+    ) -> Dataset:
+        import datasets
+
+        columns = [self.task_spec.input_column, self.task_spec.label_column]
+        ds = datasets.load_dataset(name, config, split=split, **kwargs)
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise DatasetError(
+                f"split {split!r} of {name!r} has columns {ds.column_names}, not {missing}; "
+                "set TaskSpec(input_column=..., label_column=...)"
+            )
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
+        return _Columns(ds.with_format("torch", columns=columns), *columns)
+
+    def _loaders(self, train: Dataset, val: Dataset | None) -> tuple[DataLoader, DataLoader | None]:
+        val_loader = None if val is None else self.factory.create_loader(val, self.config, True)
+        return self.factory.create_loader(train, self.config), val_loader
+
+
+class _Columns(Dataset):
+    """``(input, label)`` samples from a dataset of column dicts."""
+
+    def __init__(self, rows: Any, input_column: str, label_column: str) -> None:
+        self.rows, self.columns = rows, (input_column, label_column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        row = self.rows[index]
+        return row[self.columns[0]], row[self.columns[1]]
