@@ -647,3 +647,26 @@ def test_artifacts_sit_next_to_the_tracking_db(tmp_path, monkeypatch):
     out = tmp_path / "bundle"
     assert main(["--db", str(db), "export", "iris-x:1.0.0", "-o", str(out)]) == 0
     assert (out / "manifest.json").is_file()
+
+
+class _DoubledCrossEntropy:
+    """A user's loss: twice the cross-entropy (so the reported loss doubles)."""
+
+    def compute_loss(self, logits, labels, **_):
+        return 2.0 * torch.nn.functional.cross_entropy(logits, labels)
+
+
+def test_a_registered_loss_is_chosen_by_name(tmp_path):
+    from kiln.engine.loss import LOSSES, register_loss
+
+    register_loss("doubled_ce", _DoubledCrossEntropy, overwrite=True)
+    try:
+        plain = _trainer(tmp_path / "a", epochs=1).train("iris")
+        doubled = _trainer(tmp_path / "b", epochs=1, loss="doubled_ce").train("iris")
+    finally:
+        LOSSES._entries.pop("doubled_ce", None)
+    assert doubled["history"][0]["val_loss"] == pytest.approx(
+        2 * plain["history"][0]["val_loss"], rel=1e-4
+    )
+    with pytest.raises(ConfigError, match="'doubled_ce' is not a registered loss"):
+        _trainer(tmp_path / "c", epochs=1, loss="doubled_ce").train("iris")

@@ -46,8 +46,10 @@ __all__ = [
     "VisionLoss",
     "RegressionLoss",
     "LossStrategyRegistry",
+    "LOSSES",
     "get_loss_strategy",
     "loss_for_task",
+    "register_loss",
     "IGNORE_INDEX",
 ]
 
@@ -451,13 +453,30 @@ class LossStrategyRegistry:
         """Registered names, sorted."""
         return sorted(self._entries)
 
+    def user_entries(self) -> dict[str, Any]:
+        """The entries registered on top of the built-ins (they travel to worker actors)."""
+        return {k: v for k, v in self._entries.items() if _BUILTINS.get(k) is not v}
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
 
+#: The registry ``TrainingConfig.loss`` names are looked up in (built-ins plus yours).
+LOSSES = LossStrategyRegistry()
+
+
+def register_loss(name: str, strategy: Any, *, overwrite: bool = False) -> None:
+    """Make ``strategy`` (class, factory or instance) selectable as ``TrainingConfig(loss=name)``.
+
+    A run ships the losses registered here to its Ray worker actors, so the strategy
+    must pickle (a module-level class or function does).
+    """
+    LOSSES.register(name, strategy, overwrite=overwrite)
+
+
 def get_loss_strategy(name: str, **kwargs: Any) -> LossStrategy:
-    """Build a built-in strategy by name, e.g. ``get_loss_strategy("regression", kind="l1")``."""
-    return LossStrategyRegistry().get(name, **kwargs)
+    """Build a strategy by name, e.g. ``get_loss_strategy("regression", kind="l1")``."""
+    return LOSSES.get(name, **kwargs)
 
 
 _TASK_LOSS = {

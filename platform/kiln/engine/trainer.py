@@ -29,6 +29,7 @@ from kiln.config import TaskSpec, TrainingConfig
 from kiln.config.modes import MetricMode
 from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
+from kiln.engine.loss import LOSSES
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
 from kiln.errors import CheckpointError, ConfigError, ModelConfigError
 from kiln.paths import RunPaths
@@ -137,6 +138,11 @@ class Trainer:
     ) -> dict[str, Any]:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
         cfg = self.training_config
+        if cfg.loss is not None and cfg.loss not in LOSSES:
+            raise ConfigError(
+                f"loss={cfg.loss!r} is not a registered loss; known: {', '.join(LOSSES.names())} "
+                "(kiln.engine.loss.register_loss adds yours)"
+            )
         plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self.paths.datasets)
         if "val" not in (
             plan.datasets or plan.arrays or plan.loaders or {}
@@ -163,6 +169,7 @@ class Trainer:
             hooks=self.hooks,
             resume_from=resume,
             report_checkpoints=self.report_checkpoints,
+            losses=LOSSES.user_entries(),
             checkpoint_metadata={
                 "model_config": model_config,
                 "input_shape": list(plan.input_shape),

@@ -55,7 +55,7 @@ from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, res
 from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
-from kiln.engine.loss import get_loss_strategy, loss_for_task
+from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.errors import ModelConfigError
@@ -79,6 +79,7 @@ class WorkerPlan:
     resume_from: str | None = None
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
     report_checkpoints: bool = False  # in a Tune trial: every epoch's checkpoint goes to Tune
+    losses: dict[str, Any] = field(default_factory=dict)  # losses the user registered by name
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -115,6 +116,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     precision = Precision.from_config(cfg, device)
     scaler = precision.make_scaler()
+    for name, entry in plan.losses.items():  # a worker actor's registry has the built-ins only
+        LOSSES.register(name, entry, overwrite=True)
     loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
     if task.task_type == "language_modeling" and task.pad_token_id is not None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
