@@ -85,15 +85,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
 def strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     """State-dict keys without DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.``."""
     out = {}

@@ -566,7 +566,7 @@ def _register(
 
     if not results.get("checkpoint_path"):
         return None
-    return RunRecorder(paths.db, paths.artifacts).register_entry(
+    return RunRecorder(paths.db, paths.artifacts).register(
         str(cfg.register_as),
         results["checkpoint_path"],
         config=cfg.to_dict(),

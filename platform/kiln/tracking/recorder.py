@@ -117,30 +117,9 @@ class RunRecorder:
         task_type: str,
         run_id: int | None,
         description: str,
-    ) -> int:
-        """Register ``checkpoint`` as the next version of model ``name``; its model id."""
-        return self.register_entry(
-            name,
-            checkpoint,
-            config=config,
-            metrics=metrics,
-            task_type=task_type,
-            run_id=run_id,
-            description=description,
-        ).model_id
-
-    def register_entry(
-        self,
-        name: str,
-        checkpoint: str,
-        *,
-        config: Mapping[str, Any],
-        metrics: Mapping[str, Any],
-        task_type: str,
-        run_id: int | None,
-        description: str,
     ) -> Any:
-        """Like :meth:`register`, returning the registry entry (name, version, tags, ...)."""
+        """Register ``checkpoint`` as the next version of model ``name``; its registry entry
+        (``model_id``, ``name``, ``version``, ...)."""
         from kiln.tracking.registry import ModelRegistry
 
         registry = ModelRegistry(self.db_path, self.artifacts_dir)

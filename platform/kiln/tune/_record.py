@@ -173,7 +173,7 @@ def register_best(
     metrics = {
         k: v for k, v in best.best_row.items() if k.startswith(("train_", "val_")) and _finite(v)
     }
-    return recorder.register(
+    entry = recorder.register(
         name,
         str(best.best_checkpoint),
         config=config.to_dict(),
@@ -185,6 +185,7 @@ def register_best(
             f"({metric}={value:.6g} at epoch {best.best_row.get('epoch')})"
         ),
     )
+    return int(entry.model_id)
 
 
 def _trial_config(base: TrainingConfig, params: dict[str, Any]) -> TrainingConfig:
