@@ -3,31 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import ConfigError
 
-TASK_TYPES = (
-    "classification",
-    "image_classification",
-    "regression",
-    "language_modeling",
-    "sequence_to_sequence",
-    "segmentation",
-)
-MODALITIES = ("tabular", "text", "vision", "audio", "tokens")
 
-# The collator (kiln.data.CollatorRegistry name) that batches plain-DataLoader samples
-# for each task; regression samples are stacked by the default collate.
-COLLATORS: dict[str, str | None] = {
-    "classification": "classification",
-    "image_classification": "vision",
-    "regression": None,
-    "language_modeling": "language_modeling",
-    "sequence_to_sequence": "sequence_to_sequence",
-    "segmentation": "vision",
+class TaskType(str, enum.Enum):
+    """What a model predicts; each kind knows its default loss and collator.
+
+    A ``str`` enum: ``TaskSpec.task_type`` stays a plain string in configs and JSON,
+    and ``TaskType(spec.task_type)`` gives the behaviour.
+    """
+
+    CLASSIFICATION = "classification"
+    IMAGE_CLASSIFICATION = "image_classification"
+    REGRESSION = "regression"
+    LANGUAGE_MODELING = "language_modeling"
+    SEQUENCE_TO_SEQUENCE = "sequence_to_sequence"
+    SEGMENTATION = "segmentation"
+
+    @property
+    def is_classification(self) -> bool:
+        """One class per example (not per pixel or token)."""
+        return self in (TaskType.CLASSIFICATION, TaskType.IMAGE_CLASSIFICATION)
+
+    @property
+    def default_loss(self) -> str:
+        """The loss strategy name (``kiln.engine.loss``) used when the config names none."""
+        return "classification" if self.is_classification else self.value
+
+    @property
+    def collator(self) -> str | None:
+        """The collator (``kiln.data`` collator registry) that batches plain-DataLoader
+        samples; None: the default collate stacks them (regression)."""
+        return _COLLATORS[self]
+
+
+_COLLATORS: dict[TaskType, str | None] = {
+    TaskType.CLASSIFICATION: "classification",
+    TaskType.IMAGE_CLASSIFICATION: "vision",
+    TaskType.REGRESSION: None,
+    TaskType.LANGUAGE_MODELING: "language_modeling",
+    TaskType.SEQUENCE_TO_SEQUENCE: "sequence_to_sequence",
+    TaskType.SEGMENTATION: "vision",
 }
+TASK_TYPES = tuple(t.value for t in TaskType)
+MODALITIES = ("tabular", "text", "vision", "audio", "tokens")
+# The collator name per task type, as plain strings (kept for callers of the old table).
+COLLATORS: dict[str, str | None] = {t.value: t.collator for t in TaskType}
 
 
 @dataclass
@@ -173,12 +198,12 @@ class TaskSpec:
     @property
     def is_classification(self) -> bool:
         """One class per example (not per pixel or token)."""
-        return self.task_type in ("classification", "image_classification")
+        return TaskType(self.task_type).is_classification
 
     @property
     def collator(self) -> str | None:
         """The name of the collator for this task in ``kiln.data.CollatorRegistry``."""
-        return COLLATORS[self.task_type]
+        return TaskType(self.task_type).collator
 
     @property
     def output_dim(self) -> int | None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.config import TaskSpec, TrainingConfig
+from kiln.config import TaskSpec, TaskType, TrainingConfig
 from kiln.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def _plan_ray(train, val, task, config) -> DataPlan:
     if (
         np.issubdtype(x.dtype, np.integer)
         and task is not None
-        and task.task_type == "language_modeling"
+        and task.task_type == TaskType.LANGUAGE_MODELING
     ):
         task_type = "language_modeling"
     task = complete_task(task, task_type, tuple(x.shape), num_outputs=int(y.size) or 1)
@@ -342,7 +342,7 @@ def complete_task(
             names = list(class_names)
             if len(names) == (changes.get("num_classes") or task.num_classes):
                 changes["class_names"] = names
-    elif task.task_type == "regression" and task.num_outputs is None:
+    elif task.task_type == TaskType.REGRESSION and task.num_outputs is None:
         changes["num_outputs"] = num_outputs or 1
     return task.replace(**changes) if changes else task
 

@@ -479,22 +479,16 @@ def get_loss_strategy(name: str, **kwargs: Any) -> LossStrategy:
     return LOSSES.get(name, **kwargs)
 
 
-_TASK_LOSS = {
-    "classification": "classification",
-    "image_classification": "classification",
-    "regression": "regression",
-    "language_modeling": "language_modeling",
-    "sequence_to_sequence": "sequence_to_sequence",
-    "segmentation": "segmentation",
-}
 
 
 def loss_for_task(task_type: str) -> str:
     """Default loss name for a ``TaskSpec.task_type``."""
+    from kiln.config.task import TASK_TYPES, TaskType
+
     try:
-        return _TASK_LOSS[task_type]
-    except KeyError:
+        return TaskType(task_type).default_loss
+    except ValueError:
         raise ConfigError(
             f"task_type {task_type!r} has no default loss; known task types are: "
-            f"{', '.join(sorted(_TASK_LOSS))}"
+            f"{', '.join(sorted(TASK_TYPES))}"
         ) from None

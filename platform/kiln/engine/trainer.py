@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kiln._ray import ensure_ray
-from kiln.config import TaskSpec, TrainingConfig
+from kiln.config import TaskSpec, TaskType, TrainingConfig
 from kiln.config.modes import MetricMode
 from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
@@ -506,7 +506,7 @@ class _SpecFactory:
 
 
 def _default_architecture(plan: DataPlan) -> dict[str, Any]:
-    if plan.task.task_type == "language_modeling":
+    if plan.task.task_type == TaskType.LANGUAGE_MODELING:
         return {"name": "tiny_transformer", "vocab_size": plan.task.vocab_size or 32}
     if len(plan.input_shape) == 3:
         return {"name": "cnn"}

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kiln.config import TaskSpec, TrainingConfig
+from kiln.config import TaskSpec, TaskType, TrainingConfig
 from kiln.engine.callbacks import (
     CallbackBase,
     CallbackList,
@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     for name, entry in plan.losses.items():  # a worker actor's registry has the built-ins only
         LOSSES.register(name, entry, overwrite=True)
     loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
-    if task.task_type == "language_modeling" and task.pad_token_id is not None:
+    if task.task_type == TaskType.LANGUAGE_MODELING and task.pad_token_id is not None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
     accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     columns = {"input_column": task.input_column, "label_column": task.label_column}
