@@ -205,6 +205,10 @@ class TrainingScheduler:
         rows = self.store.query_dicts(
             f"SELECT {_COLUMNS} FROM schedules WHERE {column} = ?", (schedule,)
         )
+        if not rows and isinstance(schedule, str) and schedule.isdigit():  # an id from the CLI
+            rows = self.store.query_dicts(
+                f"SELECT {_COLUMNS} FROM schedules WHERE schedule_id = ?", (int(schedule),)
+            )
         if not rows:
             names = [r[0] for r in self.store.query("SELECT name FROM schedules ORDER BY name")]
             raise ScheduleNotFoundError(
