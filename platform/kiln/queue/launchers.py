@@ -65,6 +65,7 @@ class ProcessRun:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **job_environment()},
                 start_new_session=True,  # its own group: stop() reaches its children too
+                preexec_fn=_die_with_parent,
             )
 
     def poll(self) -> int | None:
@@ -91,6 +92,18 @@ class ProcessRun:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the executor dies (Linux), so a job whose
+    executor was killed is not still running when its lease expires and it is reclaimed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 class ProcessLauncher:
