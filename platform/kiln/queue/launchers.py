@@ -27,7 +27,7 @@ from typing import Protocol
 
 import kiln
 
-__all__ = ["ProcessLauncher", "RayJobLauncher", "Run", "job_environment"]
+__all__ = ["ProcessLauncher", "RayJobLauncher", "Run", "job_environment", "ray_job_client"]
 
 STOP_GRACE_S = 10.0
 
@@ -145,10 +145,8 @@ class RayJobLauncher:
     """
 
     def __init__(self, address: str) -> None:
-        from ray.job_submission import JobSubmissionClient
-
         self.address = address
-        self.client = JobSubmissionClient(address)
+        self.client = ray_job_client(address)
 
     def start(self, argv: list[str], log_path: Path, job_id: int, attempt: int) -> RayJobRun:
         import shlex
@@ -162,6 +160,26 @@ class RayJobLauncher:
         )
         log_path.parent.mkdir(parents=True, exist_ok=True)
         return RayJobRun(self.client, submission_id, log_path)
+
+
+def ray_job_client(address: str):
+    """A ``JobSubmissionClient`` for ``address``. A cluster with token authentication (the
+    default for clusters Ray 2.5x+ starts) gets this machine's Ray token (``~/.ray/auth_token``
+    or ``$RAY_AUTH_TOKEN``) even when ``RAY_AUTH_MODE`` is not set here."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        from ray._raylet import AuthenticationTokenLoader
+
+        headers = AuthenticationTokenLoader.instance().get_token_for_http_header(
+            ignore_auth_mode=True
+        )
+        if not headers:
+            raise
+        return JobSubmissionClient(address, headers=headers)
 
 
 def job_command(job_id: int, paths_json: str) -> list[str]:
