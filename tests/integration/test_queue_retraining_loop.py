@@ -41,7 +41,7 @@ def test_closed_loop_retrains_on_drift_and_skips_clean_data(tmp_path):
     data = get_dataset("digits")
     order = np.random.default_rng(0).permutation(len(data.x))
     new, hold = order[:1200], order[1200:]
-    inverted = _write(tmp_path / "new-inverted.parquet", 1.0 - data.x[new], data.y[new])
+    _write(tmp_path / "new-inverted.parquet", 1.0 - data.x[new], data.y[new])
     holdout = _write(tmp_path / "holdout.parquet", 1.0 - data.x[hold], data.y[hold])
     clean = _write(tmp_path / "clean.parquet", data.x[new[:600]], data.y[new[:600]])
 
@@ -52,13 +52,17 @@ def test_closed_loop_retrains_on_drift_and_skips_clean_data(tmp_path):
     skipped = manager.submit_job("retraining", {**job, "data": clean}, priority=9)
     retrained = manager.submit_job("retraining", {**job, "data": str(tmp_path / "new-*.parquet")})
     counts = JobExecutor(manager).run_worker(max_jobs=2, poll_s=0.1)
-    assert counts["completed"] == 2, [manager.get_job(i).error_message for i in (skipped, retrained)]
+    assert counts["completed"] == 2, [
+        manager.get_job(i).error_message for i in (skipped, retrained)
+    ]
 
     # Clean data: nothing trained, the decision and its reasons recorded.
     first = manager.get_job(skipped)
     assert first.status is JobStatus.COMPLETED and first.result.startswith("skipped")
     assert first.details["action"] == "skipped"
-    assert any(r.startswith("drift ") and "< threshold 0.300" in r for r in first.details["reasons"])
+    assert any(
+        r.startswith("drift ") and "< threshold 0.300" in r for r in first.details["reasons"]
+    )
     assert "candidate" not in first.details and "holdout" not in first.details["numbers"]
 
     # Inverted digits: drift fires, a candidate trains, beats the incumbent on the holdout,

@@ -100,7 +100,10 @@ def test_training_config_is_checked_at_submit(jm, tmp_path):
     run_file.write_text("dataset: digits\nepochs: 2\ntask:\n  task_type: classification\n")
     job = jm.get_job(jm.submit_job("training", str(run_file)))
     assert job.config == {"dataset": "digits", "epochs": 2, "task": {"task_type": "classification"}}
-    seed_form = {"training_config": {"dataset": "digits", "epochs": 3}, "task": {"task_type": "classification"}}
+    seed_form = {
+        "training_config": {"dataset": "digits", "epochs": 3},
+        "task": {"task_type": "classification"},
+    }
     job = jm.get_job(jm.submit_job("training", seed_form))
     assert job.config == {"dataset": "digits", "epochs": 3, "task": {"task_type": "classification"}}
 
@@ -144,7 +147,12 @@ def test_claim_takes_highest_priority_then_oldest(jm, clock):
 def test_claim_sets_worker_lease_and_a_new_attempt(jm, clock):
     job_id = submit(jm, clock)
     job = jm.claim_job("worker-1")
-    assert (job.job_id, job.status, job.worker_id, job.attempt) == (job_id, "running", "worker-1", 1)
+    assert (job.job_id, job.status, job.worker_id, job.attempt) == (
+        job_id,
+        "running",
+        "worker-1",
+        1,
+    )
     assert job.started_at == jm.get_job(job_id).started_at
     assert datetime.fromisoformat(job.lease_expires_at) == clock.t + timedelta(seconds=30)
 

@@ -138,7 +138,9 @@ def test_bad_cron_zone_and_duplicate_name_raise_at_create(paths):
     with pytest.raises(ConfigError, match="name='s' is already schedule 1"):
         sched.create_schedule("s", "noop", NOOP, "0 3 * * *")
     with pytest.raises(ConfigError, match="learning_rat"):
-        sched.create_schedule("t", "training", {"dataset": "digits", "learning_rat": 1}, "0 2 * * *")
+        sched.create_schedule(
+            "t", "training", {"dataset": "digits", "learning_rat": 1}, "0 2 * * *"
+        )
 
 
 def test_pause_resume_trigger_delete_and_next_fires(paths):

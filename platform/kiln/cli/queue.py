@@ -59,7 +59,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         not_before=args.not_before,
         depends_on=args.depends_on,
     )
-    print(f"job {job_id} queued ({args.type}, priority {args.priority}); `kiln queue show {job_id}`")
+    print(
+        f"job {job_id} queued ({args.type}, priority {args.priority}); `kiln queue show {job_id}`"
+    )
     return 0
 
 
@@ -70,7 +72,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no jobs")
         return 0
     frame = frame.rename(columns={"job_type": "type", "worker_id": "worker"})
-    frame["retries"] = [f"{r}/{m}" for r, m in zip(frame["retry_count"], frame["max_retries"], strict=True)]
+    frame["retries"] = [
+        f"{r}/{m}" for r, m in zip(frame["retry_count"], frame["max_retries"], strict=True)
+    ]
     frame["created"] = frame["created_at"].str.slice(0, 19)
     frame["error"] = frame["error_message"].map(lambda e: e[:60] if isinstance(e, str) else "")
     columns = ["job_id", "type", "status", "priority", "worker", "attempt", "retries", "result",
@@ -101,7 +105,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 @handles_errors
 def cmd_cancel(args: argparse.Namespace) -> int:
     job = _manager(args).cancel_job(args.job_id)
-    print(f"job {job.job_id} cancelled" + (f" (its worker {job.worker_id} stops the run)" if job.worker_id else ""))
+    print(
+        f"job {job.job_id} cancelled"
+        + (f" (its worker {job.worker_id} stops the run)" if job.worker_id else "")
+    )
     return 0
 
 
@@ -140,7 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--priority", type=int, default=5, help="1 (least urgent) to 10 (default 5)")
     p.add_argument("--max-retries", type=int, default=3, help="retries after failures (default 3)")
     p.add_argument("--not-before", help="ISO 8601 time before which the job does not start")
-    p.add_argument("--depends-on", type=int, action="append", help="job id that must complete first")
+    p.add_argument(
+        "--depends-on", type=int, action="append", help="job id that must complete first"
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("list", help="jobs, newest first")

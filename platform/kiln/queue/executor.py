@@ -135,7 +135,7 @@ class JobExecutor:
             logger.exception("job %s: could not start", job.job_id)
             return self._report(job, 1, {"ok": False, "error": f"could not start: {exc}"})
         if run.ray_job_id:
-            self._guard(lambda: m.note_run(job.job_id, job.attempt, ray_job_id=run.ray_job_id))
+            self._guard(m.note_run, job.job_id, job.attempt, ray_job_id=run.ray_job_id)
         ended = self._watch(job, run, timeout_s)
         if ended != "exited":
             return ended
@@ -162,17 +162,19 @@ class JobExecutor:
             if stop_at is not None and now >= stop_at:
                 run.stop()
                 _safe_logs(run)
-                self._guard(lambda: m.release_job(job.job_id, job.attempt, "worker stopped"))
+                self._guard(m.release_job, job.job_id, job.attempt, "worker stopped")
                 logger.warning("job %s handed back to the queue (worker stopping)", job.job_id)
                 return "requeued"
             if now - started > timeout_s:
                 run.stop()
                 _safe_logs(run)
                 minutes = timeout_s / 60.0
-                reason = f"timed out after {minutes:g} minutes (timeout_minutes={minutes:g}); the run was stopped"
-                return "failed" if self._guard(
-                    lambda: m.fail_job(job.job_id, job.attempt, reason, retry=False)
-                ) else "lost"  # fmt: skip
+                reason = (
+                    f"timed out after {minutes:g} minutes (timeout_minutes={minutes:g}); "
+                    "the run was stopped"
+                )
+                ok = self._guard(m.fail_job, job.job_id, job.attempt, reason, retry=False)
+                return "failed" if ok else "lost"
             if now >= next_renew:
                 next_renew = now + renew_every
                 if not m.renew_lease(job.job_id, job.attempt):
@@ -187,19 +189,21 @@ class JobExecutor:
         m = self.manager
         if code == 0 and outcome.get("ok"):
             ok = self._guard(
-                lambda: m.complete_job(
-                    job.job_id, job.attempt, outcome.get("result"), outcome.get("details")
-                )
+                m.complete_job,
+                job.job_id,
+                job.attempt,
+                outcome.get("result"),
+                outcome.get("details"),
             )
             return "completed" if ok else "lost"
         error = outcome.get("error") or f"exit status {code}"
-        ok = self._guard(lambda: m.fail_job(job.job_id, job.attempt, error))
+        ok = self._guard(m.fail_job, job.job_id, job.attempt, error)
         return "failed" if ok else "lost"
 
-    def _guard(self, report: Callable[[], Any]) -> bool:
+    def _guard(self, report: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         """Run a report; a refused one (stale attempt) is logged and changes nothing."""
         try:
-            report()
+            report(*args, **kwargs)
         except LeaseLostError as exc:
             logger.warning("%s", exc)
             return False

@@ -43,7 +43,9 @@ class JobType(str, enum.Enum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(t.value for t in cls)
-            raise ConfigError(f"job_type={value!r} is not a job type; use one of: {allowed}") from None
+            raise ConfigError(
+                f"job_type={value!r} is not a job type; use one of: {allowed}"
+            ) from None
 
 
 class JobStatus(str, enum.Enum):
@@ -75,7 +77,9 @@ class JobStatus(str, enum.Enum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(s.value for s in cls)
-            raise ConfigError(f"status={value!r} is not a job status; use one of: {allowed}") from None
+            raise ConfigError(
+                f"status={value!r} is not a job status; use one of: {allowed}"
+            ) from None
 
 
 @dataclass(frozen=True)

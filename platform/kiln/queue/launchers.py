@@ -16,6 +16,7 @@ Both run the same command (``python -m kiln.queue.run_job ...``) and give back a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,10 +83,8 @@ class ProcessRun:
             self.proc.wait()
 
     def _signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def logs(self) -> str:
         try:
@@ -100,10 +99,8 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # prctl(PR_SET_PDEATHSIG, SIGKILL)
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))
 
 
 class ProcessLauncher:

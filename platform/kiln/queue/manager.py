@@ -209,7 +209,9 @@ class JobManager:
         if errors:
             raise ConfigError(errors)
         with self.store.transaction() as cur:
-            return self._insert(cur, kind, normalized, priority, max_retries, when, deps, schedule_id)
+            return self._insert(
+                cur, kind, normalized, priority, max_retries, when, deps, schedule_id
+            )
 
     def _insert(
         self,

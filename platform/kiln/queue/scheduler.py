@@ -289,7 +289,9 @@ class TrainingScheduler:
         jobs = []
         with self.store.transaction() as cur:
             rows = list(
-                cur.execute(f"SELECT {_COLUMNS} FROM schedules WHERE schedule_id = ?", (schedule_id,))
+                cur.execute(
+                    f"SELECT {_COLUMNS} FROM schedules WHERE schedule_id = ?", (schedule_id,)
+                )
             )
             if not rows:
                 return []

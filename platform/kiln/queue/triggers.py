@@ -122,7 +122,10 @@ class RetrainingTrigger:
         if degradation is not None:
             pct = f"{degradation * 100:+.1f}%"
             limit = f"{self.degradation_threshold * 100:.1f}%"
-            was, now_value = reference_metrics[self.monitor_metric], current_metrics[self.monitor_metric]
+            was, now_value = (
+                reference_metrics[self.monitor_metric],
+                current_metrics[self.monitor_metric],
+            )
             change = f"({was:.4g} -> {now_value:.4g}, {'lower' if self.mode == 'min' else 'higher'} is better)"
             if degradation > self.degradation_threshold:
                 fired.append("degradation")

@@ -32,7 +32,15 @@ _KEYS = {
     JobType.EVALUATION: {"model", "dataset", "batch_size"},
     JobType.EXPORT: {"model", "formats", "output"},
     JobType.RETRAINING: {
-        "model", "data", "holdout", "trigger", "margin", "epochs", "tag", "label", "drift_rows",
+        "model",
+        "data",
+        "holdout",
+        "trigger",
+        "margin",
+        "epochs",
+        "tag",
+        "label",
+        "drift_rows",
     },  # fmt: skip
     JobType.NOOP: {"seconds", "fail", "result"},
 }
