@@ -136,3 +136,13 @@ def test_idle_exit_and_parse_outcome(jm):
     assert time.monotonic() - started < 5
     assert parse_outcome('x\nKILN_JOB_RESULT {"ok": true}\ntrailing') == {"ok": True}
     assert parse_outcome("no marker") is None
+
+
+def test_the_scheduler_ticks_while_a_job_runs(jm):
+    jm.submit_job("noop", {})
+    ticks = []
+    launcher = FakeLauncher(outcome={"ok": True}, seconds=0.5)
+    JobExecutor(jm, launcher=launcher).run_worker(
+        max_jobs=1, poll_s=0.05, tick=lambda: ticks.append(1)
+    )
+    assert len(ticks) >= 4  # every poll_s, not only between jobs

@@ -73,3 +73,15 @@ def test_load_arrays_reads_globs_and_refuses_empty_ones(tmp_path):
     assert x.shape == (6, 2) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(DatasetError, match="matches no file"):
         load_arrays(str(tmp_path / "none*.parquet"), paths)
+
+
+def test_retraining_without_new_data_is_a_recorded_skip(registered, tmp_path):
+    from kiln.queue import retrain_decisions
+
+    paths, _ = registered
+    config = {"model": "digits@production", "data": str(tmp_path / "new" / "*.parquet"),
+              "holdout": str(tmp_path / "holdout.parquet")}  # fmt: skip
+    result, details = HANDLERS[JobType.RETRAINING](config, paths, 3)
+    assert result.startswith("skipped: no new data") and details["action"] == "skipped"
+    decisions = retrain_decisions(paths=paths)
+    assert list(decisions["action"]) == ["skipped"] and decisions.loc[0, "job_id"] == 3

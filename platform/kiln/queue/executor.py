@@ -100,15 +100,14 @@ class JobExecutor:
         """Claim and run jobs until ``max_jobs`` ran, the queue stayed empty for
         ``idle_exit_s``, or :meth:`stop` / SIGTERM. Returns counts by outcome.
 
-        ``tick`` runs before each claim (``kiln worker --with-scheduler`` passes the
-        scheduler's tick, so due fires are queued and picked up by the same loop).
+        ``tick`` runs every ``poll_s`` in a background thread, also while a job runs
+        (``kiln worker --with-scheduler`` passes the scheduler's tick, so due fires are
+        queued on time and picked up by this loop).
         """
         counts = {"completed": 0, "failed": 0, "requeued": 0, "lost": 0}
         done, idle_since = 0, time.monotonic()
-        with self._signals():
+        with self._signals(), self._ticking(tick, poll_s):
             while not self.stopping and (max_jobs is None or done < max_jobs):
-                if tick is not None:
-                    tick()
                 job = self.manager.claim_job(self.worker_id)
                 if job is None:
                     if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
@@ -208,6 +207,29 @@ class JobExecutor:
             logger.warning("%s", exc)
             return False
         return True
+
+    @contextmanager
+    def _ticking(self, tick: Callable[[], Any] | None, every_s: float):
+        if tick is None:
+            yield
+            return
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.is_set():
+                try:
+                    tick()
+                except Exception:  # a bad tick must not stop the worker
+                    logger.exception("scheduler tick failed")
+                done.wait(every_s)
+
+        thread = threading.Thread(target=loop, name="kiln-scheduler-tick", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(30)
 
     @contextmanager
     def _signals(self):

@@ -19,9 +19,11 @@ recorded with its reasons and numbers; :func:`retrain_decisions` lists them.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -47,6 +49,11 @@ def retrain(config: dict[str, Any], paths: RunPaths, job_id: int | None = None) 
     registry, db = ModelRegistry(paths.db, paths.artifacts), ExperimentDB(paths.db)
     try:
         model, meta, incumbent = load_registered(ref, paths)
+        record = dict(job_id=job_id, name=incumbent.name, incumbent=incumbent.model_id)
+        if not _has_data(config["data"]):  # a schedule fired before new data arrived
+            reasons = [f"no new data: data={config['data']!r} matches no file"]
+            _record(store, **record, action="skipped", reasons=reasons, numbers={"rows": 0})
+            return f"skipped: {reasons[0]}", {"action": "skipped", "reasons": reasons}
         x_new, y_new = load_arrays(config["data"], paths)
         current = _as_val(evaluate_arrays(model, meta, x_new, y_new))
         numbers: dict[str, Any] = {"rows": len(x_new), "current": current}
@@ -68,7 +75,6 @@ def retrain(config: dict[str, Any], paths: RunPaths, job_id: int | None = None) 
             current, incumbent.metrics, drift_score, _last_retrain(store, incumbent.name)
         )
         reasons = [*decision.reasons, *([drift_note] if drift_note else [])]
-        record = dict(job_id=job_id, name=incumbent.name, incumbent=incumbent.model_id)
         if not decision.retrain:
             _record(store, **record, action="skipped", reasons=reasons, numbers=numbers)
             return f"skipped: {'; '.join(reasons)}", _details("skipped", reasons, numbers, decision)
@@ -180,6 +186,12 @@ def _gate(trigger: RetrainingTrigger, holdout: dict[str, dict], margin: float) -
         f"holdout {key}: candidate {b:.4f} vs incumbent {a:.4f} ({gain * 100:+.1f}%, "
         f"margin {margin * 100:.1f}%): {verdict}"
     )
+
+
+def _has_data(source: str) -> bool:
+    if any(c in source for c in "*?["):
+        return bool(glob.glob(str(Path(source).expanduser())))
+    return True  # a dataset id or a path: loading it reports what is wrong
 
 
 def _as_val(metrics: dict[str, float]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -64,11 +65,18 @@ def run(job_id: int, paths: RunPaths) -> dict[str, Any]:
     return {"ok": True, "result": result, "details": details}
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kiln.queue.run_job")
     parser.add_argument("job_id", type=int)
     parser.add_argument("--paths", required=True, help="RunPaths as JSON (from the executor)")
     args = parser.parse_args(argv)
+    # The executor stops a job with SIGTERM (timeout, cancel, shutdown): raise
+    # KeyboardInterrupt so a Trainer records its run as stopped before the process ends.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
