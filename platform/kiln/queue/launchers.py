@@ -169,7 +169,7 @@ def ray_job_client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
-        from ray._raylet import AuthenticationTokenLoader
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
         headers = AuthenticationTokenLoader.instance().get_token_for_http_header(
             ignore_auth_mode=True

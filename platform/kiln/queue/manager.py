@@ -260,7 +260,8 @@ class JobManager:
         limit: int | None = None,
     ) -> pd.DataFrame:
         """Jobs, newest first: one row per job, one column per :class:`Job` field."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if status is not None:
             where.append("status = ?")
             args.append(JobStatus.parse(status).value)
@@ -469,7 +470,7 @@ class JobManager:
 
     def _cascade(self, cur: Any, job_id: int, how: str) -> None:
         """Pending jobs that depend on a job that will never complete fail with it."""
-        todo, seen = [job_id], set()
+        todo, seen = [job_id], set[int]()
         while todo and len(seen) < 100_000:
             parent = todo.pop()
             seen.add(parent)

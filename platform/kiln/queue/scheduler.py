@@ -189,7 +189,7 @@ class TrainingScheduler:
                     f"name={name!r} is already schedule {taken[0][0]}; pick another name or "
                     "delete that schedule first"
                 )
-            if errors:
+            if errors or kind is None:
                 raise ConfigError(errors)
             cur.execute(
                 "INSERT INTO schedules(name, job_type, config, schedule_expr, priority, timezone, "

@@ -95,7 +95,7 @@ def _training(config: Any) -> dict[str, Any]:
     source = "config"
     if isinstance(config, (str, os.PathLike)):
         source = str(config)
-        config = read_mapping(config)
+        config = read_mapping(Path(config))
     if not isinstance(config, dict):
         raise ConfigError(
             f"config of a training job must be a run-file mapping or its path; got "
