@@ -74,7 +74,9 @@ class JobExecutor:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.address = address
         if launcher is None:
-            launcher = RayJobLauncher(address) if address else ProcessLauncher()
+            launcher = (
+                RayJobLauncher(address, str(manager.paths.db)) if address else ProcessLauncher()
+            )
         self.launcher = launcher
         self.stop_grace_s = float(stop_grace_s)
         self._stop = threading.Event()

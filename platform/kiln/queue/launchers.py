@@ -139,24 +139,40 @@ class RayJobLauncher:
 
     Args:
         address: The dashboard's address (``http://127.0.0.1:8265``) or ``"auto"``.
+        queue: Names the queue (its database path) in each Ray job's metadata.
     """
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, address: str, queue: str = "") -> None:
+        self.address, self.queue = address, queue
         self.client = ray_job_client(address)
 
     def start(self, argv: list[str], log_path: Path, job_id: int, attempt: int) -> RayJobRun:
         import shlex
 
+        self._stop_earlier_attempts(job_id)
         submission_id = f"kiln-job-{job_id}-{attempt}-{uuid.uuid4().hex[:6]}"
         self.client.submit_job(
             entrypoint=shlex.join(argv),
             submission_id=submission_id,
             runtime_env={"env_vars": job_environment()},
-            metadata={"kiln_job_id": str(job_id), "kiln_attempt": str(attempt)},
+            metadata={
+                "kiln_job_id": str(job_id),
+                "kiln_attempt": str(attempt),
+                "kiln_queue": self.queue,
+            },
         )
         log_path.parent.mkdir(parents=True, exist_ok=True)
         return RayJobRun(self.client, submission_id, log_path)
+
+    def _stop_earlier_attempts(self, job_id: int) -> None:
+        """An attempt whose executor died may still run on the cluster: stop it first, so
+        the reclaimed job never runs twice at once."""
+        for info in self.client.list_jobs():
+            meta = info.metadata or {}
+            status = str(getattr(info.status, "value", info.status))
+            mine = meta.get("kiln_job_id") == str(job_id) and meta.get("kiln_queue") == self.queue
+            if mine and status in ("PENDING", "RUNNING"):
+                self.client.stop_job(info.submission_id)
 
 
 def ray_job_client(address: str):
