@@ -29,7 +29,7 @@ def _write(path, x, y):
 def test_closed_loop_retrains_on_drift_and_skips_clean_data(tmp_path):
     paths = RunPaths.resolve(tmp_path / "home")
     cfg = TrainingConfig(
-        dataset="digits", epochs=3, batch_size=64, learning_rate=0.01, lr_scheduler="constant",
+        dataset="digits", epochs=2, batch_size=64, learning_rate=0.01, lr_scheduler="constant",
         warmup_ratio=0.0, validation_split=0.2, model={"name": "mlp", "hidden": [32]},
         register_as="digits", run_name="digits-incumbent",
     )  # fmt: skip
@@ -50,7 +50,8 @@ def test_closed_loop_retrains_on_drift_and_skips_clean_data(tmp_path):
     job = {"model": "digits@production", "holdout": holdout, "trigger": trigger, "margin": 0.05,
            "epochs": 2}  # fmt: skip
     skipped = manager.submit_job("retraining", {**job, "data": clean}, priority=9)
-    retrained = manager.submit_job("retraining", {**job, "data": str(tmp_path / "new-*.parquet")})
+    drifted = {**job, "data": str(tmp_path / "new-*.parquet"), "warm_start": True}
+    retrained = manager.submit_job("retraining", drifted)
     counts = JobExecutor(manager).run_worker(max_jobs=2, poll_s=0.1)
     assert counts["completed"] == 2, [
         manager.get_job(i).error_message for i in (skipped, retrained)
@@ -77,6 +78,14 @@ def test_closed_loop_retrains_on_drift_and_skips_clean_data(tmp_path):
     champion = registry.resolve("digits@production")
     assert champion.model_id == details["candidate_id"] != incumbent.model_id
     assert champion.parent_model_id == incumbent.model_id
+    assert champion.description.endswith("(warm start)")
+    from kiln.tracking import ExperimentDB
+
+    run = ExperimentDB(paths.db).get_run(champion.training_run_id)
+    assert (
+        run["params"]["resumed_from"]
+        == registry.load_checkpoint_path(incumbent.model_id).as_posix()
+    )
     assert [e.model_id for e in registry.lineage(champion.model_id)] == [
         champion.model_id, incumbent.model_id,
     ]  # fmt: skip

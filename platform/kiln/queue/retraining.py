@@ -8,7 +8,8 @@ A ``retraining`` job, for ``{"model": "digits@production", "data": "new/*.parque
 2. asks the :class:`RetrainingTrigger` (degradation of ``monitor_metric`` against the
    incumbent's registered metrics, drift, days since the last retrain);
 3. if it fires, trains a candidate with the incumbent's recorded config and task on the
-   new data, registers it with the incumbent as its parent;
+   new data (``warm_start``: continuing from the incumbent's checkpoint), registers it
+   with the incumbent as its parent;
 4. evaluates candidate and incumbent on the same holdout and moves the tag to the
    candidate only if it beats the incumbent's ``monitor_metric`` by more than
    ``margin`` (relative). ``kiln serve NAME@TAG --reload-on-promote`` then serves it.
@@ -152,8 +153,15 @@ def _train_candidate(config, paths, incumbent, meta, x, y, job_id) -> int:
         **({"epochs": int(config["epochs"])} if "epochs" in config else {}),
     )
     task = TaskSpec.from_dict(meta["task_spec"]) if meta.get("task_spec") else None
-    results = Trainer(training_config=cfg, task_spec=task, paths=paths).train((x, y))
     registry = ModelRegistry(paths.db, paths.artifacts)
+    resume = None
+    if config.get("warm_start"):  # continue from the incumbent's weights and optimizer state
+        resume = str(registry.load_checkpoint_path(incumbent))
+        done = int(meta.get("epoch") or 0)
+        cfg = cfg.replace(epochs=done + int(config.get("epochs", cfg.epochs)))
+    results = Trainer(training_config=cfg, task_spec=task, paths=paths).train(
+        (x, y), resume_from=resume
+    )
     try:
         return registry.register_model(
             incumbent.name,
@@ -167,7 +175,8 @@ def _train_candidate(config, paths, incumbent, meta, x, y, job_id) -> int:
             task_type=incumbent.task_type,
             training_run_id=results.get("run_id"),
             parent_model_id=incumbent.model_id,
-            description=f"retrained from {incumbent.ref} on {config['data']}",
+            description=f"retrained from {incumbent.ref} on {config['data']}"
+            + (" (warm start)" if resume else ""),
         )
     finally:
         registry.close()

@@ -9,7 +9,7 @@ whole: every problem is collected into one :class:`~kiln.errors.ConfigError`.
 - ``evaluation``: ``{"model": "NAME@TAG", "dataset": ID_OR_PATH}``.
 - ``export``: ``{"model": "NAME@TAG", "formats": "onnx,pytorch", "output": DIR}``.
 - ``retraining``: ``{"model": "NAME@TAG", "data": GLOB, "holdout": PATH, "trigger": {...},
-  "margin": 0.0}``. The data need not exist yet (a schedule names tomorrow's files);
+  "margin": 0.0, "epochs": N, "warm_start": false}``. The data need not exist yet (a schedule names tomorrow's files);
   the job checks it when it runs.
 - ``noop``: ``{"seconds": 0, "fail": false}``.
 
@@ -39,9 +39,8 @@ _KEYS = {
         "margin",
         "epochs",
         "tag",
-        "label",
-        "drift_rows",
-    },  # fmt: skip
+        "warm_start",
+    },
     JobType.NOOP: {"seconds", "fail", "result"},
 }
 _TRIGGER_KEYS = {
