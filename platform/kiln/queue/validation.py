@@ -18,6 +18,7 @@ Model references must exist in the registry at submit time.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from kiln.errors import ConfigError, KilnError
 from kiln.paths import RunPaths
 from kiln.queue.jobs import JobType
+from kiln.queue.triggers import RetrainingTrigger
 
 __all__ = ["validate_job_config", "validate_priority"]
 
@@ -43,10 +45,7 @@ _KEYS = {
     },
     JobType.NOOP: {"seconds", "fail", "result"},
 }
-_TRIGGER_KEYS = {
-    "monitor_metric", "degradation_threshold", "min_days_between_retrains", "drift_threshold",
-    "mode",
-}  # fmt: skip
+_TRIGGER_KEYS = set(inspect.signature(RetrainingTrigger).parameters)
 
 
 def validate_priority(priority: Any) -> list[str]:
@@ -177,8 +176,6 @@ def _retraining_errors(config: dict[str, Any]) -> list[str]:
     if unknown:
         errors.append(f"config.trigger: unknown keys {unknown}; known: {sorted(_TRIGGER_KEYS)}")
     else:
-        from kiln.queue.triggers import RetrainingTrigger
-
         try:
             RetrainingTrigger(**trigger)
         except ConfigError as exc:
