@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import apsw
+
 from kiln.errors import LeaseLostError
 from kiln.queue.jobs import Job
 from kiln.queue.launchers import ProcessLauncher, RayJobLauncher, Run, job_command
@@ -110,7 +112,11 @@ class JobExecutor:
         done, idle_since = 0, time.monotonic()
         with self._signals(), self._ticking(tick, poll_s):
             while not self.stopping and (max_jobs is None or done < max_jobs):
-                job = self.manager.claim_job(self.worker_id)
+                try:
+                    job = self.manager.claim_job(self.worker_id)
+                except apsw.BusyError:  # the file stayed locked past the busy timeout
+                    logger.warning("queue busy; trying again in %.1f s", poll_s, exc_info=True)
+                    job = None
                 if job is None:
                     if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                         break
@@ -178,7 +184,12 @@ class JobExecutor:
                 return "failed" if ok else "lost"
             if now >= next_renew:
                 next_renew = now + renew_every
-                if not m.renew_lease(job.job_id, job.attempt):
+                try:
+                    held = m.renew_lease(job.job_id, job.attempt)
+                except apsw.BusyError:  # try again at the next renewal; the lease has slack
+                    logger.warning("job %s: lease renewal delayed (busy)", job.job_id)
+                    held = True
+                if not held:
                     run.stop()  # cancelled, or reclaimed after a lost lease
                     _safe_logs(run)
                     logger.warning("job %s: lease lost or job cancelled; run stopped", job.job_id)
