@@ -89,7 +89,7 @@ EXECUTOR = textwrap.dedent(
     import sys
     from kiln.paths import RunPaths
     from kiln.queue import JobExecutor, JobManager
-    m = JobManager(paths=RunPaths.resolve(sys.argv[1]), lease_s=1.5)
+    m = JobManager(paths=RunPaths.resolve(sys.argv[1]), lease_s=3.0)
     JobExecutor(m, worker_id="doomed").run_worker(max_jobs=1, poll_s=0.05)
     """
 )
@@ -101,17 +101,23 @@ def test_kill_9_of_an_executor_holding_a_job(tmp_path):
     job_id = manager.submit_job("noop", {"seconds": 2.0, "result": "done"}, max_retries=2)
     doomed = _spawn(EXECUTOR, str(paths.home))
     deadline = time.monotonic() + 30
-    while manager.get_job(job_id).status is not JobStatus.RUNNING:
+
+    def started() -> bool:  # its job process is up and printing
+        log = manager.get_job(job_id).log_path
+        return bool(log) and Path(log).is_file() and "kiln: job" in Path(log).read_text()
+
+    while not started():
         assert time.monotonic() < deadline and doomed.poll() is None
         time.sleep(0.05)
     first = manager.get_job(job_id)
+    assert first.status is JobStatus.RUNNING
     assert first.worker_id == "doomed" and first.attempt == 1
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(10)
     assert manager.claim_job("early") is None  # the lease still holds
-    time.sleep(1.6)
+    # The survivor polls until the dead worker's lease (3 s after its last renewal) expires.
     survivor = JobExecutor(manager, worker_id="survivor")
-    assert survivor.run_worker(max_jobs=1, poll_s=0.05) == {
+    assert survivor.run_worker(max_jobs=1, poll_s=0.05, idle_exit_s=30) == {
         "completed": 1, "failed": 0, "requeued": 0, "lost": 0,
     }  # fmt: skip
     job = manager.get_job(job_id)
