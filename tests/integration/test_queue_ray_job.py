@@ -107,3 +107,12 @@ def test_a_queued_training_job_runs_as_a_ray_job(tmp_path, ray_dashboard, capsys
 
     assert kiln_main(["--home", str(paths.home), "runs", "list"]) == 0
     assert job.result in capsys.readouterr().out
+
+    # A Ray job past its timeout is stopped on the cluster and the job fails with the reason.
+    slow = manager.submit_job("noop", {"seconds": 120})
+    executor = JobExecutor(manager, address=ray_dashboard)
+    assert executor.run_worker(max_jobs=1, timeout_minutes=4 / 60, poll_s=0.2)["failed"] == 1
+    stopped = manager.get_job(slow)
+    assert stopped.error_message.startswith("timed out after") and stopped.ray_job_id
+    status = ray_job_client(ray_dashboard).get_job_status(stopped.ray_job_id)
+    assert str(status.value) in ("STOPPED", "FAILED")
