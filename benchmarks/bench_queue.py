@@ -224,7 +224,8 @@ def overhead_table(reps: int) -> None:
 
 def fire_table(fires: int) -> None:
     from kiln.paths import RunPaths
-    from kiln.queue.manager import JobManager, parse_time
+    from kiln.queue._schema import parse_time
+    from kiln.queue.manager import JobManager
     from kiln.queue.scheduler import TrainingScheduler
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-q-") as home:

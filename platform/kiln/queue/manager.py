@@ -22,93 +22,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 
-from kiln._store import Migration, Store
+from kiln._store import Store
 from kiln.errors import ConfigError, JobNotFoundError, JobStateError, LeaseLostError
 from kiln.paths import RunPaths
+from kiln.queue._schema import COMPONENT, MIGRATIONS, Clock, iso, parse_time, utcnow
 from kiln.queue.jobs import Job, JobStatus, JobType
 from kiln.queue.validation import validate_job_config, validate_priority
 
-__all__ = ["COMPONENT", "MIGRATIONS", "JobManager", "iso", "parse_time"]
-
-COMPONENT = "queue"
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "jobs, dependencies, schedules, fires and retraining decisions",
-        """
-        CREATE TABLE jobs (
-            job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-            job_type TEXT NOT NULL,
-            status TEXT NOT NULL,
-            priority INTEGER NOT NULL,
-            config TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            started_at TEXT,
-            completed_at TEXT,
-            error_message TEXT,
-            worker_id TEXT,
-            retry_count INTEGER NOT NULL DEFAULT 0,
-            max_retries INTEGER NOT NULL,
-            result TEXT,
-            details TEXT,
-            not_before TEXT,
-            schedule_id INTEGER,
-            log_path TEXT,
-            ray_job_id TEXT,
-            attempt INTEGER NOT NULL DEFAULT 0,
-            lease_expires_at TEXT
-        );
-        CREATE INDEX jobs_claim ON jobs(status, priority DESC, job_id);
-        CREATE INDEX jobs_lease ON jobs(status, lease_expires_at);
-        CREATE TABLE job_dependencies (
-            job_id INTEGER NOT NULL REFERENCES jobs(job_id),
-            depends_on INTEGER NOT NULL REFERENCES jobs(job_id),
-            PRIMARY KEY (job_id, depends_on)
-        );
-        CREATE INDEX job_dependents ON job_dependencies(depends_on);
-        CREATE TABLE schedules (
-            schedule_id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL UNIQUE,
-            job_type TEXT NOT NULL,
-            config TEXT NOT NULL,
-            schedule_expr TEXT NOT NULL,
-            priority INTEGER NOT NULL,
-            timezone TEXT NOT NULL,
-            catch_up TEXT NOT NULL,
-            paused INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL,
-            last_fire_at TEXT
-        );
-        CREATE TABLE schedule_fires (
-            schedule_id INTEGER NOT NULL,
-            fire_key TEXT NOT NULL,
-            job_id INTEGER,
-            fired_at TEXT NOT NULL,
-            PRIMARY KEY (schedule_id, fire_key)
-        );
-        CREATE TABLE retrain_decisions (
-            decision_id INTEGER PRIMARY KEY AUTOINCREMENT,
-            job_id INTEGER,
-            model_name TEXT NOT NULL,
-            incumbent_id INTEGER,
-            candidate_id INTEGER,
-            action TEXT NOT NULL,
-            reasons TEXT NOT NULL,
-            numbers TEXT NOT NULL,
-            at TEXT NOT NULL
-        );
-        CREATE INDEX retrain_decisions_by_model ON retrain_decisions(model_name, decision_id);
-        """,
-    ),
-)
+__all__ = ["COMPONENT", "MIGRATIONS", "JobManager"]
 
 _COLUMNS = (
     "job_id, job_type, status, priority, config, created_at, started_at, completed_at, "
@@ -116,25 +44,6 @@ _COLUMNS = (
     "schedule_id, log_path, ray_job_id, attempt, lease_expires_at"
 )
 _NAMES = [c.strip() for c in _COLUMNS.split(",")]
-
-Clock = Callable[[], datetime]
-
-
-def iso(moment: datetime) -> str:
-    """UTC ISO 8601 with microseconds: one fixed width, so text order is time order."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def parse_time(value: str | datetime) -> datetime:
-    """A timezone-aware datetime from an ISO string or datetime (naive means UTC)."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class JobManager:
@@ -164,7 +73,7 @@ class JobManager:
         self.store.migrate(COMPONENT, MIGRATIONS)
         self.lease_s = float(lease_s)
         self.backoff_base_s, self.backoff_max_s = float(backoff_base_s), float(backoff_max_s)
-        self.clock: Clock = clock or _utcnow
+        self.clock: Clock = clock or utcnow
 
     def close(self) -> None:
         self.store.close()

@@ -32,7 +32,7 @@ import pandas as pd
 from kiln._store import Store
 from kiln.errors import KilnError
 from kiln.paths import RunPaths
-from kiln.queue.manager import COMPONENT, MIGRATIONS, iso
+from kiln.queue._schema import COMPONENT, MIGRATIONS, iso
 from kiln.queue.triggers import RetrainingTrigger, TriggerDecision
 
 __all__ = ["retrain", "retrain_decisions"]

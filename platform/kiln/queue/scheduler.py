@@ -37,8 +37,9 @@ from croniter import croniter
 
 from kiln.errors import ConfigError, ScheduleNotFoundError
 from kiln.paths import RunPaths
+from kiln.queue._schema import Clock, iso, parse_time
 from kiln.queue.jobs import JobType
-from kiln.queue.manager import Clock, JobManager, iso, parse_time
+from kiln.queue.manager import JobManager
 from kiln.queue.validation import validate_job_config, validate_priority
 
 __all__ = ["CatchUp", "Schedule", "TrainingScheduler", "fire_times"]
