@@ -26,6 +26,7 @@ SCRIPTS = {
     "registry": ("Registry throughput (issue 3)", "bench_registry.py"),
     "serve": ("Serving (issue 4)", "bench_serve.py"),
     "tune": ("Tune (issue 5)", "bench_tune.py"),
+    "queue": ("Job queue (issue 10)", "bench_queue.py"),
 }
 
 

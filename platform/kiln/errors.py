@@ -27,6 +27,10 @@ __all__ = [
     "ExportError",
     "GradientExplosionError",
     "DriftError",
+    "JobNotFoundError",
+    "JobStateError",
+    "LeaseLostError",
+    "ScheduleNotFoundError",
 ]
 
 
@@ -121,3 +125,22 @@ class RunNotFoundError(NotFoundError):
 
 class ModelNotFoundError(NotFoundError):
     """An unknown model id, name, version or tag in the registry."""
+
+
+class JobNotFoundError(NotFoundError):
+    """An unknown job id in the job queue."""
+
+
+class ScheduleNotFoundError(NotFoundError):
+    """An unknown schedule id or name."""
+
+
+class JobStateError(KilnError, ValueError):
+    """A queue request that the job's (or schedule's) current state does not allow."""
+
+
+class LeaseLostError(KilnError, RuntimeError):
+    """A worker reported on a job it no longer holds (its lease expired or was cancelled).
+
+    The report is refused and changes nothing; another attempt owns the job now.
+    """

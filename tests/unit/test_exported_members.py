@@ -53,6 +53,7 @@ def test_top_level_exports_are_pinned():
         "kiln.export",
         "kiln.serve",
         "kiln.tune",
+        "kiln.queue",
     ],
 )
 def test_every_exported_name_resolves(package):

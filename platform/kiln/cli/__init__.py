@@ -7,6 +7,9 @@
     kiln export CHECKPOINT|NAME@TAG -o DIR
     kiln serve BUNDLE|NAME@TAG [--port 8000]
     kiln tune CONFIG --space SPACE.yaml --samples N
+    kiln queue submit | list | show | cancel | retry | decisions
+    kiln worker [--address URL] [--with-scheduler]  |  kiln scheduler
+    kiln schedule add | list | next | trigger | pause | resume | remove
 
 Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
 traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 from kiln.errors import KilnError
 
 # Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
-_COMMANDS = ("train", "datasets", "runs", "models", "export", "serve", "tune")
+_COMMANDS = (
+    "train", "datasets", "runs", "models", "export", "serve", "tune", "queue", "worker", "schedule",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

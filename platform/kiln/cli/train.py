@@ -52,6 +52,18 @@ def load_run_file(
 ) -> tuple[TrainingConfig, TaskSpec | None]:
     """Read a run file, apply ``--set`` overrides, and validate both parts."""
     raw = read_mapping(path)
+    return load_run_mapping(raw, overrides, workers, source=path)
+
+
+def load_run_mapping(
+    raw: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    workers: int | None = None,
+    *,
+    source: str = "config",
+) -> tuple[TrainingConfig, TaskSpec | None]:
+    """What :func:`load_run_file` does, for a run file's mapping already in memory."""
+    raw = dict(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -74,7 +86,7 @@ def load_run_file(
         except ConfigError as exc:
             errors.extend(f"task.{e}" for e in exc.errors)
     if errors:
-        raise ConfigError([f"{path}: {e}" for e in errors])
+        raise ConfigError([f"{source}: {e}" for e in errors])
     return config, task
 
 
