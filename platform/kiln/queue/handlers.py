@@ -34,17 +34,18 @@ Handler = Callable[[dict[str, Any], RunPaths, int], tuple[str | None, dict[str, 
 
 
 def run_training(config: dict[str, Any], paths: RunPaths, job_id: int) -> tuple[str, dict]:
-    from kiln.cli.train import ProgressHook, load_run_mapping
+    from kiln.cli.train import load_run_mapping
     from kiln.engine.trainer import Trainer
 
     cfg, task = load_run_mapping(config, source=f"job {job_id}")
     if not cfg.notes:
         cfg = cfg.replace(notes=f"queued job {job_id}")
-    trainer = Trainer(
-        training_config=cfg, task_spec=task, hooks=[ProgressHook(cfg.epochs)], paths=paths
-    )
+    trainer = Trainer(training_config=cfg, task_spec=task, paths=paths)  # logs each epoch
     results = trainer.train()
-    keep = ("run_id", "model_id", "best_epoch", "best_val_loss", "checkpoint_path", "run_dir")
+    keep = (
+        "run_id", "model_id", "registered", "best_epoch", "best_val_loss", "test_metrics",
+        "checkpoint_path", "run_dir",
+    )  # fmt: skip
     details = {k: results.get(k) for k in keep}
     details["final_metrics"] = _scalars(results.get("final_metrics", {}))
     return results["run_name"], details
