@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.cli.runs import db_path, handles_errors, print_table
+from kiln.cli.runs import add_output_options, db_path, emit, handles_errors, print_table
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
@@ -50,10 +50,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     if df.empty:
         print("no models registered yet")
         return 0
-    df["created_at"] = df["created_at"].str.slice(0, 19)
-    df = df.drop(columns=["config_hash", "sha256", "parent_model_id"])
-    print_table(df, title="models (newest first)")
+    if args.format != "table":
+        emit(df, args, list(df.columns), title="models")
+        return 0
+    df.insert(0, "model", df["name"] + ":" + df["version"].astype(str))
+    df["created"] = df["created_at"].str.slice(0, 16).str.replace("T", " ")
+    df["tags"] = [", ".join(t) if isinstance(t, list) else (t or "") for t in df["tags"]]
+    metrics = [c for c in _SCANNED_METRICS if c in df.columns and df[c].notna().any()][:2]
+    columns = ["model", "tags", "status", *metrics, "created"]
+    emit(df, args, columns, title="models (newest first)", keep_whole=("model",))
     return 0
+
+
+# The metrics `kiln models list` shows by default, in order of preference (two at most).
+_SCANNED_METRICS = ("test_accuracy", "val_loss", "val_accuracy", "test_loss", "val_mae")
 
 
 @handles_errors
@@ -193,6 +203,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="only versions of this model")
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.add_argument("--active", action="store_true", help="hide retired models")
+    add_output_options(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("show", help="one model: NAME, NAME:VERSION or NAME@TAG")

@@ -16,7 +16,7 @@ import functools
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from kiln.paths import RunPaths
 
-__all__ = ["db_path", "print_table", "register", "run_paths"]
+__all__ = ["add_output_options", "db_path", "emit", "print_table", "register", "run_paths"]
 
 
 def run_paths(args: argparse.Namespace) -> RunPaths:
@@ -63,7 +63,9 @@ def handles_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 120))
+    # $COLUMNS, else the terminal's width; 120 columns for a pipe or a file.
+    width = shutil.get_terminal_size((120, 24)).columns
+    return Console(width=width, soft_wrap=False)
 
 
 def _cell(value: Any) -> str:
@@ -72,22 +74,74 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.4g}"
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)
 
 
-def print_table(df: pd.DataFrame, title: str | None = None) -> None:
-    """Print a DataFrame as a rich table."""
+def print_table(
+    df: pd.DataFrame, title: str | None = None, *, keep_whole: Sequence[str] = ()
+) -> None:
+    """Print a DataFrame as a rich table.
+
+    With ``keep_whole`` (a listing's key columns) no cell is wrapped: columns that do not
+    fit the width are left out from the right, and a note says how many.
+    """
     from rich.table import Table
 
+    console = _console()
+    cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+    columns = [str(c) for c in df.columns]
+    hidden = 0
+    if keep_whole:
+        widths = [max([len(c), *(len(r[i]) for r in cells)]) + 3 for i, c in enumerate(columns)]
+        while len(columns) > 1 and sum(widths) + 1 > console.width:
+            if columns[-1] in keep_whole:
+                break
+            columns, widths, hidden = columns[:-1], widths[:-1], hidden + 1
+            cells = [r[: len(columns)] for r in cells]
     table = Table(title=title)
-    for col in df.columns:
-        table.add_column(str(col), overflow="fold")
-    for row in df.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    _console().print(table)
+    for col in columns:
+        table.add_column(col, overflow="fold", no_wrap=bool(keep_whole))
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    if hidden:
+        console.print(f"({hidden} more column(s) do not fit this width; --wide shows every column)")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--format table|json|csv`` and ``--wide``, for the listing commands."""
+    parser.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="table for people; json or csv for scripts (every column) (default: table)",
+    )
+    parser.add_argument(
+        "--wide", action="store_true", help="every column in the table, not the usual few"
+    )
+
+
+def emit(
+    df: pd.DataFrame,
+    args: argparse.Namespace,
+    columns: Sequence[str],
+    *,
+    title: str,
+    keep_whole: Sequence[str] = (),
+) -> None:
+    """Write ``df`` as ``args.format`` asks; a table shows ``columns`` unless ``--wide``."""
+    fmt = getattr(args, "format", "table")
+    if fmt == "json":
+        print(df.to_json(orient="records", date_format="iso", default_handler=str))
+        return
+    if fmt == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+        return
+    shown = df if getattr(args, "wide", False) else df[[c for c in columns if c in df.columns]]
+    print_table(shown, title=title, keep_whole=keep_whole)
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -102,8 +156,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if df.empty:
         print("no runs recorded yet")
         return 0
-    df["started_at"] = df["started_at"].str.slice(0, 19)
-    print_table(df.drop(columns=["ended_at"]), title="runs (newest first)")
+    if args.format == "table":
+        df["started_at"] = df["started_at"].str.slice(0, 16).str.replace("T", " ")
+    columns = ["run_id", "run_name", "status", "started_at", "duration_s", "group"]
+    emit(df, args, columns, title="runs (newest first)", keep_whole=("run_name",))
     return 0
 
 
@@ -216,6 +272,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group", help="only runs of this group (e.g. a Tune search id)")
     p.add_argument("--status", help="only runs with this status")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    add_output_options(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("show", help="a run's config, params, metrics and checkpoints")
