@@ -48,7 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _polish_help(parser)
     return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (examples keep their lines); each option shows its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS, [])
+        if shown and "%(default)" not in text and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
+def _polish_help(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command: plain text (no reStructuredText ``quotes``), defaults shown."""
+    parser.formatter_class = _HelpFormatter
+    if parser.description:
+        parser.description = parser.description.replace("``", "")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _polish_help(sub)
+        elif action.help:
+            action.help = action.help.replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

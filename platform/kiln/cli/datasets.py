@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--config",
         metavar="RUN_FILE",
-        help="take --validation-split and --seed from this `kiln train` file",
+        help="take --validation-split and --seed from this kiln train run file",
     )
     e.set_defaults(func=cmd_export)
 

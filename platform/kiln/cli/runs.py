@@ -282,7 +282,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="runs side by side")
     p.add_argument("runs", nargs="+", help="run ids or names")
     p.add_argument("--metric", action="extend", nargs="+", help="metrics to show (default all)")
-    p.add_argument("--agg", default="last", choices=["last", "min", "max", "mean"])
+    p.add_argument(
+        "--agg",
+        default="last",
+        choices=["last", "min", "max", "mean"],
+        help="which value of each metric over the epochs",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="loss and accuracy curves per epoch, as a PNG")

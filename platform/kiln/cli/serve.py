@@ -105,8 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", help="bundle directory, or NAME@TAG / NAME:VERSION")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas of the model")
     p.add_argument("--name", default="kiln", help="Serve application name")
     p.add_argument(
         "--ingress",
@@ -121,16 +121,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=False,
         help="group concurrent requests with @serve.batch (default off)",
     )
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--max-ongoing-requests", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows per @serve.batch call")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill"
+    )
+    p.add_argument(
+        "--max-ongoing-requests", type=int, default=64, help="requests a replica runs at once"
+    )
     p.add_argument(
         "--max-queued-requests",
         type=int,
         default=512,
         help="beyond this many waiting requests Serve answers 503",
     )
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument(
+        "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413"
+    )
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument(

@@ -33,8 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", help="asha (default), median, fifo or pbt (in-process trials)")
     p.add_argument("--metric", help="metric that ranks trials (default val_loss)")
     p.add_argument("--mode", choices=("min", "max"), help="min or max (default min)")
-    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials")
-    p.add_argument("--time-budget", type=float, dest="time_budget_s", metavar="SECONDS")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        dest="max_concurrent_trials",
+        help="at most this many trials at once (default: as many as the CPUs hold)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        dest="time_budget_s",
+        metavar="SECONDS",
+        help="stop the whole search after this many seconds",
+    )
     p.add_argument("--name", help="search id (default: generated; --resume: the newest)")
     p.add_argument("--register-as", dest="register_as", help="register the winner's checkpoint")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
