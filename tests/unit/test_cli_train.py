@@ -20,6 +20,8 @@ from kiln.cli import main
 from kiln.cli.train import load_run_file
 from kiln.errors import ConfigError
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits_mlp.yaml"
+
 GOOD = "dataset: iris\nepochs: 1\ntask:\n  task_type: classification\n"
 
 FILES = {
@@ -173,3 +175,25 @@ def test_load_run_file_collects_config_and_task_errors(tmp_path: Path):
     assert len(errors) == 2
     assert errors[0].startswith(f"{path}: batch_size=0")
     assert "task.task_type='ranking'" in errors[1]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.hiden=[64]", "mlp does not take 'hiden'; did you mean 'hidden'?"),
+        ("dataset=missing/rows.parquet", "file not found: missing/rows.parquet"),
+        ("dataset=digitz", "unknown dataset 'digitz'; did you mean 'digits'?"),
+        ("epohcs=3", "--set: 'epohcs' is not a TrainingConfig field. Did you mean 'epochs'?"),
+    ],
+)
+def test_errors_known_before_training_come_before_the_training_line(
+    override, message, capsys, tmp_path, monkeypatch
+):
+    from kiln.cli import main
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    code = main(["train", str(EXAMPLE), "--set", override])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert message in err
+    assert "kiln: training" not in out  # nothing started

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Any
 
@@ -64,11 +65,13 @@ def load_run_mapping(
 ) -> tuple[TrainingConfig, TaskSpec | None]:
     """What :func:`load_run_file` does, for a run file's mapping already in memory."""
     raw = dict(raw)
+    from_set: set[str] = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} must look like key=value (e.g. --set epochs=5)")
         _assign(raw, key.strip(), _parse_value(value))
+        from_set.add(key.strip().split(".", 1)[0])
     if workers is not None:
         raw["num_workers"] = workers
     task_raw = raw.pop("task", None)
@@ -86,8 +89,35 @@ def load_run_mapping(
         except ConfigError as exc:
             errors.extend(f"task.{e}" for e in exc.errors)
     if errors:
-        raise ConfigError([f"{source}: {e}" for e in errors])
+        raise ConfigError([f"{_origin(e, from_set, source)}: {e}" for e in errors])
     return config, task
+
+
+def _origin(error: str, from_set: set[str], source: str) -> str:
+    """``--set`` for an error about a field an override set, else the run file."""
+    match = re.match(r"'?([A-Za-z_][\w]*)", error)
+    return "--set" if match and match.group(1) in from_set else source
+
+
+def precheck(config: TrainingConfig) -> None:
+    """What can be known before training starts: the dataset exists, the model's keys."""
+    from kiln.models.factory import _named
+
+    problems = []
+    if config.dataset:
+        from kiln.data import dataset_ids, get_dataset
+        from kiln.errors import DatasetNotFoundError
+
+        if config.dataset not in dataset_ids():
+            try:
+                get_dataset(config.dataset)
+            except DatasetNotFoundError as exc:
+                problems.append(str(exc))
+    spec = config.model_spec()
+    if spec and "layers" not in spec:  # a named architecture: its keys are known now
+        problems.extend(_named(spec)[2])
+    if problems:
+        raise ConfigError(problems)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln.engine.trainer import Trainer
 
     config, task = load_run_file(args.config, args.overrides, args.workers)
+    precheck(config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     if args.address or args.dashboard:
         from kiln._ray import ensure_ray

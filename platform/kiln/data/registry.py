@@ -7,6 +7,7 @@ on import: the built-ins are listed in ``_BUILTINS`` below.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,11 @@ def get_dataset(
     path = Path(key).expanduser()
     if path.exists():
         return FileDataset(path, **kwargs)
+    if path.suffix.lower() in FILE_FORMATS or "/" in key or "\\" in key:
+        raise DatasetNotFoundError(f"file not found: {key}")
+    close = difflib.get_close_matches(key, dataset_ids(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     raise DatasetNotFoundError(
-        f"unknown dataset {key!r}; known ids: {', '.join(dataset_ids())}; "
+        f"unknown dataset {key!r}; {hint}known ids: {', '.join(dataset_ids())}; "
         f"a path to a local {'/'.join(s.lstrip('.') for s in FILE_FORMATS)} file or folder also works"
     )

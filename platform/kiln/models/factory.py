@@ -8,6 +8,7 @@ Architectures live in a plain dict; ``register_architecture`` adds one.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,7 +117,12 @@ def _named(model_cfg: dict) -> tuple[str | None, dict[str, Any], list[str]]:
     unknown = sorted(set(kwargs) - set(keys)) if keys is not None else []
     if keys is not None and unknown:
         allowed = ", ".join(["name", *keys])
-        return name, kwargs, [f"{name} does not take {unknown}; allowed keys: {allowed}"]
+        problems = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{name} does not take {key!r}{hint} (allowed keys: {allowed})")
+        return name, kwargs, problems
     return name, kwargs, []
 
 
