@@ -96,3 +96,10 @@ class RunNotFoundError(NotFoundError):
 
 class ModelNotFoundError(NotFoundError):
     """An unknown model id, name, version or tag in the registry."""
+
+
+class PortInUseError(KilnError, OSError):
+    """A port a server needs is already bound by another process (named in the message)."""
+
+    def __str__(self) -> str:  # OSError would format its args
+        return self.message

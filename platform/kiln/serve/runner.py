@@ -24,6 +24,7 @@ from kiln.errors import ConfigError
 __all__ = [
     "THROUGHPUT_ENV",
     "apply_throughput_env",
+    "haproxy_ports_env",
     "start_serve",
     "deploy",
     "TagFollower",
@@ -44,6 +45,9 @@ HAPROXY_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
 INGRESS_ENV = {"haproxy": HAPROXY_ENV, "optimized": THROUGHPUT_ENV, "proxy": {}}
+# Read by Serve's HAProxyManager actor (defaults 8404 and 9101, which two servers share).
+STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
+METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 
 
 def apply_throughput_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -61,12 +65,17 @@ def start_serve(
     port: int = 8000,
     address: str | None = None,
     ingress: str = "haproxy",
+    stats_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> dict[str, str]:
     """Start or join Ray, then start Serve's HTTP ingress on ``host:port``.
 
     Args:
         ingress: ``haproxy`` (fastest), ``optimized`` (Serve's proxy, throughput
             settings) or ``proxy`` (Serve's defaults).
+        stats_port, metrics_port: HAProxy's stats and Prometheus listeners (on
+            ``host``); None picks free ports, so two servers on one machine never
+            collide there. Only used when this call starts Serve.
 
     Returns:
         The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
@@ -84,12 +93,26 @@ def start_serve(
     controller_env = dict(env)
     if ingress == "haproxy":
         controller_env.update(_haproxy_listeners_env(host))
+        controller_env.update(haproxy_ports_env(host, stats_port, metrics_port))
     serve.start(
         http_options={"host": host, "port": port},
         proxy_location="HeadOnly",
         controller_options={"runtime_env": {"env_vars": controller_env}} if env else None,
     )
     return env
+
+
+def haproxy_ports_env(
+    host: str, stats_port: int | None = None, metrics_port: int | None = None
+) -> dict[str, str]:
+    """Serve's environment that puts HAProxy's stats and metrics on these ports (None: free)."""
+    from kiln.serve._ports import free_port
+
+    bind = "127.0.0.1" if host in ("localhost", "") else host
+    return {
+        STATS_PORT_ENV: str(stats_port or free_port(bind)),
+        METRICS_PORT_ENV: str(metrics_port or free_port(bind)),
+    }
 
 
 def _haproxy_listeners_env(host: str) -> dict[str, str]:
