@@ -160,11 +160,12 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
     from ray import serve
 
     from kiln.serve import build_app
-    from kiln.serve._lifetime import end_session, ray_lost, watch_lifeline
+    from kiln.serve._lifetime import end_session, ray_lost, start_reaper, watch_lifeline
     from kiln.serve.runner import TagFollower, deploy, start_serve
 
     if lifeline is not None:
         watch_lifeline(lifeline)
+        start_reaper()
     resolve = _resolver(args)
     bundle_dir, current = resolve()
     address = args.address or os.environ.get("RAY_ADDRESS")

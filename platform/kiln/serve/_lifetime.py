@@ -17,7 +17,10 @@ every member, SIGKILL to what is left after a grace period). No list of pids is 
   session. A second Ctrl-C, or ``STOP_TIMEOUT_S`` without an exit, ends it at once.
 - SIGKILL of the supervisor: the server's lifeline (a pipe whose write end only the
   supervisor holds) reads EOF; the server stops as on SIGTERM and ends its session.
-- The server dies (SIGKILL, OOM kill, crash): the supervisor ends the session.
+- The server dies (SIGKILL, OOM kill, crash, or Ray's own exit of a driver whose
+  raylet died): the supervisor ends the session; so does the server's reaper (a
+  small process in the session, reading a pipe from the server until EOF), which
+  covers a server that dies after its supervisor.
 - ``ray stop`` kills Ray under the server: the server sees its GCS or raylet die
   (``ray_lost``), exits, and the supervisor ends the session (HAProxy included).
 
@@ -43,6 +46,7 @@ __all__ = [
     "end_session",
     "ray_lost",
     "session_members",
+    "start_reaper",
     "supervise",
     "watch_lifeline",
 ]
@@ -53,6 +57,7 @@ LIFELINE_ENV = "KILN_SERVE_LIFELINE_FD"
 STOP_TIMEOUT_S = 60.0
 _GRACE_S = 5.0
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_HELD_BY_THIS_PROCESS: list[int] = []
 
 
 def session_members(sid: int) -> list[int]:
@@ -112,11 +117,14 @@ def end_session(sid: int, grace_s: float = _GRACE_S, spare: Sequence[int] = ()) 
     return seen
 
 
-def supervise(cmd: Sequence[str], env: dict[str, str] | None = None) -> int:
+def supervise(
+    cmd: Sequence[str], env: dict[str, str] | None = None, grace_s: float = _GRACE_S
+) -> int:
     """Run ``cmd`` as a server in a new session; end that session however it ends.
 
     The server gets the read end of a pipe in ``$KILN_SERVE_LIFELINE_FD`` (see
-    ``watch_lifeline``). Returns the server's exit status (128 + N for signal N).
+    ``watch_lifeline``). Members still there ``grace_s`` after SIGTERM are killed.
+    Returns the server's exit status (128 + N for signal N).
     """
     read_fd, write_fd = os.pipe()
     child_env = dict(os.environ if env is None else env)
@@ -146,7 +154,7 @@ def supervise(cmd: Sequence[str], env: dict[str, str] | None = None) -> int:
                 if len(stops) > 1 or (stops and time.monotonic() - stops[0] > STOP_TIMEOUT_S):
                     print("kiln serve: stopping now", file=sys.stderr, flush=True)
                     end_session(server.pid, grace_s=0)
-        end_session(server.pid)
+        end_session(server.pid, grace_s=grace_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -181,6 +189,38 @@ def watch_lifeline(fd: int) -> threading.Thread:
     return thread
 
 
+def start_reaper() -> subprocess.Popen:
+    """Start a process that ends this session once this process dies, however it dies.
+
+    It reads its stdin (a pipe whose write end only this process holds) until EOF, so
+    it needs no polling and no pid. It runs this file as a script: nothing but the
+    standard library is imported.
+    """
+    read_fd, write_fd = os.pipe()
+    reaper = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--reap"],
+        stdin=read_fd,
+        stdout=subprocess.DEVNULL,
+    )
+    os.close(read_fd)
+    _HELD_BY_THIS_PROCESS.append(write_fd)  # closed by the kernel when this process dies
+    return reaper
+
+
+def _reap() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while True:
+        try:
+            if not os.read(0, 1024):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    end_session(os.getsid(0), spare=(os.getpid(),))
+
+
 def ray_lost() -> str | None:
     """The Ray process that died under this driver (gcs_server or raylet), if any.
 
@@ -202,3 +242,7 @@ def ray_lost() -> str | None:
         if process_type in ("gcs_server", "raylet"):
             return process_type
     return None
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--reap"]:
+    _reap()
