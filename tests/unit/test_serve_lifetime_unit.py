@@ -40,16 +40,16 @@ SERVER = textwrap.dedent(
     )
     while not os.path.exists(ready):
         time.sleep(0.01)
-    open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
-    if LIFELINE_ENV in os.environ:
-        watch_lifeline(int(os.environ[LIFELINE_ENV]))
-        start_reaper()
 
     def stop(signum, frame):
         end_session(os.getsid(0), grace_s=0.5, spare=(os.getpid(),))
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    if LIFELINE_ENV in os.environ:
+        watch_lifeline(int(os.environ[LIFELINE_ENV]))
+        start_reaper()
+    open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
     time.sleep(600)
     """
 )
