@@ -110,6 +110,7 @@ def test_predict_and_refusals(bundle):
         b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}": 400,
         b'{"inputs": [[1, 2, 3, 4' + b"0" * 5000 + b"]]}": 400,  # over int digit limit
         b"\xff\xfe": 400,
+        '{"inputs": [[1, 2, 3, 4]]}'.encode("utf-16"): 400,  # JSON is UTF-8
     }
     for raw, want in cases.items():
         status, body = _call(dep, "POST", "/predict", raw)

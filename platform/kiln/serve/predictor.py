@@ -76,8 +76,12 @@ class Predictor:
     def parse(self, body: bytes) -> np.ndarray:
         """Decode ``{"inputs": [...]}`` into a validated, preprocessed batch."""
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            text = body.decode("utf-8")  # JSON between systems is UTF-8 (RFC 8259, 8.1)
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, f"body is not UTF-8: {exc}") from None
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
             raise RequestError(400, f"body is not valid JSON: {exc}") from None
         except RecursionError:
             raise RequestError(400, "body is nested too deeply to be a batch of rows") from None
