@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,8 @@ class KilnModelDeployment:
             )
         self.options = ServeOptions.from_dict(options)
         self.predictor = Predictor(bundle, intra_op_threads=self.options.intra_op_threads)
+        # One thread: runs stay serial as on the event loop, which stays free meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-onnx")
         self.max_body = self.options.max_body_bytes
         key = self.options.api_key_sha256
         self._key_digest = bytes.fromhex(key) if key else None
@@ -157,14 +160,24 @@ class KilnModelDeployment:
                 408, f"body not received within {self.options.body_timeout_s:g} s"
             ) from None
         x = self.predictor.parse(body)
-        out = await self._run_batched(x) if self.batching else self.predictor.run(x)
+        out = await self._run_batched(x) if self.batching else await self._run(x)
         return Response(json.dumps(self.predictor.format(out)).encode(), media_type=_JSON)
+
+    async def _run(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on the replica's one inference thread.
+
+        onnxruntime releases the GIL, so the event loop keeps reading requests and
+        answering 503s, 413s and health checks while a large batch runs: run inline,
+        a 2000-row batch held the loop for seconds and overload 503s waited behind it.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.predictor.run, x)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _run_batched(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         if len(batches) == 1:
-            return [self.predictor.run(batches[0])]
-        out = self.predictor.run(np.concatenate(batches))
+            return [await self._run(batches[0])]
+        out = await self._run(np.concatenate(batches))
         return np.split(out, np.cumsum([len(b) for b in batches])[:-1])
 
 

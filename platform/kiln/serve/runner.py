@@ -116,17 +116,16 @@ def haproxy_ports_env(
 
 
 def _haproxy_listeners_env(host: str) -> dict[str, str]:
-    """Controller env that moves HAProxy's stats/metrics listeners onto ``host``.
+    """Controller env that moves HAProxy's stats/metrics listeners onto ``host`` and
+    gives HAProxy kiln's JSON 503/504 pages.
 
     HAProxy runs on the head node; the wrapper script that does the moving is
     written here, so it is used only when the head node is this machine's node.
     """
     import ray
 
-    from kiln.serve._haproxy_bind import binds_all_interfaces, haproxy_bind_env
+    from kiln.serve._haproxy_bind import haproxy_bind_env
 
-    if binds_all_interfaces(host):
-        return {}
     if not _head_is_local(ray):
         logger.warning(
             "HAProxy runs on a remote head node: its stats (8404) and metrics (9101) "
