@@ -31,6 +31,7 @@ frontend six
     bind [::]:7001
 backend app
     server r1 10.0.0.5:30000 check
+    server SERVE_PROXY_ACTOR-fallback-1 127.0.0.1:8500 check backup
 listen stats
   bind *:8404
 defaults
@@ -70,8 +71,19 @@ def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
         "127.0.0.1:8404",
     ]
     assert "bind 127.0.0.1:9000 proto h2" in text
-    assert "server r1 10.0.0.5:30000 check" in text  # only bind lines change
+    assert "server r1 10.0.0.5:30000 check\n" in text  # replicas stay as they are
+    assert "server SERVE_PROXY_ACTOR-fallback-1 127.0.0.1:8500 check backup disabled" in text
     assert "stats socket /tmp/x/admin.sock" in text
+
+
+def test_fallback_kept_when_asked(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    fake = str(_fake_haproxy(tmp_path))
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=True)
+    assert wrapper != write_wrapper("127.0.0.1", fake, tmp_path / "bin")
+    subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
+    assert "8500 check backup\n" in cfg.read_text()
 
 
 def test_wrapper_without_a_config_just_runs_haproxy(tmp_path):

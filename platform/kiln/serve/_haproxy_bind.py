@@ -19,6 +19,13 @@ answer 503 with ``Retry-After: 1`` (no replica, or it died) and 504 (no answer i
 time), each with a JSON ``{"error": ...}`` like every other refusal. With a host
 meaning all interfaces the binds are left alone and only the pages are replaced.
 
+Serve also lists its Python proxy as a ``backup`` server of each app, used when no
+replica is up: a request then waits in that proxy until a replica is back (measured:
+a request sent right after a ``kill -9`` of the only replica hung for over 10 s). The
+script marks that server ``disabled`` unless ``keep_fallback`` is asked, so the gap
+answers 503 at once and the client retries. Apps that autoscale from zero replicas
+need the fallback (a request there is what starts a replica): keep it for them.
+
 The variable has to reach the ``HAProxyManager`` actor, which inherits the Serve
 controller's ``runtime_env``: ``start_serve`` passes it in ``controller_options``.
 The script lives on the driver's machine, so it is only used when the head node
@@ -68,6 +75,7 @@ _SCRIPT = """#!/bin/sh
 set -eu
 host={host_q}
 pages={pages_q}
+fallback={fallback}
 real={real_q}
 cfg=
 prev=
@@ -78,6 +86,9 @@ done
 if [ -n "$cfg" ]; then
     if [ -n "$host" ]; then
         sed -i -E 's#^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0|::|\\[::\\])?:([0-9]+)#\\1'"$host"':\\3#' "$cfg"
+    fi
+    if [ "$fallback" = 0 ]; then
+        sed -i -E 's#^([[:space:]]*server[[:space:]].*[[:space:]]backup)[[:space:]]*$#\\1 disabled#' "$cfg"
     fi
     sed -i -E 's#^([[:space:]]*errorfile[[:space:]]+)(50[234])[[:space:]].*#\\1\\2 '"$pages"'/\\2.http#' "$cfg"
 fi
@@ -146,7 +157,9 @@ def real_haproxy_binary() -> str:
     return found
 
 
-def write_wrapper(host: str | None, real_binary: str, directory: Path) -> Path:
+def write_wrapper(
+    host: str | None, real_binary: str, directory: Path, keep_fallback: bool = False
+) -> Path:
     """Write (once; the name is the content's hash) the wrapper script; return its path.
 
     Args:
@@ -155,6 +168,8 @@ def write_wrapper(host: str | None, real_binary: str, directory: Path) -> Path:
         real_binary: The HAProxy executable the script ``exec``s.
         directory: Where the script and its error pages go; created 0700 if missing
             and refused when it is not a directory owned by this user.
+        keep_fallback: Leave Serve's proxy as the backup server (for apps that
+            autoscale from zero); by default it is disabled so no replica means 503.
     """
     bind_host = "" if binds_all_interfaces(host) else str(host)
     if bind_host:
@@ -171,6 +186,7 @@ def write_wrapper(host: str | None, real_binary: str, directory: Path) -> Path:
         marker=_MARKER,
         host_q=shlex.quote(bind_host),
         pages_q=shlex.quote(str(pages)),
+        fallback=int(keep_fallback),
         real_q=shlex.quote(real_binary),
     )
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -192,7 +208,9 @@ def _write_once(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def haproxy_bind_env(host: str | None, directory: Path | None = None) -> dict[str, str]:
+def haproxy_bind_env(
+    host: str | None, directory: Path | None = None, keep_fallback: bool = False
+) -> dict[str, str]:
     """Serve's environment for an HAProxy whose listeners all bind ``host``, with
     kiln's JSON error pages (binds untouched when ``host`` means every interface).
 
@@ -201,7 +219,8 @@ def haproxy_bind_env(host: str | None, directory: Path | None = None) -> dict[st
             the system temp directory).
     """
     where = directory or Path(tempfile.gettempdir()) / f"kiln-{os.getuid()}"
-    return {BINARY_ENV: str(write_wrapper(host, real_haproxy_binary(), where))}
+    path = write_wrapper(host, real_haproxy_binary(), where, keep_fallback=keep_fallback)
+    return {BINARY_ENV: str(path)}
 
 
 def _check_host(host: str) -> None:

@@ -67,6 +67,7 @@ def start_serve(
     ingress: str = "haproxy",
     stats_port: int | None = None,
     metrics_port: int | None = None,
+    keep_fallback: bool = False,
 ) -> dict[str, str]:
     """Start or join Ray, then start Serve's HTTP ingress on ``host:port``.
 
@@ -76,6 +77,9 @@ def start_serve(
         stats_port, metrics_port: HAProxy's stats and Prometheus listeners (on
             ``host``); None picks free ports, so two servers on one machine never
             collide there. Only used when this call starts Serve.
+        keep_fallback: Keep Serve's proxy as HAProxy's backup server, for apps that
+            autoscale from zero; otherwise an app with no replica up answers 503 at
+            once instead of holding requests (see ``kiln.serve._haproxy_bind``).
 
     Returns:
         The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
@@ -92,7 +96,7 @@ def start_serve(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     controller_env = dict(env)
     if ingress == "haproxy":
-        controller_env.update(_haproxy_listeners_env(host))
+        controller_env.update(_haproxy_listeners_env(host, keep_fallback))
         controller_env.update(haproxy_ports_env(host, stats_port, metrics_port))
     serve.start(
         http_options={"host": host, "port": port},
@@ -115,7 +119,7 @@ def haproxy_ports_env(
     }
 
 
-def _haproxy_listeners_env(host: str) -> dict[str, str]:
+def _haproxy_listeners_env(host: str, keep_fallback: bool = False) -> dict[str, str]:
     """Controller env that moves HAProxy's stats/metrics listeners onto ``host`` and
     gives HAProxy kiln's JSON 503/504 pages.
 
@@ -132,7 +136,7 @@ def _haproxy_listeners_env(host: str) -> dict[str, str]:
             "listeners bind all interfaces there; use --ingress optimized to avoid them"
         )
         return {}
-    return haproxy_bind_env(host)
+    return haproxy_bind_env(host, keep_fallback=keep_fallback)
 
 
 def _head_is_local(ray: Any) -> bool:
