@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from drill_record import record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -270,8 +271,8 @@ def test_chunked_100mb_upload_stops_at_the_limit(served):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.split()[1] == b"413", raw[:300]
     assert "over the limit" in json.loads(body)["error"]
-    FIGURES["chunked_sent_mib"] = round(sent / 2**20, 1)
     assert sent < 100 * 1024 * 1024  # stopped long before the whole upload
+    record("serve_chunked", {"status": 413, "MiB sent before the answer": round(sent / 2**20, 1)})
 
 
 def test_replica_survived_and_answers_identically(served, client):
@@ -282,6 +283,16 @@ def test_replica_survived_and_answers_identically(served, client):
         f"\nhostile requests: {sum(counts.values())} answered, by status {sorted(counts.items())}"
     )
     assert sum(counts.values()) >= 1000 and not [s for s in counts if s >= 500]
+    record(
+        "serve_hostile",
+        {
+            "requests": sum(counts.values()),
+            "4xx": sum(n for s, n in counts.items() if 400 <= s < 500),
+            "5xx": sum(n for s, n in counts.items() if s >= 500),
+            "by status": {str(s): n for s, n in sorted(counts.items())},
+            "replica pid unchanged": True,
+        },
+    )
 
 
 async def _raw_post(port: int, request: bytes, go: asyncio.Event) -> tuple[int, float]:
@@ -346,6 +357,7 @@ def test_overload_256_clients_get_503_not_hangs(served):
         "single_request_back_s": round(recovery, 2),
     }
     print(f"\noverload, 256 clients: {FIGURES['overload']}")
+    record("serve_overload", FIGURES["overload"])
 
 
 def test_killed_replica_gives_503_then_comes_back(served, client):
@@ -383,4 +395,5 @@ def test_killed_replica_gives_503_then_comes_back(served, client):
         "back_after_s": round(back, 1),
     }
     print(f"\nreplica kill -9: {FIGURES['replica_kill']}")
+    record("serve_replica_kill", FIGURES["replica_kill"])
     assert client.post("/predict", json=VALID).content == served["answer"]

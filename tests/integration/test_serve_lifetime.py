@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from drill_record import record
 from torch import nn
 
 from kiln.export import create_export_bundle
@@ -174,19 +175,36 @@ def test_sigkill_and_ray_stop_leave_nothing_and_the_same_ports_serve_again(bundl
         first.wait_ready()
         first.predict()
         assert {p for _, p in listening_inodes().values()} >= {port, stats, metrics}
+        t0 = time.monotonic()
         first.proc.kill()
         first.proc.wait(timeout=30)
-        _ray_stop_force(first.sid)
+        killed = _ray_stop_force(first.sid)
         left = _wait_empty(first.sid)
         assert not left, f"left from the killed server: {left}"
+        gone_s = time.monotonic() - t0
 
+        t0 = time.monotonic()
         second = Server(bundle, tmp_path, port, *ports)
         second.wait_ready()
         second.predict()
+        ready_s = time.monotonic() - t0
+        t0 = time.monotonic()
         assert second.stop(signal.SIGTERM) == 0, second.log()
         assert "shutting down" in second.out.read_text()
         left = _wait_empty(second.sid, timeout=30)
         assert not left, f"left after SIGTERM: {left}"
+        record(
+            "serve_sigkill_ray_stop",
+            {
+                "Ray processes still there for the emulated ray stop": len(killed),
+                "s until nothing of it was left": round(gone_s, 1),
+                "s until a server on the same 3 ports answered": round(ready_s, 1),
+            },
+        )
+        record(
+            "serve_sigterm",
+            {"exit status": 0, "s until nothing was left": round(time.monotonic() - t0, 1)},
+        )
     finally:
         first.cleanup()
         if second is not None:
@@ -228,6 +246,15 @@ def test_two_servers_side_by_side_a_taken_port_named_ray_stop_ends_one(bundle, t
         assert a.stop(signal.SIGINT) == 0, a.log()
         left = _wait_empty(a.sid, timeout=30)
         assert not left, f"left after Ctrl-C: {left}"
+        record(
+            "serve_side_by_side",
+            {
+                "servers up at once": 2,
+                "taken port named with its pid": True,
+                "exit status after Ray was killed under it": 1,
+                "processes left": 0,
+            },
+        )
     finally:
         a.cleanup()
         b.cleanup()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from drill_record import record
 
 from kiln.serve._lifetime import end_session
 
@@ -87,6 +88,10 @@ def test_readme_token_recipe_protects_the_jobs_api(tmp_path):
         r = httpx.get(f"{url}/api/jobs/", headers=right, timeout=10)
         assert r.status_code == 200 and r.json() == []
         assert httpx.get(f"{url}/", timeout=10).status_code == 200  # static page, no data
+        record(
+            "serve_token_recipe",
+            {"/api/jobs/ no token": 401, "wrong token": 403, "right token": 200, "/": 200},
+        )
     finally:
         end_session(head.pid, grace_s=10)
         head.wait(timeout=30)
