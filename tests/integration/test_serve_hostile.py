@@ -63,7 +63,8 @@ def served(ray_local, tmp_path_factory):
     wide = nn.Sequential(nn.Linear(4, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 3))
     busy = create_export_bundle(wide, None, task, None, root, bundle_name="busy")
     port = _free_port()
-    env = start_serve(host="127.0.0.1", port=port, ingress="haproxy")
+    # As `kiln serve` without --reload-on-promote: no fallback proxy, so no replica = 503.
+    env = start_serve(host="127.0.0.1", port=port, ingress="haproxy", keep_fallback=False)
     common = {"num_cpus": 0.25, "runtime_env_vars": env}
     serve.run(build_app(bundle, body_timeout_s=2.0, **common), name="main", route_prefix="/")
     digest = hashlib.sha256(KEY.encode()).hexdigest()

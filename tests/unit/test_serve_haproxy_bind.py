@@ -56,7 +56,8 @@ def _bind_lines(text: str) -> list[str]:
 def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(CONFIG)
-    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    fake = str(_fake_haproxy(tmp_path))
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=False)
     args = ["-db", "-f", str(cfg), "-dR", "-sf", "123", "-x", "/tmp/x/admin.sock"]
     subprocess.run([str(wrapper), *args], check=True, timeout=30)
 
@@ -76,12 +77,12 @@ def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
     assert "stats socket /tmp/x/admin.sock" in text
 
 
-def test_fallback_kept_when_asked(tmp_path):
+def test_fallback_kept_by_default(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(CONFIG)
     fake = str(_fake_haproxy(tmp_path))
-    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=True)
-    assert wrapper != write_wrapper("127.0.0.1", fake, tmp_path / "bin")
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin")
+    assert wrapper != write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=False)
     subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
     assert "8500 check backup\n" in cfg.read_text()
 

@@ -179,6 +179,9 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
         ingress=args.ingress,
         stats_port=stats,
         metrics_port=metrics,
+        # Rollouts (a promoted tag) need Serve's proxy as HAProxy's fallback; a single
+        # deploy does not, and without it a dead replica's gap answers 503 at once.
+        keep_fallback=args.reload_on_promote,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # as cleanly as Ctrl-C
     options = _options(args, env)

@@ -21,15 +21,11 @@ meaning all interfaces the binds are left alone and only the pages are replaced.
 
 Serve also lists its Python proxy as a ``backup`` server of each app, used when no
 replica is up: a request then waits in that proxy until a replica is back (measured:
-a request sent right after a ``kill -9`` of the only replica hung for over 10 s). The
-script marks that server ``disabled`` unless ``keep_fallback`` is asked, so the gap
-answers 503 at once and the client retries. Apps that autoscale from zero replicas
-need the fallback (a request there is what starts a replica): keep it for them.
-
-The variable has to reach the ``HAProxyManager`` actor, which inherits the Serve
-controller's ``runtime_env``: ``start_serve`` passes it in ``controller_options``.
-The script lives on the driver's machine, so it is only used when the head node
-(where HAProxy runs with ``proxy_location="HeadOnly"``) is that machine.
+a request sent right after a ``kill -9`` of the only replica hung for over 10 s).
+With ``keep_fallback=False`` the script marks that server ``disabled``, so the gap
+answers 503 at once and the client retries. Rollouts need the fallback (while a
+redeploy replaced the replicas, HAProxy had none up for ~7 s and the proxy carried
+every request), and so do apps that autoscale from zero: keep it for them.
 
 For ``serve run`` by hand::
 
@@ -158,7 +154,7 @@ def real_haproxy_binary() -> str:
 
 
 def write_wrapper(
-    host: str | None, real_binary: str, directory: Path, keep_fallback: bool = False
+    host: str | None, real_binary: str, directory: Path, keep_fallback: bool = True
 ) -> Path:
     """Write (once; the name is the content's hash) the wrapper script; return its path.
 
@@ -168,8 +164,8 @@ def write_wrapper(
         real_binary: The HAProxy executable the script ``exec``s.
         directory: Where the script and its error pages go; created 0700 if missing
             and refused when it is not a directory owned by this user.
-        keep_fallback: Leave Serve's proxy as the backup server (for apps that
-            autoscale from zero); by default it is disabled so no replica means 503.
+        keep_fallback: Leave Serve's proxy as the backup server (for rollouts and
+            apps that autoscale from zero); without it no replica up means 503.
     """
     bind_host = "" if binds_all_interfaces(host) else str(host)
     if bind_host:
@@ -209,7 +205,7 @@ def _write_once(path: Path, data: bytes, mode: int) -> None:
 
 
 def haproxy_bind_env(
-    host: str | None, directory: Path | None = None, keep_fallback: bool = False
+    host: str | None, directory: Path | None = None, keep_fallback: bool = True
 ) -> dict[str, str]:
     """Serve's environment for an HAProxy whose listeners all bind ``host``, with
     kiln's JSON error pages (binds untouched when ``host`` means every interface).

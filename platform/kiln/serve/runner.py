@@ -72,7 +72,7 @@ def start_serve(
     ingress: str = "haproxy",
     stats_port: int | None = None,
     metrics_port: int | None = None,
-    keep_fallback: bool = False,
+    keep_fallback: bool = True,
 ) -> dict[str, str]:
     """Start or join Ray, then start Serve's HTTP ingress on ``host:port``.
 
@@ -82,9 +82,12 @@ def start_serve(
         stats_port, metrics_port: HAProxy's stats and Prometheus listeners (on
             ``host``); None picks free ports, so two servers on one machine never
             collide there. Only used when this call starts Serve.
-        keep_fallback: Keep Serve's proxy as HAProxy's backup server, for apps that
-            autoscale from zero; otherwise an app with no replica up answers 503 at
-            once instead of holding requests (see ``kiln.serve._haproxy_bind``).
+        keep_fallback: Keep Serve's proxy as HAProxy's backup server (Serve's own
+            behaviour). Rollouts need it: while a redeploy replaces replicas, HAProxy
+            had no replica up for ~7 s (measured) and the proxy carried the traffic
+            with nothing dropped. Without it (False), an app with no replica up (its
+            only replica died) answers 503 at once instead of holding requests until
+            a new replica is up (see ``kiln.serve._haproxy_bind``).
 
     Returns:
         The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
