@@ -154,13 +154,26 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _wait(args: argparse.Namespace, follower: Any) -> str:
+    """Block until Ray dies under the server (returns which process), polling the tag."""
+    from kiln.serve._lifetime import ray_lost
+
+    next_poll = time.monotonic() + args.poll_interval
+    while (lost := ray_lost()) is None:
+        time.sleep(1.0)
+        if args.reload_on_promote and time.monotonic() >= next_poll:
+            follower.poll()
+            next_poll = time.monotonic() + args.poll_interval
+    return lost
+
+
 def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> int:
     """The server: start Ray and Serve, deploy, wait; stop on SIGTERM/SIGINT or Ray's death."""
     import ray
     from ray import serve
 
     from kiln.serve import build_app
-    from kiln.serve._lifetime import end_session, ray_lost, start_reaper, watch_lifeline
+    from kiln.serve._lifetime import end_session, start_reaper, watch_lifeline
     from kiln.serve.runner import TagFollower, deploy, start_serve
 
     if lifeline is not None:
@@ -202,12 +215,7 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
             print("/predict and /metadata need 'Authorization: Bearer <key>'")
         print("Ctrl-C to stop", flush=True)
         follower = TagFollower(resolve=resolve, redeploy=redeploy, current_key=current)
-        next_poll = time.monotonic() + args.poll_interval
-        while (lost := ray_lost()) is None:
-            time.sleep(1.0)
-            if args.reload_on_promote and time.monotonic() >= next_poll:
-                follower.poll()
-                next_poll = time.monotonic() + args.poll_interval
+        lost = _wait(args, follower)
         print(f"kiln serve: Ray's {lost} exited under the server (ray stop?); stopping", flush=True)
         if lifeline is not None:  # Ray is gone: nothing to shut down cleanly, end the rest
             end_session(os.getsid(0), spare=(os.getpid(),))

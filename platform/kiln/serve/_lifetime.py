@@ -62,7 +62,7 @@ _HELD_BY_THIS_PROCESS: list[int] = []
 
 def session_members(sid: int) -> list[int]:
     """Pids of the live (not zombie) processes in session ``sid``; [] without /proc."""
-    members = []
+    members: list[int] = []
     proc = Path("/proc")
     if not proc.is_dir():
         return members
