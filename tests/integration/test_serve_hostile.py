@@ -234,6 +234,26 @@ def test_generated_hostile_requests_are_4xx(served, case):
     _assert_refused(r, body[:80])
 
 
+def _read_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """Status line + headers and the whole body (by Content-Length) from a raw socket."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {raw[:300]!r}"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed mid-body: {head!r}"
+        body += chunk
+    return head, body
+
+
 def test_slow_client_gets_408_and_does_not_block_others(served, client):
     with socket.create_connection(("127.0.0.1", served["port"]), timeout=30) as s:
         s.sendall(
@@ -241,9 +261,8 @@ def test_slow_client_gets_408_and_does_not_block_others(served, client):
             b"Content-Length: 100\r\n\r\n" + b'{"inputs": [[1, 2'
         )
         assert client.post("/predict", json=VALID).status_code == 200  # served meanwhile
-        raw = s.recv(65536)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"408", raw[:300]
+        head, body = _read_response(s)
+    assert head.split()[1] == b"408", head
     assert "not received" in json.loads(body)["error"]
     FIGURES["statuses"][408] = FIGURES["statuses"].get(408, 0) + 1
 
@@ -268,9 +287,8 @@ def test_chunked_100mb_upload_stops_at_the_limit(served):
                 break
             sent += len(chunk)
         s.settimeout(30)
-        raw = s.recv(65536)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"413", raw[:300]
+        head, body = _read_response(s)
+    assert head.split()[1] == b"413", head
     assert "over the limit" in json.loads(body)["error"]
     assert sent < 100 * 1024 * 1024  # stopped long before the whole upload
     record("serve_chunked", {"status": 413, "MiB sent before the answer": round(sent / 2**20, 1)})

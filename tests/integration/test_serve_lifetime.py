@@ -160,80 +160,47 @@ def bundle(tmp_path_factory) -> Path:
     return create_export_bundle(model, None, task, None, root, bundle_name="m")
 
 
-def test_sigkill_and_ray_stop_leave_nothing_and_the_same_ports_serve_again(bundle, tmp_path):
-    """SIGKILL the command, `ray stop --force` (emulated, see module doc), serve again.
+def _own_ports(server: Server) -> set[int]:
+    """The HTTP port and the HAProxy stats/metrics ports the server printed."""
+    line = next(x for x in server.out.read_text().splitlines() if "HAProxy stats" in x)
+    return {server.port} | {int(p) for p in re.findall(r":(\d+)", line)}
 
-    The second server takes the very same HTTP, stats and metrics ports, so a leftover
-    HAProxy would stop it. It then ends on SIGTERM as cleanly as on Ctrl-C: exit 0,
-    nothing of its session left (no DashboardAgent or RuntimeEnvAgent under PID 1).
+
+def test_servers_side_by_side_and_nothing_outlives_sigkill_ray_stop_or_sigterm(bundle, tmp_path):
+    """Three `kiln serve` lifetimes, two of them at once (one module, one test: each
+    server start costs a local Ray).
+
+    1. Server A (explicit stats/metrics ports) and B (automatic ones) both start;
+       kiln's listeners (HTTP, stats, metrics) are on 127.0.0.1 only.
+    2. A third on A's HTTP port exits 2 with one line naming the port and the pid.
+    3. Ray killed under B (what `ray stop` does) ends B (status 1) and its session.
+    4. SIGKILL A's command, then `ray stop --force` (emulated, see module doc):
+       nothing of A's session is left.
+    5. C starts on A's very ports (a leftover HAProxy would stop it) and ends on
+       SIGTERM as cleanly as on Ctrl-C: status 0, no DashboardAgent or
+       RuntimeEnvAgent left.
     """
     port, stats, metrics = _free_port(), _free_port(), _free_port()
     ports = ("--stats-port", str(stats), "--metrics-port", str(metrics))
-    first = Server(bundle, tmp_path, port, *ports)
-    second = None
-    try:
-        first.wait_ready()
-        first.predict()
-        assert {p for _, p in listening_inodes().values()} >= {port, stats, metrics}
-        t0 = time.monotonic()
-        first.proc.kill()
-        first.proc.wait(timeout=30)
-        killed = _ray_stop_force(first.sid)
-        left = _wait_empty(first.sid)
-        assert not left, f"left from the killed server: {left}"
-        gone_s = time.monotonic() - t0
-
-        t0 = time.monotonic()
-        second = Server(bundle, tmp_path, port, *ports)
-        second.wait_ready()
-        second.predict()
-        ready_s = time.monotonic() - t0
-        t0 = time.monotonic()
-        assert second.stop(signal.SIGTERM) == 0, second.log()
-        assert "shutting down" in second.out.read_text()
-        left = _wait_empty(second.sid, timeout=30)
-        assert not left, f"left after SIGTERM: {left}"
-        record(
-            "serve_sigkill_ray_stop",
-            {
-                "Ray processes still there for the emulated ray stop": len(killed),
-                "s until nothing of it was left": round(gone_s, 1),
-                "s until a server on the same 3 ports answered": round(ready_s, 1),
-            },
-        )
-        record(
-            "serve_sigterm",
-            {"exit status": 0, "s until nothing was left": round(time.monotonic() - t0, 1)},
-        )
-    finally:
-        first.cleanup()
-        if second is not None:
-            second.cleanup()
-
-
-def test_two_servers_side_by_side_a_taken_port_named_ray_stop_ends_one(bundle, tmp_path):
-    """Two servers with automatic HAProxy ports both start; a third on a taken port
-    says which pid holds it; Ray killed under one server (what `ray stop` does) ends
-    that server and its session; Ctrl-C ends the other.
-    """
-    a = Server(bundle, tmp_path, _free_port())
+    a = Server(bundle, tmp_path, port, *ports)
     b = Server(bundle, tmp_path, _free_port())
+    c = None
     try:
         a.wait_ready()
         b.wait_ready()
         assert a.predict() == b.predict()
+        assert _own_ports(a) == {port, stats, metrics}
         listeners = listening_inodes()
-        for server in (a, b):  # kiln's own listeners are on loopback only
-            line = next(x for x in server.out.read_text().splitlines() if "HAProxy stats" in x)
-            own = {server.port} | {int(p) for p in re.findall(r":(\d+)", line)}
-            assert len(own) == 3, line
+        for server in (a, b):
+            own = _own_ports(server)
+            assert len(own) == 3
             bound = {(addr, p) for addr, p in listeners.values() if p in own}
             assert bound == {("127.0.0.1", p) for p in own}, bound
 
-        taken = Server(bundle, tmp_path, a.port)
+        taken = Server(bundle, tmp_path, port)
         assert taken.proc.wait(timeout=120) == 2, taken.log()
         err = taken.err.read_text()
-        assert err.count("\n") == 1 and f"port {a.port} (HTTP) on 127.0.0.1" in err, err
+        assert err.count("\n") == 1 and f"port {port} (HTTP) on 127.0.0.1" in err, err
         holder = int(err.split("held by pid ", 1)[1].split()[0])
         assert holder in _session(a.sid) and "haproxy" in err, err
 
@@ -242,10 +209,6 @@ def test_two_servers_side_by_side_a_taken_port_named_ray_stop_ends_one(bundle, t
         assert "exited under the server" in b.out.read_text()
         left = _wait_empty(b.sid, timeout=30)
         assert not left, f"left after Ray was killed under the server: {left}"
-
-        assert a.stop(signal.SIGINT) == 0, a.log()
-        left = _wait_empty(a.sid, timeout=30)
-        assert not left, f"left after Ctrl-C: {left}"
         record(
             "serve_side_by_side",
             {
@@ -255,6 +218,38 @@ def test_two_servers_side_by_side_a_taken_port_named_ray_stop_ends_one(bundle, t
                 "processes left": 0,
             },
         )
+
+        t0 = time.monotonic()
+        a.proc.kill()
+        a.proc.wait(timeout=30)
+        killed = _ray_stop_force(a.sid)
+        left = _wait_empty(a.sid)
+        assert not left, f"left from the killed server: {left}"
+        gone_s = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        c = Server(bundle, tmp_path, port, *ports)
+        c.wait_ready()
+        c.predict()
+        ready_s = time.monotonic() - t0
+        record(
+            "serve_sigkill_ray_stop",
+            {
+                "Ray processes still there for the emulated ray stop": len(killed),
+                "s until nothing of it was left": round(gone_s, 1),
+                "s until a server on the same 3 ports answered": round(ready_s, 1),
+            },
+        )
+        t0 = time.monotonic()
+        assert c.stop(signal.SIGTERM) == 0, c.log()
+        assert "shutting down" in c.out.read_text()
+        left = _wait_empty(c.sid, timeout=30)
+        assert not left, f"left after SIGTERM: {left}"
+        record(
+            "serve_sigterm",
+            {"exit status": 0, "s until nothing was left": round(time.monotonic() - t0, 1)},
+        )
     finally:
-        a.cleanup()
-        b.cleanup()
+        for server in (a, b, c):
+            if server is not None:
+                server.cleanup()
