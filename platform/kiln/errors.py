@@ -30,6 +30,7 @@ __all__ = [
     "JobNotFoundError",
     "JobStateError",
     "LeaseLostError",
+    "PortInUseError",
     "ScheduleNotFoundError",
 ]
 
@@ -144,3 +145,10 @@ class LeaseLostError(KilnError, RuntimeError):
 
     The report is refused and changes nothing; another attempt owns the job now.
     """
+
+
+class PortInUseError(KilnError, OSError):
+    """A port a server needs is already bound by another process (named in the message)."""
+
+    def __str__(self) -> str:  # OSError would format its args
+        return self.message

@@ -139,8 +139,8 @@ def test_default_ingress_listens_on_loopback_only(ray_local, bundle):
 
     from kiln.serve.runner import start_serve
 
-    port = _free_port()
-    env = start_serve(host="127.0.0.1", port=port)
+    port, stats, metrics = _free_port(), _free_port(), _free_port()
+    env = start_serve(host="127.0.0.1", port=port, stats_port=stats, metrics_port=metrics)
     try:
         serve.run(
             build_app(bundle, num_cpus=0.25, runtime_env_vars=env), name="bind", route_prefix="/"
@@ -148,8 +148,6 @@ def test_default_ingress_listens_on_loopback_only(ray_local, bundle):
         r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"inputs": ROWS}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"] == Predictor(bundle).predict(ROWS)["predictions"]
-        stats = int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))
-        metrics = int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"))
         _assert_loopback_only(_serve_listeners(port), {port, stats, metrics})
     finally:
         serve.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import subprocess
@@ -13,7 +14,6 @@ from kiln.errors import ConfigError
 from kiln.serve._haproxy_bind import (
     BINARY_ENV,
     binds_all_interfaces,
-    haproxy_bind_env,
     real_haproxy_binary,
     write_wrapper,
 )
@@ -31,8 +31,13 @@ frontend six
     bind [::]:7001
 backend app
     server r1 10.0.0.5:30000 check
+    server SERVE_PROXY_ACTOR-fallback-1 127.0.0.1:8500 check backup
 listen stats
   bind *:8404
+defaults
+    errorfile 502 /tmp/x/500.http
+    errorfile 503 /tmp/x/500.http
+    errorfile 504 /tmp/x/500.http
 """
 
 
@@ -51,7 +56,8 @@ def _bind_lines(text: str) -> list[str]:
 def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(CONFIG)
-    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    fake = str(_fake_haproxy(tmp_path))
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=False)
     args = ["-db", "-f", str(cfg), "-dR", "-sf", "123", "-x", "/tmp/x/admin.sock"]
     subprocess.run([str(wrapper), *args], check=True, timeout=30)
 
@@ -66,8 +72,19 @@ def test_wrapper_moves_every_all_interfaces_bind_and_passes_arguments(tmp_path):
         "127.0.0.1:8404",
     ]
     assert "bind 127.0.0.1:9000 proto h2" in text
-    assert "server r1 10.0.0.5:30000 check" in text  # only bind lines change
+    assert "server r1 10.0.0.5:30000 check\n" in text  # replicas stay as they are
+    assert "server SERVE_PROXY_ACTOR-fallback-1 127.0.0.1:8500 check backup disabled" in text
     assert "stats socket /tmp/x/admin.sock" in text
+
+
+def test_fallback_kept_by_default(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    fake = str(_fake_haproxy(tmp_path))
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin")
+    assert wrapper != write_wrapper("127.0.0.1", fake, tmp_path / "bin", keep_fallback=False)
+    subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
+    assert "8500 check backup\n" in cfg.read_text()
 
 
 def test_wrapper_without_a_config_just_runs_haproxy(tmp_path):
@@ -97,7 +114,9 @@ def test_rays_template_keeps_no_all_interfaces_listener_and_stays_valid(tmp_path
         server_state_base=str(tmp_path),
         server_state_file=str(tmp_path / "state"),
         metrics_socket_path=str(tmp_path / "metrics.sock"),
+        error_file_path=str(tmp_path / "500.http"),
     )
+    (tmp_path / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\n\r\n")
     env = jinja2.Environment()
     env.filters["haproxy_fmt"] = haproxy._haproxy_fmt_literal
     rendered = env.from_string(HAPROXY_CONFIG_TEMPLATE).render(
@@ -128,11 +147,33 @@ def test_rays_template_keeps_no_all_interfaces_listener_and_stays_valid(tmp_path
     ), after
 
 
-def test_all_interfaces_hosts_need_no_wrapper():
+def test_all_interfaces_hosts_keep_their_binds_but_get_the_json_error_pages(tmp_path):
     for host in ("0.0.0.0", "::", "*", "", None):
         assert binds_all_interfaces(host)
     assert not binds_all_interfaces("127.0.0.1")
-    assert haproxy_bind_env("0.0.0.0") == {}
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    wrapper = write_wrapper("0.0.0.0", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
+    text = cfg.read_text()
+    assert _bind_lines(text) == _bind_lines(CONFIG)
+    assert "errorfile 503 " + str(tmp_path / "bin" / "pages" / "503.http") in text
+
+
+def test_haproxys_own_errors_become_json_503_and_504(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    wrapper = write_wrapper("127.0.0.1", str(_fake_haproxy(tmp_path)), tmp_path / "bin")
+    subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
+    pages = dict(line.split()[1:] for line in cfg.read_text().splitlines() if "errorfile" in line)
+    assert sorted(pages) == ["502", "503", "504"] and "500.http" not in str(pages)
+    for code, want in (("502", b"503"), ("503", b"503"), ("504", b"504")):
+        head, _, body = Path(pages[code]).read_bytes().partition(b"\r\n\r\n")
+        assert head.split()[1] == want
+        assert json.loads(body)["error"]
+        length = [h for h in head.split(b"\r\n") if h.startswith(b"Content-Length")][0]
+        assert int(length.split(b":")[1]) == len(body)
+    assert b"Retry-After: 1" in Path(pages["503"]).read_bytes()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1; rm -rf /", "a#b", "1::2::3", "x'y"])

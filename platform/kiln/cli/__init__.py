@@ -79,6 +79,7 @@ def _polish_help(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `kiln serve` re-runs itself
     from kiln.paths import RunPaths
 
     args.paths = RunPaths.resolve(args.home, db=args.db)  # the one place --home/--db are read

@@ -1,28 +1,43 @@
-"""`kiln serve`: serve a bundle or a registered model on Ray Serve until Ctrl-C.
+"""`kiln serve`: serve a bundle or a registered model on Ray Serve until Ctrl-C or SIGTERM.
 
     kiln serve exports/my_model [--port 8000] [--host 127.0.0.1] [--replicas N]
     kiln serve digits@production --reload-on-promote [--poll-interval 5]
+    KILN_API_KEY=... kiln serve exports/my_model --host 0.0.0.0
 
 Starts (or joins, with ``--address``/``RAY_ADDRESS``) Ray, deploys the bundle, prints
 the URL and blocks. ``NAME@TAG`` is exported once into ``$KILN_HOME/bundles``, keyed by
 the registered weights' sha256; with ``--reload-on-promote`` the tag is polled and a
 newly promoted version is rolled out under the same app (in-flight requests finish).
+
+The server runs in a session of its own, ended with it however it ends (Ctrl-C,
+SIGTERM, SIGKILL of this command, ``ray stop``): no HAProxy or Ray agent outlives it
+(see ``kiln.serve._lifetime``). A port already taken (a leftover server) is named in
+one line with the pid holding it.
+
+A host other than loopback needs an API key (``$KILN_API_KEY`` or ``--api-key``;
+clients send ``Authorization: Bearer <key>``) unless ``--insecure`` is given.
 ``--ingress haproxy`` (default) puts HAProxy in front of the replicas; its stats and
-metrics listeners (ports 8404/9101 unless RAY_SERVE_HAPROXY_STATS_PORT/_METRICS_PORT
-are set) bind ``--host`` like the HTTP port, except when joining a cluster whose head
-node is another machine (a warning says so). ``--ingress optimized`` keeps Serve's
-own proxy (slower, no extra listeners).
+metrics listeners bind ``--host`` like the HTTP port, on ``--stats-port`` and
+``--metrics-port`` (default: free ports, printed at start), except when joining a
+cluster whose head node is another machine (a warning says so). ``--ingress
+optimized`` keeps Serve's own proxy (slower, no extra listeners).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import ipaddress
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
+
+API_KEY_ENV = "KILN_API_KEY"
 
 
 def _resolver(args: argparse.Namespace):
@@ -63,37 +78,159 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     return opts
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key (``--api-key`` or ``$KILN_API_KEY``); refuse an open non-loopback host."""
+    from kiln.errors import ConfigError
+
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is not None and len(key) < 16:
+        raise ConfigError(f"--api-key/{API_KEY_ENV}: must be at least 16 characters")
+    if key is None and not args.insecure and not _is_loopback(args.host):
+        raise ConfigError(
+            f"--host {args.host!r} serves /predict beyond this machine: set {API_KEY_ENV} "
+            "(or --api-key) so clients must send 'Authorization: Bearer <key>', or pass "
+            "--insecure to serve without a key"
+        )
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _haproxy_ports(args: argparse.Namespace, own_ray: bool) -> tuple[int, int] | None:
+    """HAProxy's (stats, metrics) ports: flag, else $RAY_SERVE_HAPROXY_*_PORT, else free ones.
+
+    When this server starts its own Ray, every port it will listen on is checked first,
+    so a leftover server shows up as one line naming the port and its pid.
+    """
+    from kiln.serve._ports import check_free, free_port
+    from kiln.serve.runner import METRICS_PORT_ENV, STATS_PORT_ENV
+
+    bind = "127.0.0.1" if args.host == "localhost" else args.host
+    if own_ray:
+        check_free(bind, args.port, "HTTP", "--port")
+    if args.ingress != "haproxy":
+        return None
+    ports = []
+    for value, env, what, flag in (
+        (args.stats_port, STATS_PORT_ENV, "HAProxy stats", "--stats-port"),
+        (args.metrics_port, METRICS_PORT_ENV, "HAProxy metrics", "--metrics-port"),
+    ):
+        port = value or int(os.environ.get(env) or 0)
+        if port and own_ray:
+            check_free(bind, port, what, flag)
+        ports.append(port or free_port(bind))
+    return ports[0], ports[1]
+
+
+def _supervised(args: argparse.Namespace) -> int:
+    """Re-run this command as the server, in a session of its own (see kiln.serve._lifetime)."""
+    import kiln
+    from kiln.serve._lifetime import supervise
+
+    env = dict(os.environ)
+    source_root = str(Path(kiln.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    return supervise([sys.executable, "-m", "kiln.cli", *args.argv], env)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.serve._lifetime import LIFELINE_ENV
+
+    key = _api_key(args)  # refuse before starting anything
+    lifeline = os.environ.get(LIFELINE_ENV)
+    if lifeline is None and getattr(args, "argv", None):
+        return _supervised(args)
+    return _serve(args, key, int(lifeline) if lifeline else None)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait(args: argparse.Namespace, follower: Any) -> str:
+    """Block until Ray dies under the server (returns which process), polling the tag."""
+    from kiln.serve._lifetime import ray_lost
+
+    next_poll = time.monotonic() + args.poll_interval
+    while (lost := ray_lost()) is None:
+        time.sleep(1.0)
+        if args.reload_on_promote and time.monotonic() >= next_poll:
+            follower.poll()
+            next_poll = time.monotonic() + args.poll_interval
+    return lost
+
+
+def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> int:
+    """The server: start Ray and Serve, deploy, wait; stop on SIGTERM/SIGINT or Ray's death."""
+    import ray
     from ray import serve
 
     from kiln.serve import build_app
+    from kiln.serve._lifetime import end_session, start_reaper, watch_lifeline
     from kiln.serve.runner import TagFollower, deploy, start_serve
 
+    if lifeline is not None:
+        watch_lifeline(lifeline)
+        start_reaper()
     resolve = _resolver(args)
-    bundle_dir, key = resolve()
+    bundle_dir, current = resolve()
     address = args.address or os.environ.get("RAY_ADDRESS")
-    env = start_serve(host=args.host, port=args.port, address=address, ingress=args.ingress)
+    own_ray = not address and not ray.is_initialized()
+    ports = _haproxy_ports(args, own_ray)
+    stats, metrics = ports or (None, None)
+    env = start_serve(
+        host=args.host,
+        port=args.port,
+        address=address,
+        ingress=args.ingress,
+        stats_port=stats,
+        metrics_port=metrics,
+        # Rollouts (a promoted tag) need Serve's proxy as HAProxy's fallback; a single
+        # deploy does not, and without it a dead replica's gap answers 503 at once.
+        keep_fallback=args.reload_on_promote,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # as cleanly as Ctrl-C
     options = _options(args, env)
+    if key is not None:
+        options["api_key_sha256"] = hashlib.sha256(key.encode()).hexdigest()
 
     def redeploy(path: Path) -> None:
         deploy(build_app(str(path), **options), name=args.name)
 
-    redeploy(bundle_dir)
-    url = f"http://{args.host}:{args.port}"
-    print(f"serving {bundle_dir} at {url}/predict  (GET {url}/healthz, {url}/metadata)")
-    print("Ctrl-C to stop", flush=True)
-    follower = TagFollower(resolve=resolve, redeploy=redeploy, current_key=key)
+    rc = 0
     try:
-        if args.reload_on_promote:
-            follower.follow(args.poll_interval)
-        else:
-            while True:
-                time.sleep(3600)
+        redeploy(bundle_dir)
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving {bundle_dir} at {url}/predict  (GET {url}/healthz, {url}/metadata)")
+        if ports:
+            print(f"HAProxy stats on {args.host}:{stats}, metrics on {args.host}:{metrics}")
+        if key is not None:
+            print("/predict and /metadata need 'Authorization: Bearer <key>'")
+        print("Ctrl-C to stop", flush=True)
+        follower = TagFollower(resolve=resolve, redeploy=redeploy, current_key=current)
+        lost = _wait(args, follower)
+        print(f"kiln serve: Ray's {lost} exited under the server (ray stop?); stopping", flush=True)
+        if lifeline is not None:  # Ray is gone: nothing to shut down cleanly, end the rest
+            end_session(os.getsid(0), spare=(os.getpid(),))
+            os._exit(1)
+        rc = 1
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:
-        serve.shutdown()
-    return 0
+        if rc == 0:
+            serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+        if lifeline is not None:  # anything Ray left behind (its agents) goes too
+            end_session(os.getsid(0), spare=(os.getpid(),))
+    return rc
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,6 +243,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="bundle directory, or NAME@TAG / NAME:VERSION")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument(
+        "--api-key",
+        help=f"clients must send 'Authorization: Bearer KEY' to /predict (prefer ${API_KEY_ENV}: "
+        "a command line is visible to other users); required with a non-loopback --host",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
+    p.add_argument(
+        "--stats-port",
+        type=int,
+        default=None,
+        help="HAProxy stats port (default $RAY_SERVE_HAPROXY_STATS_PORT, else a free port)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="HAProxy Prometheus port (default $RAY_SERVE_HAPROXY_METRICS_PORT, else a free port)",
+    )
     p.add_argument("--replicas", type=int, default=1, help="Serve replicas of the model")
     p.add_argument("--name", default="kiln", help="Serve application name")
     p.add_argument(

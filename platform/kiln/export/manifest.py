@@ -119,9 +119,31 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             f"bundle: manifest schema_version={version!r} is not supported; "
             f"this kiln reads version {MANIFEST_SCHEMA_VERSION}"
         )
+    _check_paths(root, manifest)
     if verify:
         _verify_files(root, manifest)
     return Bundle(path=root, manifest=manifest)
+
+
+def _check_paths(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest naming absolute paths, ``..`` or a symlink leaving the bundle."""
+    names = list(manifest.get("files", {}) or {})
+    names += [info.get("path", "") for info in (manifest.get("artifacts", {}) or {}).values()]
+    problems = []
+    for rel in names:
+        if not isinstance(rel, str) or not rel:
+            problems.append(f"{rel!r} is not a relative file path")
+        elif Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+            problems.append(f"{rel!r} is an absolute path")
+        elif ".." in Path(rel).parts or ".." in rel.split("\\"):
+            problems.append(f"{rel!r} contains '..'")
+        elif root not in (root / rel).resolve().parents:
+            problems.append(f"{rel!r} leads outside the bundle (a symlink)")
+    if problems:
+        raise IntegrityError(
+            f"bundle {str(root)!r}: manifest paths must stay inside the bundle, refusing it: "
+            + "; ".join(problems)
+        )
 
 
 def _verify_files(root: Path, manifest: dict[str, Any]) -> None:

@@ -12,10 +12,20 @@ to the HTTP host and then ``exec``s the real HAProxy with the same arguments: sa
 pid, same command line, so Serve's reloads and process tracking are unchanged. If the
 rewrite fails the script exits non-zero and Serve reports HAProxy's failed start.
 
-The variable has to reach the ``HAProxyManager`` actor, which inherits the Serve
-controller's ``runtime_env``: ``start_serve`` passes it in ``controller_options``.
-The script lives on the driver's machine, so it is only used when the head node
-(where HAProxy runs with ``proxy_location="HeadOnly"``) is that machine.
+The same script replaces Serve's error pages. Serve maps HAProxy's own 502/503/504
+(no replica up, a replica that died mid-answer, no answer in time) to a bare "500
+Internal Server Error"; a client cannot tell that from a bug and retry. kiln's pages
+answer 503 with ``Retry-After: 1`` (no replica, or it died) and 504 (no answer in
+time), each with a JSON ``{"error": ...}`` like every other refusal. With a host
+meaning all interfaces the binds are left alone and only the pages are replaced.
+
+Serve also lists its Python proxy as a ``backup`` server of each app, used when no
+replica is up: a request then waits in that proxy until a replica is back (measured:
+a request sent right after a ``kill -9`` of the only replica hung for over 10 s).
+With ``keep_fallback=False`` the script marks that server ``disabled``, so the gap
+answers 503 at once and the client retries. Rollouts need the fallback (while a
+redeploy replaced the replicas, HAProxy had none up for ~7 s and the proxy carried
+every request), and so do apps that autoscale from zero: keep it for them.
 
 For ``serve run`` by hand::
 
@@ -55,10 +65,13 @@ _SAFE_HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]%]+$")
 # on every interface; the rewrite keeps the port and puts the host in front of it.
 _SCRIPT = """#!/bin/sh
 {marker}
-# Starts HAProxy with each all-interfaces `bind` of its -f config moved to {host_q}.
+# Starts HAProxy with each all-interfaces `bind` of its -f config moved to {host_q}
+# (none when empty) and kiln's JSON pages for HAProxy's own 502/503/504 answers.
 # Written by kiln (kiln/serve/_haproxy_bind.py) for Ray Serve's HAProxy ingress.
 set -eu
 host={host_q}
+pages={pages_q}
+fallback={fallback}
 real={real_q}
 cfg=
 prev=
@@ -67,10 +80,38 @@ for arg in "$@"; do
     prev=$arg
 done
 if [ -n "$cfg" ]; then
-    sed -i -E 's#^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0|::|\\[::\\])?:([0-9]+)#\\1'"$host"':\\3#' "$cfg"
+    if [ -n "$host" ]; then
+        sed -i -E 's#^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0|::|\\[::\\])?:([0-9]+)#\\1'"$host"':\\3#' "$cfg"
+    fi
+    if [ "$fallback" = 0 ]; then
+        sed -i -E 's#^([[:space:]]*server[[:space:]].*[[:space:]]backup)[[:space:]]*$#\\1 disabled#' "$cfg"
+    fi
+    sed -i -E 's#^([[:space:]]*errorfile[[:space:]]+)(50[234])[[:space:]].*#\\1\\2 '"$pages"'/\\2.http#' "$cfg"
 fi
 exec "$real" "$@"
 """
+
+# HAProxy's own answers (the replica's answers pass through untouched).
+_PAGES = {
+    502: (503, "the replica ended before answering (it is being replaced); retry shortly"),
+    503: (503, "no replica can take the request now (starting or restarting); retry shortly"),
+    504: (504, "the replica did not answer in time"),
+}
+_REASONS = {503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def _page(status: int, message: str) -> bytes:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        "Content-Type: application/json\r\n"
+        "Cache-Control: no-cache\r\n"
+        + ("Retry-After: 1\r\n" if status == 503 else "")
+        + f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def binds_all_interfaces(host: str | None) -> bool:
@@ -112,48 +153,70 @@ def real_haproxy_binary() -> str:
     return found
 
 
-def write_wrapper(host: str, real_binary: str, directory: Path) -> Path:
+def write_wrapper(
+    host: str | None, real_binary: str, directory: Path, keep_fallback: bool = True
+) -> Path:
     """Write (once; the name is the content's hash) the wrapper script; return its path.
 
     Args:
-        host: Address every all-interfaces ``bind`` is moved to.
+        host: Address every all-interfaces ``bind`` is moved to; binds are left
+            alone when it means all interfaces itself.
         real_binary: The HAProxy executable the script ``exec``s.
-        directory: Where the script goes; created 0700 if missing and refused when
-            it is not a directory owned by this user.
+        directory: Where the script and its error pages go; created 0700 if missing
+            and refused when it is not a directory owned by this user.
+        keep_fallback: Leave Serve's proxy as the backup server (for rollouts and
+            apps that autoscale from zero); without it no replica up means 503.
     """
-    if binds_all_interfaces(host):
-        raise ConfigError(f"host: {host!r} means all interfaces; there is nothing to rewrite")
-    _check_host(host)
-    text = _SCRIPT.format(marker=_MARKER, host_q=shlex.quote(host), real_q=shlex.quote(real_binary))
+    bind_host = "" if binds_all_interfaces(host) else str(host)
+    if bind_host:
+        _check_host(bind_host)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = directory.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise ConfigError(f"{directory}: not a directory owned by this user; refusing to use it")
+    pages = directory / "pages"
+    pages.mkdir(mode=0o700, exist_ok=True)
+    for code, (status, message) in _PAGES.items():
+        _write_once(pages / f"{code}.http", _page(status, message), 0o600)
+    text = _SCRIPT.format(
+        marker=_MARKER,
+        host_q=shlex.quote(bind_host),
+        pages_q=shlex.quote(str(pages)),
+        fallback=int(keep_fallback),
+        real_q=shlex.quote(real_binary),
+    )
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = directory / f"haproxy-bind-{digest}.sh"
-    if not (path.is_file() and path.read_text() == text):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".haproxy-bind-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o700)
-        os.replace(tmp, path)
+    _write_once(path, text.encode(), 0o700)
     return path
 
 
-def haproxy_bind_env(host: str, directory: Path | None = None) -> dict[str, str]:
-    """Serve's environment for an HAProxy whose listeners all bind ``host``.
+def _write_once(path: Path, data: bytes, mode: int) -> None:
+    """Atomically write ``data`` unless ``path`` already holds it."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
 
-    Empty when ``host`` means every interface (then Ray's own config already binds
-    everything there, as asked).
+
+def haproxy_bind_env(
+    host: str | None, directory: Path | None = None, keep_fallback: bool = True
+) -> dict[str, str]:
+    """Serve's environment for an HAProxy whose listeners all bind ``host``, with
+    kiln's JSON error pages (binds untouched when ``host`` means every interface).
 
     Args:
         directory: Where the wrapper script is written (default: ``kiln-<uid>`` in
             the system temp directory).
     """
-    if binds_all_interfaces(host):
-        return {}
     where = directory or Path(tempfile.gettempdir()) / f"kiln-{os.getuid()}"
-    return {BINARY_ENV: str(write_wrapper(host, real_haproxy_binary(), where))}
+    path = write_wrapper(host, real_haproxy_binary(), where, keep_fallback=keep_fallback)
+    return {BINARY_ENV: str(path)}
 
 
 def _check_host(host: str) -> None:

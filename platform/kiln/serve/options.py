@@ -28,7 +28,13 @@ class ServeOptions:
         autoscaling_config: Ray Serve autoscaling dict (min_replicas, max_replicas, ...).
         max_ongoing_requests: Requests a replica works on at once.
         max_queued_requests: Requests waiting per caller before Serve answers 503 (-1: no limit).
-        max_body_bytes: Larger request bodies are answered 413.
+        max_body_bytes: Larger request bodies are answered 413; counted while the
+            body is read, so a chunked upload stops at the limit.
+        body_timeout_s: A client that has not sent its whole body in this many
+            seconds is answered 408 (a slow or stalled client holds no slot longer).
+        api_key_sha256: sha256 hex digest of the API key; when set, ``/predict`` and
+            ``/metadata`` need ``Authorization: Bearer <key>`` (``/healthz`` stays
+            open). Only the digest travels to the replicas.
         num_cpus: CPUs reserved per replica.
         intra_op_threads: onnxruntime threads per replica.
         runtime_env_vars: Environment of the replica processes (``start_serve`` returns
@@ -45,6 +51,8 @@ class ServeOptions:
     max_ongoing_requests: int = 64
     max_queued_requests: int = 512
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    api_key_sha256: str | None = None
     num_cpus: float = 1.0
     intra_op_threads: int = 1
     runtime_env_vars: dict[str, str] | None = None
@@ -65,6 +73,16 @@ class ServeOptions:
             )
         if not 0 <= self.batch_wait_timeout_s <= 10:
             errors.append(f"batch_wait_timeout_s: {self.batch_wait_timeout_s!r} must be in [0, 10]")
+        if not 0 < self.body_timeout_s <= 3600:
+            errors.append(f"body_timeout_s: {self.body_timeout_s!r} must be in (0, 3600]")
+        key = self.api_key_sha256
+        if key is not None and not (
+            isinstance(key, str) and len(key) == 64 and set(key) <= set("0123456789abcdef")
+        ):
+            errors.append(
+                "api_key_sha256: must be a sha256 hex digest (64 lowercase hex characters); "
+                "pass the key's digest, not the key"
+            )
         if self.num_cpus < 0:
             errors.append(f"num_cpus: {self.num_cpus!r} must be >= 0")
         if self.intra_op_threads < 0:

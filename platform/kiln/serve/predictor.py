@@ -31,6 +31,15 @@ class RequestError(Exception):
         return f"{self.status}: {self.message}"
 
 
+def _has_bool(value: Any, depth: int = 0) -> bool:
+    """Whether a parsed JSON value holds true/false anywhere (numpy would cast them to 1/0)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list) and depth < 64:
+        return any(_has_bool(v, depth + 1) for v in value)
+    return False
+
+
 class Predictor:
     """Runs one bundle's ONNX model on validated JSON batches.
 
@@ -67,15 +76,26 @@ class Predictor:
     def parse(self, body: bytes) -> np.ndarray:
         """Decode ``{"inputs": [...]}`` into a validated, preprocessed batch."""
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            text = body.decode("utf-8")  # JSON between systems is UTF-8 (RFC 8259, 8.1)
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, f"body is not UTF-8: {exc}") from None
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
             raise RequestError(400, f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RequestError(400, "body is nested too deeply to be a batch of rows") from None
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise RequestError(
                 422,
                 f'body must be an object {{"inputs": ...}} with inputs of shape {self.expected}',
             )
-        return self.validate(payload["inputs"])
+        inputs = payload["inputs"]
+        if (b"true" in body or b"false" in body) and _has_bool(inputs):
+            raise RequestError(
+                422, f"inputs must be numbers, not true/false; expected {self.expected}"
+            )
+        return self.validate(inputs)
 
     def validate(self, inputs: Any) -> np.ndarray:
         """Turn nested lists into a ``[batch, *row_shape]`` array, or raise ``RequestError``."""
@@ -83,13 +103,22 @@ class Predictor:
             raise RequestError(
                 422, f"inputs must be a non-empty list of rows, expected shape {self.expected}"
             )
+        bad = RequestError(
+            422,
+            f"inputs must be {self.dtype.name} numbers in a regular array of shape {self.expected}",
+        )
         try:
-            x = np.array(inputs, dtype=self.dtype)
-        except (ValueError, TypeError):
-            raise RequestError(
-                422,
-                f"inputs must be {self.dtype.name} numbers in a regular array of shape {self.expected}",
-            ) from None
+            # Inferred first, so strings ("1.5"), booleans and None are refused rather
+            # than converted; then cast.
+            raw = np.asarray(inputs)
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            raise bad from None
+        if raw.dtype.kind not in "iuf":
+            raise bad
+        try:
+            x = raw.astype(self.dtype, copy=False)
+        except (ValueError, TypeError, OverflowError):
+            raise bad from None
         if x.shape[1:] != self.row_shape:
             raise RequestError(
                 422, f"inputs have shape {list(x.shape)}, expected shape {self.expected}"

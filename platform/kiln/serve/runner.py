@@ -24,6 +24,7 @@ from kiln.errors import ConfigError
 __all__ = [
     "THROUGHPUT_ENV",
     "apply_throughput_env",
+    "haproxy_ports_env",
     "start_serve",
     "deploy",
     "TagFollower",
@@ -42,8 +43,16 @@ HAPROXY_ENV = {
     **THROUGHPUT_ENV,
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+    # Also retry (on another replica, else answer 503) a request whose replica closed
+    # the connection without a word: a replica killed while HAProxy connected to it
+    # left the client with a dropped connection. /predict is a pure function of its
+    # body, so sending it again is safe.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
 }
 INGRESS_ENV = {"haproxy": HAPROXY_ENV, "optimized": THROUGHPUT_ENV, "proxy": {}}
+# Read by Serve's HAProxyManager actor (defaults 8404 and 9101, which two servers share).
+STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
+METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 
 
 def apply_throughput_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -61,12 +70,24 @@ def start_serve(
     port: int = 8000,
     address: str | None = None,
     ingress: str = "haproxy",
+    stats_port: int | None = None,
+    metrics_port: int | None = None,
+    keep_fallback: bool = True,
 ) -> dict[str, str]:
     """Start or join Ray, then start Serve's HTTP ingress on ``host:port``.
 
     Args:
         ingress: ``haproxy`` (fastest), ``optimized`` (Serve's proxy, throughput
             settings) or ``proxy`` (Serve's defaults).
+        stats_port, metrics_port: HAProxy's stats and Prometheus listeners (on
+            ``host``); None picks free ports, so two servers on one machine never
+            collide there. Only used when this call starts Serve.
+        keep_fallback: Keep Serve's proxy as HAProxy's backup server (Serve's own
+            behaviour). Rollouts need it: while a redeploy replaces replicas, HAProxy
+            had no replica up for ~7 s (measured) and the proxy carried the traffic
+            with nothing dropped. Without it (False), an app with no replica up (its
+            only replica died) answers 503 at once instead of holding requests until
+            a new replica is up (see ``kiln.serve._haproxy_bind``).
 
     Returns:
         The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
@@ -83,7 +104,8 @@ def start_serve(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     controller_env = dict(env)
     if ingress == "haproxy":
-        controller_env.update(_haproxy_listeners_env(host))
+        controller_env.update(_haproxy_listeners_env(host, keep_fallback))
+        controller_env.update(haproxy_ports_env(host, stats_port, metrics_port))
     serve.start(
         http_options={"host": host, "port": port},
         proxy_location="HeadOnly",
@@ -92,25 +114,37 @@ def start_serve(
     return env
 
 
-def _haproxy_listeners_env(host: str) -> dict[str, str]:
-    """Controller env that moves HAProxy's stats/metrics listeners onto ``host``.
+def haproxy_ports_env(
+    host: str, stats_port: int | None = None, metrics_port: int | None = None
+) -> dict[str, str]:
+    """Serve's environment that puts HAProxy's stats and metrics on these ports (None: free)."""
+    from kiln.serve._ports import free_port
+
+    bind = "127.0.0.1" if host in ("localhost", "") else host
+    return {
+        STATS_PORT_ENV: str(stats_port or free_port(bind)),
+        METRICS_PORT_ENV: str(metrics_port or free_port(bind)),
+    }
+
+
+def _haproxy_listeners_env(host: str, keep_fallback: bool = False) -> dict[str, str]:
+    """Controller env that moves HAProxy's stats/metrics listeners onto ``host`` and
+    gives HAProxy kiln's JSON 503/504 pages.
 
     HAProxy runs on the head node; the wrapper script that does the moving is
     written here, so it is used only when the head node is this machine's node.
     """
     import ray
 
-    from kiln.serve._haproxy_bind import binds_all_interfaces, haproxy_bind_env
+    from kiln.serve._haproxy_bind import haproxy_bind_env
 
-    if binds_all_interfaces(host):
-        return {}
     if not _head_is_local(ray):
         logger.warning(
             "HAProxy runs on a remote head node: its stats (8404) and metrics (9101) "
             "listeners bind all interfaces there; use --ingress optimized to avoid them"
         )
         return {}
-    return haproxy_bind_env(host)
+    return haproxy_bind_env(host, keep_fallback=keep_fallback)
 
 
 def _head_is_local(ray: Any) -> bool:
