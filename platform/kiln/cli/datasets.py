@@ -4,10 +4,10 @@
     kiln datasets export digits --split val --limit 2 --no-labels -o rows.json
     kiln datasets export digits --split val -o new_batch.parquet   # .json, .parquet or .csv
 
-``--split train|val|all`` splits the way a training run with the same
+``--split train|val|test|all`` splits the way a training run with the same
 ``--validation-split`` and ``--seed`` does (the defaults are TrainingConfig's;
-``--config RUN_FILE`` takes both from a ``kiln train`` file), so ``val`` rows are
-rows that run never trained on. A ``.json`` file holds
+``--config RUN_FILE`` takes the splits and the seed from a ``kiln train`` file), so
+``val`` and ``test`` rows are rows that run never trained on. A ``.json`` file holds
 ``{"inputs": [[...], ...]}`` (plus ``"labels"`` unless ``--no-labels``), the body
 ``/predict`` and a bundle's ``inference.py --input`` read. Parquet and CSV files
 have one column per feature, named as the dataset names them, plus ``label``.
@@ -47,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("dataset", help="dataset id (see `kiln datasets`) or a local data file")
     e.add_argument("-o", "--output", required=True, help="file to write: .json, .parquet or .csv")
-    e.add_argument("--split", choices=("train", "val", "all"), default="all", help="which rows")
+    e.add_argument(
+        "--split", choices=("train", "val", "test", "all"), default="all", help="which rows"
+    )
     e.add_argument("--limit", type=int, default=None, help="at most this many rows (first ones)")
     e.add_argument("--no-labels", action="store_true", help="leave the labels out")
     e.add_argument(
@@ -62,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--config",
         metavar="RUN_FILE",
-        help="take --validation-split and --seed from this kiln train run file",
+        help="take the splits (validation_split, test_split) and the seed from this run file",
     )
     e.set_defaults(func=cmd_export)
 
@@ -99,19 +101,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {args.output!r}: the file must end in one of {', '.join(_FORMATS)}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit!r} must be >= 1")
-    split, seed = args.validation_split, args.seed
-    if args.config:
-        from kiln.config import read_mapping
+    from kiln.config import TrainingConfig, read_mapping
+    from kiln.engine.data_plan import split_for_run
 
-        run = read_mapping(args.config)
-        split, seed = run.get("validation_split", split), run.get("random_seed", seed)
+    run = read_mapping(args.config) if args.config else {}
+    config = TrainingConfig(
+        validation_split=run.get("validation_split", args.validation_split),
+        test_split=run.get("test_split"),
+        random_seed=run.get("random_seed", args.seed),
+    ).validate()
     datasets_dir = run_paths(args).datasets / args.dataset
     dataset = get_dataset(args.dataset, data_dir=datasets_dir if datasets_dir.is_dir() else None)
     if args.split != "all":
-        train, val = dataset.split(split, seed)
-        if args.split == "val" and val is None:
-            raise ConfigError("--split val needs --validation-split above 0")
-        dataset = train if args.split == "train" else val
+        train, val, test = split_for_run(dataset, config)
+        dataset = {"train": train, "val": val, "test": test}[args.split]
+        if dataset is None:
+            raise ConfigError(f"--split {args.split}: this dataset and config hold out no such rows")
     x, y = _arrays(dataset)
     if args.limit is not None:
         x, y = x[: args.limit], y[: args.limit]
