@@ -257,3 +257,29 @@ def test_predictor_parse_errors(tmp_path):
         p.parse(b'{"rows": []}')
     assert err.value.status == 422
     assert p.parse(b'{"inputs": [[1, 2, 3, 4]]}').shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "cannot read --input"),
+        ("{not json", "is not valid JSON"),
+        ('{"rows": [[1, 2, 3, 4]]}', 'must be {"inputs"'),
+        ('{"inputs": [[1, 2, 3]]}', "inputs must have shape [batch>=1, 4], got [1, 3]"),
+    ],
+)
+def test_inference_script_answers_bad_input_with_one_line_and_exit_2(tmp_path, content, message):
+    out = create_export_bundle(_mlp(), None, CLASSIFY, None, tmp_path / "b")
+    target = tmp_path / "x.json"
+    if content is not None:
+        target.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(out / "inference.py"), "--input", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

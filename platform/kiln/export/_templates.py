@@ -80,10 +80,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="JSON file, or - for stdin")
     args = parser.parse_args(argv)
-    raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
-    data = json.loads(raw)
-    inputs = data["inputs"] if isinstance(data, dict) else data
-    print(json.dumps(predict(inputs)))
+    try:
+        raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
+    except OSError as exc:
+        print(f"error: cannot read --input {args.input}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        print(f"error: --input {args.input} is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    inputs = data.get("inputs") if isinstance(data, dict) else data
+    if inputs is None:
+        print('error: the JSON must be {"inputs": [[...], ...]} or a list of rows', file=sys.stderr)
+        return 2
+    try:
+        result = predict(inputs)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
     return 0
 
 
