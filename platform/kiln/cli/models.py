@@ -185,7 +185,11 @@ def _load_inputs(source: str, profile: dict[str, Any], label: str | None) -> Any
     dataset = get_dataset(source)
     if isinstance(dataset, ArrayDataset):
         return dataset.x
-    return dataset.local_arrays()[0]
+    from kiln.data.files import FileDataset
+
+    if isinstance(dataset, FileDataset):
+        return dataset.local_arrays()[0]
+    raise KilnError(f"{source!r} cannot be read as feature rows here; export it to parquet")
 
 
 def _read_jsonl(path: Path) -> Any:

@@ -90,6 +90,7 @@ def load_run_mapping(
             errors.extend(f"task.{e}" for e in exc.errors)
     if errors:
         raise ConfigError([f"{_origin(e, from_set, source)}: {e}" for e in errors])
+    assert config is not None  # no errors: the config was built
     return config, task
 
 

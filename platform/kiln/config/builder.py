@@ -96,7 +96,7 @@ PRESETS: dict[str, Callable[[], TrainingConfig]] = {
 }
 
 # Seed-style spellings accepted by with_hardware, mapped onto real fields.
-_PRECISIONS = {
+_PRECISIONS: dict[str, dict[str, Any]] = {
     "32": {"use_amp": False},
     "32-true": {"use_amp": False},
     "bf16-mixed": {"use_amp": True, "amp_dtype": "bf16"},

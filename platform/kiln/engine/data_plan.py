@@ -302,7 +302,8 @@ def _plan_torch(train, val, task, config) -> DataPlan:
             "task_spec.num_classes is needed with a torch Dataset (kiln does not scan it); "
             "pass TaskSpec.classification(num_classes=...)"
         )
-    return DataPlan(DataKind.TORCH, task, tuple(x.shape), len(dataset), loaders=loaders)
+    rows = len(dataset)  # type: ignore[arg-type]  # map-style torch Datasets define __len__
+    return DataPlan(DataKind.TORCH, task, tuple(x.shape), rows, loaders=loaders)
 
 
 def complete_task(

@@ -13,7 +13,8 @@ from kiln.config import TrainingConfig
 
 def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer``; biases and norms get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -328,8 +328,9 @@ def _score_test(
     loop = ValidationLoop(
         get_loss_strategy(cfg.loss or loss_for_task(task.task_type)), task_type=task.task_type
     )
-    result = loop.run_epoch(0, model, batches)
-    metrics = metrics_from_sums(result.sums, loop.classification, loop.regression, "test")
+    sums = loop.run_epoch(0, model, batches).sums
+    assert sums is not None  # a validation epoch always returns its sums
+    metrics = metrics_from_sums(sums, loop.classification, loop.regression, "test")
     metrics["test_rows"] = float(len(x))
     return metrics
 
@@ -384,7 +385,8 @@ def _fit(
         # actor to start (seconds on a small machine), and resumed runs see the same rows.
         data_config = DataConfig(datasets_to_split=[], execution_options=_ordered_execution())
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        # Ray types the loop as returning None; rank 0's return value is the run summary.
+        train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config={"plan": worker_plan},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

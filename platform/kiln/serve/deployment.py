@@ -104,8 +104,9 @@ class KilnModelDeployment:
         self._key_digest = bytes.fromhex(key) if key else None
         self.batching = self.options.batching
         if self.batching:
-            self._run_batched.set_max_batch_size(self.options.max_batch_size)
-            self._run_batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+            # @serve.batch adds these setters at run time; typing cannot see them.
+            self._run_batched.set_max_batch_size(self.options.max_batch_size)  # type: ignore[attr-defined]
+            self._run_batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)  # type: ignore[attr-defined]
         meta = bundle.metadata()
         self._metadata = json.dumps(meta).encode()
         self._health = json.dumps(
@@ -232,5 +233,6 @@ def build_app(
         deployment_options["autoscaling_config"] = opts.autoscaling_config
     else:
         deployment_options["num_replicas"] = opts.num_replicas
-    deployment = serve.deployment(KilnModelDeployment).options(**deployment_options)
+    # serve.deployment's overloads type the class form as a decorator factory.
+    deployment = serve.deployment(KilnModelDeployment).options(**deployment_options)  # type: ignore[attr-defined]
     return deployment.bind(str(loaded.path), loaded.artifact_sha256, opts.to_dict())

@@ -136,8 +136,8 @@ class Predictor:
     def format(self, out: np.ndarray) -> dict[str, Any]:
         """Turn raw outputs into the response body."""
         if self.task_type == "regression":
-            preds = out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
-            return {"predictions": preds.tolist()}
+            values = out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
+            return {"predictions": values.tolist()}
         if self.task_type != "classification":
             return {"predictions": out.tolist()}
         probs = softmax(out.astype(np.float32, copy=True))

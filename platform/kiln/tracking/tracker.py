@@ -118,6 +118,7 @@ class MetricsTracker:
 
     def _run(self) -> Any:
         """The W&B run rows go to: the active one, else one started here (once)."""
+        assert self._wandb is not None  # only called when use_wandb=True
         if self._wandb_run is None:
             self._wandb_run = self._wandb.run
             if self._wandb_run is None:

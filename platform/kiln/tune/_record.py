@@ -154,7 +154,7 @@ def record_trials(
             "restored_from": list(t.restored_from),
         }
         t.run_id = recorder.start(name, cfg.to_dict(), params, notes=cfg.notes, group=search_id)
-        checkpoints = sorted({t.best_checkpoint, t.latest_checkpoint} - {None})
+        checkpoints = sorted(p for p in {t.best_checkpoint, t.latest_checkpoint} if p)
         # the profile too, so `kiln models drift` works for a tuned model
         recorder.complete(t.run_id, t.status, t.history, checkpoints, profile, error=t.error)
 
@@ -225,8 +225,8 @@ def _params_at(params: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     """
     out = dict(params)
     for key, now in params.items():
-        value = config.get(key)
-        if hasattr(value, "item"):
+        value: Any = config.get(key)
+        if value is not None and hasattr(value, "item"):
             value = value.item()  # numpy scalars from the table
         if isinstance(now, bool) or not isinstance(now, (int, float, str)):
             continue

@@ -264,4 +264,4 @@ def create_stopper(plateau: Any, metric: str, mode: str) -> Any:
         options.update(plateau)
     elif plateau is not True:
         raise ConfigError(f"plateau={plateau!r} must be true, false or a mapping of options")
-    return TrialPlateauStopper(metric=metric, mode=mode, **options)
+    return TrialPlateauStopper(metric=metric, mode=mode, **options)  # type: ignore[arg-type]  # options mixes int and float keywords, checked above

@@ -224,7 +224,7 @@ def search(
         hooks=list(hooks),
         report_checkpoints=_sched.is_pbt(opts.scheduler),
     )
-    progress = _Samples()
+    progress = _sample_counter()
     tuner = _tuner(
         setup, space, opts, experiment, search_id, home, [*callbacks, progress],
         train_data=train_data, val_data=val_data, model=model,
@@ -242,7 +242,8 @@ def _tuner(setup, space, opts: SearchConfig, experiment, search_id, home, callba
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup, **data),
-        TrialResources(setup.base, opts.resources_per_trial),
+        # Tune also takes a callable returning a resource dict (typed as a PG factory).
+        TrialResources(setup.base, opts.resources_per_trial),  # type: ignore[arg-type]
     )
     if opts.resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(
@@ -250,7 +251,9 @@ def _tuner(setup, space, opts: SearchConfig, experiment, search_id, home, callba
         )
         # Tune restores the pickled RunConfig, callbacks included, and has no public way to
         # replace them; the old ones would carry stale state (and this run's reporters).
-        tuner._local_tuner.get_run_config().callbacks = callbacks
+        local = tuner._local_tuner
+        assert local is not None  # a restored local (not Ray Client) Tuner has one
+        local.get_run_config().callbacks = callbacks
         return tuner
     base = setup.base
     scheduler = _sched.create_scheduler(
@@ -288,7 +291,7 @@ def _tuner(setup, space, opts: SearchConfig, experiment, search_id, home, callba
 # ---------------------------------------------------------------------- checks
 def _load_space(search_space: Any) -> dict[str, Any]:
     if isinstance(search_space, (str, os.PathLike)):
-        space, settings = spaces.load_search_file(search_space)
+        space, settings = spaces.load_search_file(Path(search_space))
         if settings:
             logger.warning("search(): the file's tune: settings are read by `kiln tune` only")
         return space
@@ -333,7 +336,9 @@ def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model
     has_val = has_val or "val" in (plan.datasets or {}) or "val" in (plan.loaders or {})
     errors += spaces.check_metric(metric, mode, plan.task.task_type, has_val)
     errors += _sched.check_scheduler(scheduler)
-    if plan.data_kind == DataKind.RAY and any(c.num_workers == 0 for c in _safe_candidates(space, base)):
+    if plan.data_kind == DataKind.RAY and any(
+        c.num_workers == 0 for c in _safe_candidates(space, base)
+    ):
         errors.append(
             "in-process trials (num_workers=0) read in-memory data, but this data is read "
             "through Ray Data; pass arrays or a bundled dataset id, or set num_workers>=1"
@@ -427,19 +432,23 @@ def _experiment(storage: Path, name: str | None, resume: bool) -> tuple[str, Pat
 
 
 # ---------------------------------------------------------------------- results
-class _Samples:
-    """Learns how many trials the search will have (Tune passes it to callbacks' setup)."""
+def _sample_counter() -> Any:
+    """A Tune callback that learns how many trials the search will have (from setup)."""
+    from ray.tune import Callback
 
-    def __new__(cls):
-        from ray.tune import Callback
+    class _Count(Callback):
+        total: int | None = None
 
-        class _Count(Callback):
-            total: int | None = None
+        def setup(
+            self,
+            stop: Any = None,
+            num_samples: int | None = None,
+            total_num_samples: int | None = None,
+            **info: Any,
+        ) -> None:
+            self.total = total_num_samples
 
-            def setup(self, total_num_samples: int | None = None, **info: Any) -> None:
-                self.total = total_num_samples
-
-        return _Count()
+    return _Count()
 
 
 def _summarize(

@@ -236,7 +236,7 @@ def hardware_candidates(space: Mapping[str, Any], base: TrainingConfig) -> list[
     bases = [base]
     if PRESET_KEY in space:
         bases = [with_preset(base, p) for p in candidate_values(space[PRESET_KEY]) or []]
-    out = []
+    out: list[TrainingConfig] = []
     for cfg in bases:
         combos: list[dict[str, Any]] = [{}]
         for key in ("num_workers", "use_gpu", "cpus_per_worker"):
