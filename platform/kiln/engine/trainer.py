@@ -262,6 +262,13 @@ class Trainer:
         target.load_state_dict(state)
         return target
 
+    def evaluate(self, data: Any, checkpoint: str = "best", **options: Any) -> Any:
+        """Loss and the task's metrics of ``checkpoint`` ("best", "latest", a path or
+        "NAME@TAG") on ``data``; options as :func:`kiln.predict.evaluate_checkpoint`."""
+        from kiln.predict.evaluate import evaluate_for_trainer
+
+        return evaluate_for_trainer(self, data, checkpoint, **options)
+
 
 def _export_best(
     factory, checkpoint: str, model_config, plan: DataPlan, cfg: TrainingConfig, run_dir: Path

@@ -1,0 +1,416 @@
+"""Batch prediction on Ray Data: a bundle's ONNX model over files of any size.
+
+    kiln predict digits@production rows.parquet -o scored.parquet --keep id
+    summary = kiln.predict.predict("exports/digits", "s3://bucket/rows/", "s3://bucket/out/")
+
+The pipeline is Ray Data's, streamed block by block (memory stays bounded whatever
+the input size; Ray Data shows its progress)::
+
+    ray.data.read_{parquet,csv,json}(INPUT)
+      -> map_batches(BundleScorer, concurrency=N)   N actors, one onnxruntime session
+                                                    each, loaded once
+      -> write_{parquet,csv,json}(OUTPUT)
+
+``BundleScorer`` turns each batch into feature rows, scores the rows that can be
+scored and returns them with the kept columns, ``prediction`` and (classifiers) one
+``prob_<class>`` column per class. Rows that cannot be scored (wrong width, a value
+that is not a number, NaN) are written by the actor to a rejects part file with the
+reason; the job goes on. At the end the parts become one ``*.rejects.jsonl`` beside
+OUTPUT. On a cluster the actors spread over the nodes (OUTPUT must then be storage
+every node sees: a shared mount or a URI).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ConfigError
+from kiln.paths import RunPaths
+from kiln.predict import _files
+from kiln.predict._files import Location
+
+__all__ = ["BundleScorer", "PredictionSummary", "predict", "feature_columns"]
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("label", "y", "target")
+REJECTS_PARTS = "_rejects"
+
+
+@dataclass
+class PredictionSummary:
+    """What a :func:`predict` run did."""
+
+    bundle: str
+    input: str
+    output: str
+    rows_scored: int
+    rows_rejected: int
+    rejects: str | None
+    seconds: float
+    features: list[str]
+
+    @property
+    def rows_per_second(self) -> float:
+        return (self.rows_scored + self.rows_rejected) / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_second": self.rows_per_second}
+
+
+def predict(
+    model: str | os.PathLike[str],
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    batch_size: int = 1024,
+    concurrency: int = 2,
+    num_cpus: float = 1.0,
+    keep: list[str] | tuple[str, ...] = (),
+    features: list[str] | None = None,
+    input_format: str | None = None,
+    output_format: str | None = None,
+    rejects: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    paths: RunPaths | None = None,
+) -> PredictionSummary:
+    """Score every row of INPUT with a bundle's ONNX model and write OUTPUT.
+
+    Args:
+        model: an export bundle folder, or ``NAME@TAG`` / ``NAME:VERSION`` (exported
+            once into ``paths.bundles``).
+        input: a parquet/csv/jsonl file or folder, local or a URI pyarrow understands.
+        output: a folder of part files, or one file when it ends in .parquet/.csv/.jsonl.
+        batch_size: rows per ``map_batches`` call.
+        concurrency: onnxruntime actors (each holds one session).
+        num_cpus: CPUs reserved per actor.
+        keep: input columns copied beside the predictions (an id column, say).
+        features: the feature columns, in the model's order; default: the task's input
+            column (``x``, one list per row) when present, else every column that is not
+            kept and not a label (``label``, ``y``, ``target``).
+        input_format / output_format: ``parquet``, ``csv`` or ``jsonl`` where the
+            suffixes do not say.
+        rejects: where the rejected rows go (JSONL); default ``<output>.rejects.jsonl``.
+        overwrite: replace an existing OUTPUT.
+        progress: show Ray Data's progress bars.
+        paths: kiln's locations (registry, bundle cache).
+
+    Returns:
+        A :class:`PredictionSummary` (rows scored and rejected, where they went).
+    """
+    _check_options(batch_size, concurrency, num_cpus)
+    from kiln._ray import ensure_ray
+    from kiln.export import load_bundle
+
+    paths = paths or RunPaths.resolve()
+    bundle = load_bundle(_bundle_dir(model, paths), verify=True)
+    if bundle.task_type not in ("classification", "regression") or "onnx" not in bundle.formats:
+        raise ConfigError(
+            f"bundle {str(bundle.path)!r} ({bundle.task_type}, formats {bundle.formats}) cannot "
+            "be used by kiln predict: it needs an ONNX classifier or regressor"
+        )
+    source, target = Location.of(input), Location.of(output)
+    fmt_in = _files.input_format(source, input_format)
+    fmt_out, single = _files.output_format(target, output_format, fmt_in)
+    rejects_at = Location.of(rejects) if rejects else _rejects_beside(target)
+
+    ensure_ray()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    started = time.perf_counter()
+    ds = _files.read_dataset(source, fmt_in)
+    columns = list(ds.schema().names)
+    layout = feature_columns(columns, bundle, keep, features)
+    staged = _files.staging(target, overwrite)
+    parts = staged.child(REJECTS_PARTS)
+    parts.fs.create_dir(parts.path, recursive=True)
+    scored = ds.map_batches(
+        BundleScorer,
+        fn_constructor_kwargs={
+            "bundle": str(bundle.path),
+            "features": layout,
+            "keep": list(keep),
+            "rejects": parts.uri,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
+    try:
+        _files.write_dataset(scored, staged, fmt_out)
+        rejected = _merge_rejects(parts, rejects_at)
+        rows = _files.publish(staged, target, fmt_out, single)
+    except BaseException:
+        if staged.path != target.path:
+            _files._remove(staged)
+        raise
+    return PredictionSummary(
+        bundle=str(bundle.path),
+        input=source.uri,
+        output=target.uri,
+        rows_scored=rows,
+        rows_rejected=rejected,
+        rejects=rejects_at.uri if rejected else None,
+        seconds=time.perf_counter() - started,
+        features=layout if isinstance(layout, list) else [layout],
+    )
+
+
+def _check_options(batch_size: Any, concurrency: Any, num_cpus: Any) -> None:
+    problems = []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size={batch_size!r} must be an int >= 1")
+    if not isinstance(concurrency, int) or concurrency < 1:
+        problems.append(f"concurrency={concurrency!r} must be an int >= 1 (actors)")
+    if not isinstance(num_cpus, (int, float)) or num_cpus <= 0:
+        problems.append(f"num_cpus={num_cpus!r} must be a number > 0 (CPUs per actor)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _bundle_dir(model: str | os.PathLike[str], paths: RunPaths) -> Path:
+    from kiln.export import export_registered, is_model_ref
+
+    text = os.fspath(model)
+    if is_model_ref(text):
+        bundle, _ = export_registered(text, paths.db, paths.artifacts, paths.bundles, "onnx")
+        return bundle
+    if not (Path(text) / "manifest.json").is_file():
+        raise ConfigError(
+            f"model={text!r} is neither an export bundle (no manifest.json) nor NAME@TAG / "
+            "NAME:VERSION; export a checkpoint first with `kiln export CHECKPOINT -o DIR`"
+        )
+    return Path(text)
+
+
+def _rejects_beside(target: Location) -> Location:
+    stem = target.uri.rstrip("/")
+    suffix = Path(target.path).suffix
+    if suffix.lower() in _files.FORMATS:
+        stem = stem[: -len(suffix)]
+    return Location.of(stem + ".rejects.jsonl")
+
+
+def feature_columns(
+    columns: list[str], bundle: Any, keep: Any, features: list[str] | None
+) -> list[str] | str:
+    """The feature columns (a list), or the name of one list column holding each row.
+
+    Raises ConfigError when a kept or named column is missing, or when the number of
+    scalar feature columns differs from the model's input width.
+    """
+    width = int(np.prod(bundle.input_shape))
+    task = json.loads((bundle.path / "configs" / "task_spec.json").read_text() or "{}")
+    list_column = task.get("input_column") or "x"
+    problems = [
+        f"keep: column {c!r} is not in the input; its columns are {columns}"
+        for c in keep
+        if c not in columns
+    ]
+    if features is not None:
+        problems += [
+            f"features: column {c!r} is not in the input; its columns are {columns}"
+            for c in features
+            if c not in columns
+        ]
+        chosen: list[str] | str = list(features)
+    elif list_column in columns:
+        chosen = list_column
+    else:
+        chosen = [c for c in columns if c not in keep and c not in LABEL_COLUMNS]
+    if isinstance(chosen, list) and not problems and len(chosen) != width and not (
+        len(chosen) == 1 and width > 1
+    ):
+        problems.append(
+            f"the model takes {width} features per row but the input has {len(chosen)} feature "
+            f"columns {chosen[:8]}{'...' if len(chosen) > 8 else ''}; name them with features= "
+            "(--features), or leave out other columns with keep/label names"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return chosen[0] if isinstance(chosen, list) and len(chosen) == 1 and width > 1 else chosen
+
+
+def _merge_rejects(parts: Location, target: Location) -> int:
+    """Concatenate the actors' reject parts into one JSONL file; return the row count."""
+    files = parts.files()
+    rows = 0
+    if files:
+        tmp = target.sibling(f".tmp-{uuid.uuid4().hex[:8]}")
+        with tmp.fs.open_output_stream(tmp.path) as out:
+            for f in files:
+                with parts.fs.open_input_stream(f) as fh:
+                    data = fh.read()
+                rows += data.count(b"\n")
+                out.write(data)
+        _files._replace(tmp, target)
+    parts.fs.delete_dir(parts.path)
+    return rows
+
+
+# ---------------------------------------------------------------------- the actor
+class BundleScorer:
+    """A Ray Data actor: one onnxruntime session over a verified bundle, loaded once.
+
+    ``__call__`` takes a numpy batch (dict of columns) and returns the kept columns,
+    ``prediction`` and, for classifiers, ``prob_<class>`` columns, for the rows that
+    could be scored; the others go to a rejects part file under ``rejects``.
+    """
+
+    def __init__(
+        self, bundle: str, features: list[str] | str, keep: list[str], rejects: str
+    ) -> None:
+        from kiln.serve.predictor import Predictor
+
+        self.predictor = Predictor(bundle, intra_op_threads=1)
+        self.features, self.keep = features, keep
+        self.width = int(np.prod(self.predictor.row_shape))
+        self.rejects = Location.of(rejects)
+        self.tag = uuid.uuid4().hex[:12]
+        self.parts = 0
+        names = self.predictor.class_names
+        outputs = self.predictor.session.get_outputs()[0].shape
+        n_out = outputs[-1] if isinstance(outputs[-1], int) else None
+        self.prob_columns = (
+            [f"prob_{n}" for n in (names or range(n_out or 0))]
+            if self.predictor.task_type == "classification"
+            else []
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(batch.values()))) if batch else 0
+        x, reasons = self._rows(batch, n)
+        ok = np.array([r is None for r in reasons], dtype=bool)
+        if not ok.all():
+            self._reject(batch, reasons)
+        out = {c: np.asarray(batch[c])[ok] for c in self.keep}
+        x = x[ok].reshape((-1, *self.predictor.row_shape))
+        if self.predictor.mean is not None:
+            x = ((x - self.predictor.mean) * self.predictor.inv_std).astype(np.float32)
+        raw = self.predictor.run(x) if len(x) else None
+        out.update(self._format(raw, len(x)))
+        return out
+
+    # -- rows -----------------------------------------------------------------------
+    def _rows(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str | None]]:
+        """Features as float32 ``[n, width]`` and one reason (None: fine) per row."""
+        reasons: list[str | None] = [None] * n
+        if isinstance(self.features, str):
+            x = self._list_column(np.asarray(batch[self.features]), n, reasons)
+        else:
+            x = np.zeros((n, len(self.features)), dtype=np.float32)
+            for j, name in enumerate(self.features):
+                x[:, j] = _numeric(np.asarray(batch[name]), name, reasons)
+        if not self.predictor.allow_non_finite:
+            bad = ~np.isfinite(x).all(axis=1)
+            for i in np.flatnonzero(bad):
+                reasons[i] = reasons[i] or "a feature is NaN or infinite"
+        x[[r is not None for r in reasons]] = 0.0
+        return x, reasons
+
+    def _list_column(self, col: np.ndarray, n: int, reasons: list[str | None]) -> np.ndarray:
+        name = self.features
+        if col.dtype != object and col.ndim >= 2:  # a regular tensor column: one check
+            flat = col.reshape(n, -1)
+            if flat.shape[1] == self.width and flat.dtype.kind in "fiub":
+                return flat.astype(np.float32, copy=False)
+            col = np.array(list(flat) + [None], dtype=object)[:-1]
+        x = np.zeros((n, self.width), dtype=np.float32)
+        for i, value in enumerate(col):
+            try:
+                row = np.asarray(value, dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                reasons[i] = f"{name!r} holds values that are not numbers: {_short(value)}"
+                continue
+            if row.size != self.width:
+                reasons[i] = f"{name!r} has {row.size} values; the model takes {self.width}"
+                continue
+            x[i] = row
+        return x
+
+    # -- outputs --------------------------------------------------------------------
+    def _format(self, raw: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+        from kiln.export.preprocess import softmax
+
+        if self.predictor.task_type == "regression":
+            width = 1 if raw is None else raw.reshape(n, -1).shape[1]
+            values = np.zeros((0, 1), np.float32) if raw is None else raw.reshape(n, -1)
+            if width == 1:
+                return {"prediction": values[:, 0].astype(np.float32)}
+            return {f"prediction_{k}": values[:, k] for k in range(width)}
+        k = len(self.prob_columns)
+        probs = np.zeros((0, k), np.float32) if raw is None else softmax(raw.astype(np.float32))
+        idx = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+        names = self.predictor.class_names
+        out = {"prediction": np.asarray(names, dtype=object)[idx] if names else idx}
+        out.update({c: probs[:, j] for j, c in enumerate(self.prob_columns)})
+        return out
+
+    def _reject(self, batch: dict[str, np.ndarray], reasons: list[str | None]) -> None:
+        lines = []
+        for i, reason in enumerate(reasons):
+            if reason is None:
+                continue
+            record = {"reason": reason}
+            record.update({c: _plain(batch[c][i]) for c in self.keep})
+            record["row"] = {c: _plain(v[i]) for c, v in batch.items()}
+            lines.append(json.dumps(record, default=str))
+        self.parts += 1
+        name = f"part-{self.tag}-{self.parts:06d}.jsonl"
+        final = self.rejects.child(name)
+        data = ("\n".join(lines) + "\n").encode()
+        if self.rejects.is_local:  # temp name, fsync, rename: never half a part
+            tmp = Path(self.rejects.path) / f".{name}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final.path)
+        else:  # object stores publish a whole object on close
+            with self.rejects.fs.open_output_stream(final.path) as out:
+                out.write(data)
+
+
+def _numeric(col: np.ndarray, name: str, reasons: list[str | None]) -> np.ndarray:
+    """One scalar feature column as float32; rows that are not numbers get a reason."""
+    if col.dtype.kind in "fiub":
+        return col.astype(np.float32, copy=False)
+    import pandas as pd
+
+    values = pd.to_numeric(pd.Series(col, dtype=object), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    missing = pd.isna(pd.Series(col, dtype=object)).to_numpy()
+    for i in np.flatnonzero(np.isnan(values)):
+        if reasons[i] is None:
+            reasons[i] = (
+                f"column {name!r} is empty"
+                if missing[i]
+                else f"column {name!r} is not a number: {_short(col[i])}"
+            )
+    return values.astype(np.float32)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
