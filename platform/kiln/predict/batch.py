@@ -145,7 +145,7 @@ def predict(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
     )
     try:

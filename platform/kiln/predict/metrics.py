@@ -90,19 +90,18 @@ class TaskMetrics:
                 "confusion_matrix": MulticlassConfusionMatrix(num_classes=n),
             }
             roc_auc = BinaryAUROC() if n == 2 else None
-            return cls("classification", _collection(metrics), num_classes=n, roc_auc=roc_auc)
+            return cls("classification", MetricCollection(metrics), num_classes=n, roc_auc=roc_auc)
         if task.task_type == "regression":
-            k = task.num_outputs or 1
             metrics = {
                 "mae": MeanAbsoluteError(),
                 "rmse": MeanSquaredError(squared=False),
-                "r2": R2Score(num_outputs=k) if k > 1 else R2Score(),
+                "r2": R2Score(multioutput="uniform_average"),
             }
-            return cls("regression", _collection(metrics))
+            return cls("regression", MetricCollection(metrics))
         if task.task_type == "language_modeling":
             metrics = {"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}
             return cls(
-                "language_modeling", _collection(metrics), pad_token_id=task.pad_token_id
+                "language_modeling", MetricCollection(metrics), pad_token_id=task.pad_token_id
             )
         raise ConfigError(
             f"task_type={task.task_type!r} cannot be evaluated; allowed: classification, "
@@ -177,8 +176,3 @@ class TaskMetrics:
         for metric in self._all():
             metric.reset()
 
-
-def _collection(metrics: dict[str, Metric]) -> MetricCollection:
-    # Separate states per metric: compute groups would share the per-class metrics'
-    # state with the macro ones, which is right, but hides which metric owns what.
-    return MetricCollection(metrics, compute_groups=False)
