@@ -5,19 +5,23 @@
     summary = predict("digits@production", "rows.parquet", "scored/", keep=["id"])
 
 ``evaluate`` is what ``Trainer.evaluate`` and ``kiln eval`` call; ``predict`` is what
-``kiln predict`` calls.
+``kiln predict`` calls. Names are imported on first use: the prediction actors load
+onnxruntime, never torch.
 """
 
-from kiln.predict.batch import PredictionSummary, predict
-from kiln.predict.evaluate import SPLITS, EvaluationResult, evaluate, evaluate_checkpoint
-from kiln.predict.metrics import TaskMetrics
+from kiln._lazy import lazy_exports
 
-__all__ = [
-    "SPLITS",
-    "EvaluationResult",
-    "PredictionSummary",
-    "TaskMetrics",
-    "evaluate",
-    "evaluate_checkpoint",
-    "predict",
-]
+_EXPORTS = {
+    "BundleScorer": "kiln.predict.batch",
+    "EvaluationResult": "kiln.predict.evaluate",
+    "PredictionSummary": "kiln.predict.batch",
+    "SPLITS": "kiln.predict.evaluate",
+    "TaskMetrics": "kiln.predict.metrics",
+    "evaluate": "kiln.predict.evaluate",
+    "evaluate_checkpoint": "kiln.predict.evaluate",
+    "predict": "kiln.predict.batch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -38,7 +38,7 @@ from kiln.paths import RunPaths
 from kiln.predict import _files
 from kiln.predict._files import Location
 
-__all__ = ["BundleScorer", "PredictionSummary", "predict", "feature_columns"]
+__all__ = ["BundleScorer", "PredictionSummary", "ScorerSpec", "feature_columns", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def predict(
     scored = ds.map_batches(
         BundleScorer,
         fn_constructor_kwargs={
-            "bundle": str(bundle.path),
+            "spec": ScorerSpec.of(bundle),
             "features": layout,
             "keep": list(keep),
             "rejects": parts.uri,
@@ -208,39 +208,36 @@ def feature_columns(
 ) -> list[str] | str:
     """The feature columns (a list), or the name of one list column holding each row.
 
-    Raises ConfigError when a kept or named column is missing, or when the number of
-    scalar feature columns differs from the model's input width.
+    Raises ConfigError (every problem at once) when a kept or named column is missing,
+    or when the number of scalar feature columns differs from the model's input width.
     """
     width = int(np.prod(bundle.input_shape))
     task = json.loads((bundle.path / "configs" / "task_spec.json").read_text() or "{}")
     list_column = task.get("input_column") or "x"
     problems = [
-        f"keep: column {c!r} is not in the input; its columns are {columns}"
-        for c in keep
+        f"{what}: column {c!r} is not in the input; its columns are {columns}"
+        for what, names in (("keep", keep), ("features", features or []))
+        for c in names
         if c not in columns
     ]
-    if features is not None:
-        problems += [
-            f"features: column {c!r} is not in the input; its columns are {columns}"
-            for c in features
-            if c not in columns
-        ]
-        chosen: list[str] | str = list(features)
-    elif list_column in columns:
-        chosen = list_column
-    else:
+    if features is None and list_column in columns:
+        chosen: list[str] = [list_column]
+    elif features is None:
         chosen = [c for c in columns if c not in keep and c not in LABEL_COLUMNS]
-    if isinstance(chosen, list) and not problems and len(chosen) != width and not (
-        len(chosen) == 1 and width > 1
-    ):
+    else:
+        chosen = list(features)
+    if len(chosen) == 1 and width > 1:  # one column holding a list of values per row
+        if not problems:
+            return chosen[0]
+    elif len(chosen) != width:
+        shown = f"{chosen[:8]}{'...' if len(chosen) > 8 else ''}"
         problems.append(
-            f"the model takes {width} features per row but the input has {len(chosen)} feature "
-            f"columns {chosen[:8]}{'...' if len(chosen) > 8 else ''}; name them with features= "
-            "(--features), or leave out other columns with keep/label names"
+            f"the model takes {width} features per row but {len(chosen)} feature columns "
+            f"were found: {shown}; name them with features= (--features)"
         )
     if problems:
         raise ConfigError(problems)
-    return chosen[0] if isinstance(chosen, list) and len(chosen) == 1 and width > 1 else chosen
+    return chosen
 
 
 def _merge_rejects(parts: Location, target: Location) -> int:
@@ -261,8 +258,53 @@ def _merge_rejects(parts: Location, target: Location) -> int:
 
 
 # ---------------------------------------------------------------------- the actor
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What an actor needs from a verified bundle, read in the driver.
+
+    The actors import only onnxruntime and numpy (not torch, which importing
+    ``kiln.export`` would pull in: seconds per actor start on a small machine).
+    """
+
+    onnx_path: str
+    onnx_sha256: str
+    input_name: str
+    output_name: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    task_type: str
+    class_names: list[str] | None
+    num_outputs: int
+    mean: np.ndarray | None
+    inv_std: np.ndarray | None
+    allow_non_finite: bool
+
+    @classmethod
+    def of(cls, bundle: Any) -> ScorerSpec:
+        from kiln.export.preprocess import stats_array
+
+        manifest = bundle.manifest
+        pre = manifest.get("preprocessing") or {}
+        row_shape = tuple(int(d) for d in bundle.input_shape)
+        norm = pre.get("normalize")
+        return cls(
+            onnx_path=str(bundle.artifact_path("onnx")),
+            onnx_sha256=bundle.artifact_sha256["onnx"],
+            input_name=manifest["inputs"][0]["name"],
+            output_name=manifest["outputs"][0]["name"],
+            row_shape=row_shape,
+            dtype=bundle.input_dtype,
+            task_type=bundle.task_type,
+            class_names=pre.get("class_names"),
+            num_outputs=int(np.prod(manifest["outputs"][0]["shape"][1:] or [1])),
+            mean=stats_array(norm["mean"], row_shape) if norm else None,
+            inv_std=1.0 / stats_array(norm["std"], row_shape) if norm else None,
+            allow_non_finite=bool(pre.get("allow_non_finite", False)),
+        )
+
+
 class BundleScorer:
-    """A Ray Data actor: one onnxruntime session over a verified bundle, loaded once.
+    """A Ray Data actor: one onnxruntime session over a bundle's ONNX file, loaded once.
 
     ``__call__`` takes a numpy batch (dict of columns) and returns the kept columns,
     ``prediction`` and, for classifiers, ``prob_<class>`` columns, for the rows that
@@ -270,22 +312,31 @@ class BundleScorer:
     """
 
     def __init__(
-        self, bundle: str, features: list[str] | str, keep: list[str], rejects: str
+        self, spec: ScorerSpec, features: list[str] | str, keep: list[str], rejects: str
     ) -> None:
-        from kiln.serve.predictor import Predictor
+        import hashlib
 
-        self.predictor = Predictor(bundle, intra_op_threads=1)
-        self.features, self.keep = features, keep
-        self.width = int(np.prod(self.predictor.row_shape))
+        import onnxruntime as ort
+
+        with open(spec.onnx_path, "rb") as fh:  # the driver verified it; check it still is
+            if hashlib.sha256(fh.read()).hexdigest() != spec.onnx_sha256:
+                raise ConfigError(
+                    f"{spec.onnx_path!r} no longer matches the sha256 in its bundle's manifest"
+                )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # one actor per CPU; more threads only contend
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            spec.onnx_path, opts, providers=["CPUExecutionProvider"]
+        )
+        self.spec, self.features, self.keep = spec, features, keep
+        self.width = int(np.prod(spec.row_shape))
         self.rejects = Location.of(rejects)
         self.tag = uuid.uuid4().hex[:12]
         self.parts = 0
-        names = self.predictor.class_names
-        outputs = self.predictor.session.get_outputs()[0].shape
-        n_out = outputs[-1] if isinstance(outputs[-1], int) else None
         self.prob_columns = (
-            [f"prob_{n}" for n in (names or range(n_out or 0))]
-            if self.predictor.task_type == "classification"
+            [f"prob_{n}" for n in (spec.class_names or range(spec.num_outputs))]
+            if spec.task_type == "classification"
             else []
         )
 
@@ -296,10 +347,14 @@ class BundleScorer:
         if not ok.all():
             self._reject(batch, reasons)
         out = {c: np.asarray(batch[c])[ok] for c in self.keep}
-        x = x[ok].reshape((-1, *self.predictor.row_shape))
-        if self.predictor.mean is not None:
-            x = ((x - self.predictor.mean) * self.predictor.inv_std).astype(np.float32)
-        raw = self.predictor.run(x) if len(x) else None
+        x = x[ok].reshape((-1, *self.spec.row_shape)).astype(self.spec.dtype, copy=False)
+        if self.spec.mean is not None:
+            x = ((x - self.spec.mean) * self.spec.inv_std).astype(self.spec.dtype)
+        raw = (
+            self.session.run([self.spec.output_name], {self.spec.input_name: x})[0]
+            if len(x)
+            else None
+        )
         out.update(self._format(raw, len(x)))
         return out
 
@@ -307,16 +362,16 @@ class BundleScorer:
     def _rows(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str | None]]:
         """Features as float32 ``[n, width]`` and one reason (None: fine) per row."""
         reasons: list[str | None] = [None] * n
+        strict = not self.spec.allow_non_finite
         if isinstance(self.features, str):
             x = self._list_column(np.asarray(batch[self.features]), n, reasons)
+            if strict:
+                for i in np.flatnonzero(~np.isfinite(x).all(axis=1)):
+                    reasons[i] = reasons[i] or f"{self.features!r} holds NaN or infinite values"
         else:
             x = np.zeros((n, len(self.features)), dtype=np.float32)
             for j, name in enumerate(self.features):
-                x[:, j] = _numeric(np.asarray(batch[name]), name, reasons)
-        if not self.predictor.allow_non_finite:
-            bad = ~np.isfinite(x).all(axis=1)
-            for i in np.flatnonzero(bad):
-                reasons[i] = reasons[i] or "a feature is NaN or infinite"
+                x[:, j] = _numeric(np.asarray(batch[name]), name, reasons, strict)
         x[[r is not None for r in reasons]] = 0.0
         return x, reasons
 
@@ -342,18 +397,16 @@ class BundleScorer:
 
     # -- outputs --------------------------------------------------------------------
     def _format(self, raw: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
-        from kiln.export.preprocess import softmax
-
-        if self.predictor.task_type == "regression":
+        if self.spec.task_type == "regression":
             width = 1 if raw is None else raw.reshape(n, -1).shape[1]
             values = np.zeros((0, 1), np.float32) if raw is None else raw.reshape(n, -1)
             if width == 1:
                 return {"prediction": values[:, 0].astype(np.float32)}
             return {f"prediction_{k}": values[:, k] for k in range(width)}
         k = len(self.prob_columns)
-        probs = np.zeros((0, k), np.float32) if raw is None else softmax(raw.astype(np.float32))
+        probs = np.zeros((0, k), np.float32) if raw is None else _softmax(raw)
         idx = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
-        names = self.predictor.class_names
+        names = self.spec.class_names
         out = {"prediction": np.asarray(names, dtype=object)[idx] if names else idx}
         out.update({c: probs[:, j] for j, c in enumerate(self.prob_columns)})
         return out
@@ -383,24 +436,42 @@ class BundleScorer:
                 out.write(data)
 
 
-def _numeric(col: np.ndarray, name: str, reasons: list[str | None]) -> np.ndarray:
-    """One scalar feature column as float32; rows that are not numbers get a reason."""
-    if col.dtype.kind in "fiub":
-        return col.astype(np.float32, copy=False)
+def _numeric(col: np.ndarray, name: str, reasons: list[str | None], strict: bool) -> np.ndarray:
+    """One scalar feature column as float32; rows that cannot be scored get a reason.
+
+    Numeric columns take one vectorised check; only other columns (strings, objects)
+    are parsed value by value. An empty cell reads as NaN in a numeric column.
+    """
+    if col.dtype.kind in "iub":
+        return col.astype(np.float32)
+    if col.dtype.kind == "f":
+        values = col.astype(np.float32, copy=False)
+        if strict:
+            for i in np.flatnonzero(~np.isfinite(values)):
+                what = "infinite" if np.isinf(values[i]) else "empty or NaN"
+                reasons[i] = reasons[i] or f"column {name!r} is {what}"
+        return values
     import pandas as pd
 
-    values = pd.to_numeric(pd.Series(col, dtype=object), errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    missing = pd.isna(pd.Series(col, dtype=object)).to_numpy()
-    for i in np.flatnonzero(np.isnan(values)):
-        if reasons[i] is None:
-            reasons[i] = (
-                f"column {name!r} is empty"
-                if missing[i]
-                else f"column {name!r} is not a number: {_short(col[i])}"
-            )
+    series = pd.Series(col, dtype=object)
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    missing = series.isna().to_numpy()
+    for i in np.flatnonzero(np.isnan(values) | (strict & np.isinf(values))):
+        if missing[i]:
+            reason = f"column {name!r} is empty"
+        elif np.isnan(values[i]):
+            reason = f"column {name!r} is not a number: {_short(col[i])}"
+        else:
+            reason = f"column {name!r} is infinite"
+        reasons[i] = reasons[i] or reason
     return values.astype(np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    # kiln.export.preprocess.softmax, restated: importing kiln.export imports torch.
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def _plain(value: Any) -> Any:
