@@ -4,6 +4,7 @@ on two Ray Train workers (torchmetrics synchronised over gloo)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,9 @@ def model(tmp_path_factory):
         register_as="digits-batch",
     )
     results = Trainer(training_config=cfg, paths=paths).train()
-    bundle = export_checkpoint(results["checkpoint_path"], home / "exports", "onnx", bundle_name="b")
+    bundle = export_checkpoint(
+        results["checkpoint_path"], home / "exports", "onnx", bundle_name="b"
+    )
     return paths, bundle, results["checkpoint_path"]
 
 
@@ -69,7 +72,9 @@ def test_csv_columns_with_bad_rows_to_one_parquet_file(ray_local, model, tmp_pat
     frame.to_csv(tmp_path / "rows.csv", index=False)
 
     out = tmp_path / "scored.parquet"
-    summary = predict(bundle, tmp_path / "rows.csv", out, keep=["id", "customer"], paths=paths, **FAST)
+    summary = predict(
+        bundle, tmp_path / "rows.csv", out, keep=["id", "customer"], paths=paths, **FAST
+    )
 
     assert (summary.rows_scored, summary.rows_rejected) == (N - 3, 3)
     table = pq.read_table(out).to_pandas().sort_values("id").reset_index(drop=True)
@@ -83,7 +88,7 @@ def test_csv_columns_with_bad_rows_to_one_parquet_file(ray_local, model, tmp_pat
     probs = table[[f"prob_{k}" for k in range(10)]].to_numpy()
     np.testing.assert_allclose(probs, np.asarray(want["probabilities"]), atol=1e-5)
 
-    rejects = [json.loads(line) for line in open(summary.rejects)]
+    rejects = [json.loads(line) for line in Path(summary.rejects).read_text().splitlines()]
     by_id = {r["id"]: r for r in rejects}
     assert sorted(by_id) == [1005, 1017, 1100]
     assert by_id[1005]["reason"] == "column 'f3' is not a number: 'abc'"
@@ -94,7 +99,9 @@ def test_csv_columns_with_bad_rows_to_one_parquet_file(ray_local, model, tmp_pat
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing left over
 
 
-def test_jsonl_list_column_with_wrong_widths_to_a_folder_via_the_registry(ray_local, model, tmp_path):
+def test_jsonl_list_column_with_wrong_widths_to_a_folder_via_the_registry(
+    ray_local, model, tmp_path
+):
     paths, _, _ = model
     x, _ = _digits(60)
     rows = [{"id": i, "x": x[i].tolist()} for i in range(60)]
@@ -115,8 +122,12 @@ def test_jsonl_list_column_with_wrong_widths_to_a_folder_via_the_registry(ray_lo
     assert table["id"].tolist() == good
     want = _expected(summary.bundle, x[good])
     assert table["prediction"].astype(str).tolist() == want["predictions"]  # names "0".."9"
-    reasons = {r["id"]: r["reason"] for r in map(json.loads, open(summary.rejects))}
-    assert reasons == {7: "'x' has 10 values; the model takes 64", 8: "'x' has 65 values; the model takes 64"}
+    lines = Path(summary.rejects).read_text().splitlines()
+    reasons = {r["id"]: r["reason"] for r in map(json.loads, lines)}
+    assert reasons == {
+        7: "'x' has 10 values; the model takes 64",
+        8: "'x' has 65 values; the model takes 64",
+    }
 
 
 def test_cli_predict_and_input_problems(ray_local, model, tmp_path, capsys):
@@ -130,7 +141,11 @@ def test_cli_predict_and_input_problems(ray_local, model, tmp_path, capsys):
             "--num-cpus", "0.5", "--no-progress", "--json"]  # fmt: skip
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["rows_scored"] == 40 and summary["rows_rejected"] == 0 and summary["rejects"] is None
+    assert (
+        summary["rows_scored"] == 40
+        and summary["rows_rejected"] == 0
+        and summary["rejects"] is None
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == list(range(40))
 

@@ -40,7 +40,9 @@ def _config(**kw) -> TrainingConfig:
 def digits_run(tmp_path_factory):
     """A small digits MLP, trained in-process and registered as digits-eval:1.0.0."""
     paths = RunPaths.resolve(tmp_path_factory.mktemp("home"))
-    cfg = _config(dataset="digits", model={"name": "mlp", "hidden": [32]}, register_as="digits-eval")
+    cfg = _config(
+        dataset="digits", model={"name": "mlp", "hidden": [32]}, register_as="digits-eval"
+    )
     trainer = Trainer(training_config=cfg, paths=paths)
     results = trainer.train()
     return trainer, results, paths

@@ -17,7 +17,7 @@ import json
 
 __all__ = ["register"]
 
-# kiln.predict.evaluate.SPLITS and DEFAULT_BATCH_SIZE (not imported: it imports torch,
+# kiln.predict.evaluation.SPLITS and DEFAULT_BATCH_SIZE (not imported: it imports torch,
 # which `kiln --help` should not wait for; a unit test keeps them equal).
 SPLITS = ("all", "train", "val", "test")
 DEFAULT_BATCH_SIZE = 512
@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="NAME@TAG, NAME:VERSION, or a checkpoint folder")
     p.add_argument("data", metavar="DATA", help="dataset id, or a parquet/csv/jsonl file or folder")
     p.add_argument("--split", choices=SPLITS, default="all", help="which rows (default: all)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass"
+    )
     p.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: in this process)")
     p.add_argument("--plot", metavar="PNG", help="draw the confusion matrix to this PNG")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

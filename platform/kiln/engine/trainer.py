@@ -265,7 +265,7 @@ class Trainer:
     def evaluate(self, data: Any, checkpoint: str = "best", **options: Any) -> Any:
         """Loss and the task's metrics of ``checkpoint`` ("best", "latest", a path or
         "NAME@TAG") on ``data``; options as :func:`kiln.predict.evaluate_checkpoint`."""
-        from kiln.predict.evaluate import evaluate_for_trainer
+        from kiln.predict.evaluation import evaluate_for_trainer
 
         return evaluate_for_trainer(self, data, checkpoint, **options)
 

@@ -13,12 +13,12 @@ from kiln._lazy import lazy_exports
 
 _EXPORTS = {
     "BundleScorer": "kiln.predict.batch",
-    "EvaluationResult": "kiln.predict.evaluate",
+    "EvaluationResult": "kiln.predict.evaluation",
     "PredictionSummary": "kiln.predict.batch",
-    "SPLITS": "kiln.predict.evaluate",
+    "SPLITS": "kiln.predict.evaluation",
     "TaskMetrics": "kiln.predict.metrics",
-    "evaluate": "kiln.predict.evaluate",
-    "evaluate_checkpoint": "kiln.predict.evaluate",
+    "evaluate": "kiln.predict.evaluation",
+    "evaluate_checkpoint": "kiln.predict.evaluation",
     "predict": "kiln.predict.batch",
 }
 

@@ -53,7 +53,9 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def child(self, name: str) -> Location:
-        return Location(f"{self.uri.rstrip('/')}/{name}", self.fs, f"{self.path.rstrip('/')}/{name}")
+        return Location(
+            f"{self.uri.rstrip('/')}/{name}", self.fs, f"{self.path.rstrip('/')}/{name}"
+        )
 
     def sibling(self, suffix: str) -> Location:
         return Location(self.uri.rstrip("/") + suffix, self.fs, self.path.rstrip("/") + suffix)
@@ -82,10 +84,7 @@ def input_format(where: Location, given: str | None = None) -> str:
     info = where.info()
     if info.type == pafs.FileType.NotFound:
         raise DatasetError(f"input {where.uri!r} does not exist")
-    if info.type == pafs.FileType.File:
-        names = [where.path]
-    else:
-        names = where.files()
+    names = [where.path] if info.type == pafs.FileType.File else where.files()
     kinds = {FORMATS.get(Path(n).suffix.lower()) for n in names} - {None}
     if len(kinds) != 1:
         found = ", ".join(sorted(k for k in kinds if k)) or "none"
@@ -142,7 +141,9 @@ def staging(output: Location, overwrite: bool) -> Location:
     from pyarrow import fs as pafs
 
     if output.info().type != pafs.FileType.NotFound and not overwrite:
-        raise ConfigError(f"output {output.uri!r} already exists; pass overwrite=True (--overwrite)")
+        raise ConfigError(
+            f"output {output.uri!r} already exists; pass overwrite=True (--overwrite)"
+        )
     if not output.is_local:
         return output
     parent = Path(output.path).parent
@@ -152,7 +153,11 @@ def staging(output: Location, overwrite: bool) -> Location:
 
 def publish(staged: Location, output: Location, fmt: str, single_file: bool) -> int:
     """Move the written parts to OUTPUT (one merged file, or the folder); return rows."""
-    parts = [p for p in staged.files() if Path(p).suffix.lower() in (".parquet", ".csv", ".json", ".jsonl")]
+    parts = [
+        p
+        for p in staged.files()
+        if Path(p).suffix.lower() in (".parquet", ".csv", ".json", ".jsonl")
+    ]
     if single_file:
         tmp = output.sibling(f".tmp-{uuid.uuid4().hex[:8]}")
         rows = _merge(staged.fs, parts, tmp, fmt)

@@ -153,7 +153,9 @@ class TaskMetrics:
             values["roc_auc"] = self.roc_auc.compute()
         if self.kind == "classification":
             matrix = values.pop("confusion_matrix").long()
-            per_class = {k: values.pop(f"{k}_per_class").tolist() for k in ("precision", "recall", "f1")}
+            per_class = {
+                k: values.pop(f"{k}_per_class").tolist() for k in ("precision", "recall", "f1")
+            }
             support = matrix.sum(dim=1).tolist()
             out.update({k: float(v) for k, v in values.items()})
             out["confusion_matrix"] = matrix.tolist()
@@ -175,4 +177,3 @@ class TaskMetrics:
     def reset(self) -> None:
         for metric in self._all():
             metric.reset()
-

@@ -354,7 +354,9 @@ def _resolve_data(
         data = kdata.get_dataset(str(data), data_dir=where)
     if _is_pair(data):
         if split != "all":
-            raise ConfigError(f"split={split!r} needs a dataset id or path; (X, y) arrays are scored whole")
+            raise ConfigError(
+                f"split={split!r} needs a dataset id or path; (X, y) arrays are scored whole"
+            )
         x, y = (np.asarray(a) if not isinstance(a, torch.Tensor) else a for a in data)
         return x, y, label, "all", notes
     if _is_ray_dataset(data):
