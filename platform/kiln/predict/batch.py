@@ -121,51 +121,92 @@ def predict(
         )
     source, target = Location.of(input), Location.of(output)
     fmt_in = _files.input_format(source, input_format)
-    fmt_out, single = _files.output_format(target, output_format, fmt_in)
-    rejects_at = Location.of(rejects) if rejects else _rejects_beside(target)
-
+    fmt_out, single_file = _files.output_format(target, output_format, fmt_in)
+    job = _Job(
+        bundle=bundle,
+        source=source,
+        target=target,
+        fmt_in=fmt_in,
+        fmt_out=fmt_out,
+        single_file=single_file,
+        rejects=Location.of(rejects) if rejects else _rejects_beside(target),
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+        keep=list(keep),
+        features=list(features) if features is not None else None,
+        overwrite=overwrite,
+    )
     ensure_ray()
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    started = time.perf_counter()
-    ds = _files.read_dataset(source, fmt_in)
-    columns = list(ds.schema().names)
-    layout = feature_columns(columns, bundle, keep, features)
-    staged = _files.staging(target, overwrite)
-    parts = staged.child(REJECTS_PARTS)
-    parts.fs.create_dir(parts.path, recursive=True)
-    scored = ds.map_batches(
-        BundleScorer,
-        fn_constructor_kwargs={
-            "spec": ScorerSpec.of(bundle),
-            "features": layout,
-            "keep": list(keep),
-            "rejects": parts.uri,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=num_cpus,
-    )
+    context = ray.data.DataContext.get_current()
+    shown, context.enable_progress_bars = context.enable_progress_bars, progress
     try:
-        _files.write_dataset(scored, staged, fmt_out)
-        rejected = _merge_rejects(parts, rejects_at)
-        rows = _files.publish(staged, target, fmt_out, single)
-    except BaseException:
-        if staged.path != target.path:
-            _files._remove(staged)
-        raise
-    return PredictionSummary(
-        bundle=str(bundle.path),
-        input=source.uri,
-        output=target.uri,
-        rows_scored=rows,
-        rows_rejected=rejected,
-        rejects=rejects_at.uri if rejected else None,
-        seconds=time.perf_counter() - started,
-        features=layout if isinstance(layout, list) else [layout],
-    )
+        return job.run()
+    finally:
+        context.enable_progress_bars = shown
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One prediction run, its inputs resolved and checked."""
+
+    bundle: Any
+    source: Location
+    target: Location
+    fmt_in: str
+    fmt_out: str
+    single_file: bool
+    rejects: Location
+    batch_size: int
+    concurrency: int
+    num_cpus: float
+    keep: list[str]
+    features: list[str] | None
+    overwrite: bool
+
+    def run(self) -> PredictionSummary:
+        """Read, score on the actor pool, write, publish (see the module docstring)."""
+        import ray.data
+
+        started = time.perf_counter()
+        ds = _files.read_dataset(self.source, self.fmt_in)
+        layout = feature_columns(list(ds.schema().names), self.bundle, self.keep, self.features)
+        staged = _files.staging(self.target, self.overwrite)
+        parts = staged.child(REJECTS_PARTS)
+        parts.fs.create_dir(parts.path, recursive=True)
+        scored = ds.map_batches(
+            BundleScorer,
+            fn_constructor_kwargs={
+                "spec": ScorerSpec.of(self.bundle),
+                "features": layout,
+                "keep": self.keep,
+                "rejects": parts.uri,
+            },
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.concurrency),
+            num_cpus=self.num_cpus,
+        )
+        try:
+            _files.write_dataset(scored, staged, self.fmt_out)
+            rejected = _merge_rejects(parts, self.rejects)
+            rows = _files.publish(staged, self.target, self.fmt_out, self.single_file)
+        except BaseException:
+            if staged.path != self.target.path:
+                _files._remove(staged)
+            raise
+        return PredictionSummary(
+            bundle=str(self.bundle.path),
+            input=self.source.uri,
+            output=self.target.uri,
+            rows_scored=rows,
+            rows_rejected=rejected,
+            rejects=self.rejects.uri if rejected else None,
+            seconds=time.perf_counter() - started,
+            features=[layout] if isinstance(layout, str) else layout,
+        )
 
 
 def _check_options(batch_size: Any, concurrency: Any, num_cpus: Any) -> None:
