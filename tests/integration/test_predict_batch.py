@@ -23,8 +23,8 @@ from kiln.serve.predictor import Predictor
 pytestmark = pytest.mark.integration
 
 N = 240
-# Actors take half a CPU each: on the tests' 2-CPU Ray, read and write tasks still run.
-FAST = dict(batch_size=64, concurrency=2, num_cpus=0.5, progress=False)
+# Two actors on the tests' 2-CPU Ray: kiln gives each half a CPU, leaving one for reads.
+FAST = dict(batch_size=64, concurrency=2, progress=False)
 
 
 @pytest.fixture(scope="module")

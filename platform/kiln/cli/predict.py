@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="file or folder to write (or URI)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per batch (default 1024)")
     p.add_argument("--concurrency", type=int, default=2, help="onnxruntime actors (default 2)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    p.add_argument(
+        "--num-cpus", type=float, help="CPUs per actor (default 1, less if that leaves none free)"
+    )
     p.add_argument("--keep", help="comma-separated input columns written beside predictions")
     p.add_argument("--features", help="comma-separated feature columns, in the model's order")
     p.add_argument("--input-format", choices=("parquet", "csv", "jsonl"))

@@ -38,7 +38,14 @@ from kiln.paths import RunPaths
 from kiln.predict import _files
 from kiln.predict._files import Location
 
-__all__ = ["BundleScorer", "PredictionSummary", "ScorerSpec", "feature_columns", "predict"]
+__all__ = [
+    "BundleScorer",
+    "PredictionSummary",
+    "ScorerSpec",
+    "actor_cpus",
+    "feature_columns",
+    "predict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +81,7 @@ def predict(
     *,
     batch_size: int = 1024,
     concurrency: int = 2,
-    num_cpus: float = 1.0,
+    num_cpus: float | None = None,
     keep: list[str] | tuple[str, ...] = (),
     features: list[str] | None = None,
     input_format: str | None = None,
@@ -93,7 +100,9 @@ def predict(
         output: a folder of part files, or one file when it ends in .parquet/.csv/.jsonl.
         batch_size: rows per ``map_batches`` call.
         concurrency: onnxruntime actors (each holds one session).
-        num_cpus: CPUs reserved per actor.
+        num_cpus: CPUs reserved per actor; default 1, or less where the cluster would
+            otherwise have no CPU left for Ray Data's read and write tasks (see
+            :func:`actor_cpus`).
         keep: input columns copied beside the predictions (an id column, say).
         features: the feature columns, in the model's order; default: the task's input
             column (``x``, one list per row) when present, else every column that is not
@@ -120,6 +129,9 @@ def predict(
             "be used by kiln predict: it needs an ONNX classifier or regressor"
         )
     source, target = Location.of(input), Location.of(output)
+    ensure_ray()
+    import ray.data
+
     fmt_in = _files.input_format(source, input_format)
     fmt_out, single_file = _files.output_format(target, output_format, fmt_in)
     job = _Job(
@@ -132,14 +144,11 @@ def predict(
         rejects=Location.of(rejects) if rejects else _rejects_beside(target),
         batch_size=batch_size,
         concurrency=concurrency,
-        num_cpus=num_cpus,
+        num_cpus=actor_cpus(concurrency, num_cpus),
         keep=list(keep),
         features=list(features) if features is not None else None,
         overwrite=overwrite,
     )
-    ensure_ray()
-    import ray.data
-
     context = ray.data.DataContext.get_current()
     shown, context.enable_progress_bars = context.enable_progress_bars, progress
     try:
@@ -215,10 +224,36 @@ def _check_options(batch_size: Any, concurrency: Any, num_cpus: Any) -> None:
         problems.append(f"batch_size={batch_size!r} must be an int >= 1")
     if not isinstance(concurrency, int) or concurrency < 1:
         problems.append(f"concurrency={concurrency!r} must be an int >= 1 (actors)")
-    if not isinstance(num_cpus, (int, float)) or num_cpus <= 0:
+    if num_cpus is not None and (not isinstance(num_cpus, (int, float)) or num_cpus <= 0):
         problems.append(f"num_cpus={num_cpus!r} must be a number > 0 (CPUs per actor)")
     if problems:
         raise ConfigError(problems)
+
+
+def actor_cpus(concurrency: int, num_cpus: float | None, total: float | None = None) -> float:
+    """CPUs per actor: ``num_cpus``, or by default 1 where that leaves a CPU free.
+
+    The actors hold their CPUs for the whole job; if they took every CPU of the
+    cluster, Ray Data could schedule no read or write task and the job would wait
+    forever (seen on 2 CPUs with 2 actors of 1 CPU). The default shrinks the actors'
+    share to leave one CPU (at least 1/4 CPU each); an explicit ``num_cpus`` that
+    leaves less than one CPU is an error.
+    """
+    if total is None:
+        import ray
+
+        total = float(ray.cluster_resources().get("CPU", 0))
+    free = total - 1
+    if num_cpus is None:
+        return max(0.25, min(1.0, free / concurrency))
+    if concurrency * num_cpus > free:
+        raise ConfigError(
+            f"concurrency={concurrency} actors x num_cpus={num_cpus:g} leave "
+            f"{total - concurrency * num_cpus:g} of the cluster's {total:g} CPUs for Ray "
+            "Data's read and write tasks, which need 1; lower concurrency or num_cpus, or "
+            "leave num_cpus unset"
+        )
+    return float(num_cpus)
 
 
 def _bundle_dir(model: str | os.PathLike[str], paths: RunPaths) -> Path:

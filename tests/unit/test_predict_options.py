@@ -1,4 +1,4 @@
-"""`kiln eval` / `kiln predict` argument parsing, without running a model."""
+"""`kiln eval` / `kiln predict` options: argument parsing and the actors' CPU share, no model run."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ def test_eval_and_predict_parse():
         parser.parse_args(["eval", "m", "d", "--split", "holdout"])
     with pytest.raises(SystemExit):
         parser.parse_args(["predict", "m", "in.csv"])  # -o is required
+
+
+def test_actors_leave_a_cpu_for_reads_and_writes():
+    from kiln.errors import ConfigError
+    from kiln.predict.batch import actor_cpus
+
+    assert actor_cpus(2, None, total=2) == 0.5  # 2 actors of 1 CPU on 2 CPUs would hang
+    assert actor_cpus(2, None, total=16) == 1.0
+    assert actor_cpus(8, None, total=2) == 0.25
+    assert actor_cpus(1, 0.5, total=2) == 0.5
+    with pytest.raises(ConfigError, match="concurrency=2 actors x num_cpus=1 leave 0 of"):
+        actor_cpus(2, 1.0, total=2)
