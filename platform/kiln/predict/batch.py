@@ -419,8 +419,9 @@ class BundleScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(batch.values()))) if batch else 0
         x, reasons = self._rows(batch, n)
-        ok = np.array([r is None for r in reasons], dtype=bool)
-        if not ok.all():
+        ok = np.ones(n, dtype=bool)
+        if reasons:
+            ok[list(reasons)] = False
             self._reject(batch, reasons)
         out = {c: np.asarray(batch[c])[ok] for c in self.keep}
         x = x[ok].reshape((-1, *self.spec.row_shape)).astype(self.spec.dtype, copy=False)
@@ -436,22 +437,24 @@ class BundleScorer:
 
     # -- rows -----------------------------------------------------------------------
     def _rows(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str | None]]:
-        """Features as float32 ``[n, width]`` and one reason (None: fine) per row."""
-        reasons: list[str | None] = [None] * n
+        """Features as float32 ``[n, width]`` and ``{row: reason}`` of the rows to reject."""
+        reasons: dict[int, str] = {}
         strict = not self.spec.allow_non_finite
         if isinstance(self.features, str):
             x = self._list_column(np.asarray(batch[self.features]), n, reasons)
             if strict:
                 for i in np.flatnonzero(~np.isfinite(x).all(axis=1)):
-                    reasons[i] = reasons[i] or f"{self.features!r} holds NaN or infinite values"
+                    reasons.setdefault(int(i), f"{self.features!r} holds NaN or infinite values")
         else:
             x = np.zeros((n, len(self.features)), dtype=np.float32)
             for j, name in enumerate(self.features):
                 x[:, j] = _numeric(np.asarray(batch[name]), name, reasons, strict)
-        x[[r is not None for r in reasons]] = 0.0
+        if reasons:
+            x = x if x.flags.writeable else x.copy()  # Ray's zero-copy batches are read-only
+            x[list(reasons)] = 0.0
         return x, reasons
 
-    def _list_column(self, col: np.ndarray, n: int, reasons: list[str | None]) -> np.ndarray:
+    def _list_column(self, col: np.ndarray, n: int, reasons: dict[int, str]) -> np.ndarray:
         name = self.features
         if col.dtype != object and col.ndim >= 2:  # a regular tensor column: one check
             flat = col.reshape(n, -1)
@@ -487,11 +490,9 @@ class BundleScorer:
         out.update({c: probs[:, j] for j, c in enumerate(self.prob_columns)})
         return out
 
-    def _reject(self, batch: dict[str, np.ndarray], reasons: list[str | None]) -> None:
+    def _reject(self, batch: dict[str, np.ndarray], reasons: dict[int, str]) -> None:
         lines = []
-        for i, reason in enumerate(reasons):
-            if reason is None:
-                continue
+        for i, reason in sorted(reasons.items()):
             record = {"reason": reason}
             record.update({c: _plain(batch[c][i]) for c in self.keep})
             record["row"] = {c: _plain(v[i]) for c, v in batch.items()}
@@ -512,7 +513,7 @@ class BundleScorer:
                 out.write(data)
 
 
-def _numeric(col: np.ndarray, name: str, reasons: list[str | None], strict: bool) -> np.ndarray:
+def _numeric(col: np.ndarray, name: str, reasons: dict[int, str], strict: bool) -> np.ndarray:
     """One scalar feature column as float32; rows that cannot be scored get a reason.
 
     Numeric columns take one vectorised check; only other columns (strings, objects)
@@ -525,7 +526,7 @@ def _numeric(col: np.ndarray, name: str, reasons: list[str | None], strict: bool
         if strict:
             for i in np.flatnonzero(~np.isfinite(values)):
                 what = "infinite" if np.isinf(values[i]) else "empty or NaN"
-                reasons[i] = reasons[i] or f"column {name!r} is {what}"
+                reasons.setdefault(int(i), f"column {name!r} is {what}")
         return values
     import pandas as pd
 
@@ -539,7 +540,7 @@ def _numeric(col: np.ndarray, name: str, reasons: list[str | None], strict: bool
             reason = f"column {name!r} is not a number: {_short(col[i])}"
         else:
             reason = f"column {name!r} is infinite"
-        reasons[i] = reasons[i] or reason
+        reasons.setdefault(int(i), reason)
     return values.astype(np.float32)
 
 
