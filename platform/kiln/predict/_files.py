@@ -85,9 +85,9 @@ def input_format(where: Location, given: str | None = None) -> str:
     if info.type == pafs.FileType.NotFound:
         raise DatasetError(f"input {where.uri!r} does not exist")
     names = [where.path] if info.type == pafs.FileType.File else where.files()
-    kinds = {FORMATS.get(Path(n).suffix.lower()) for n in names} - {None}
+    kinds = {FORMATS[s] for n in names if (s := Path(n).suffix.lower()) in FORMATS}
     if len(kinds) != 1:
-        found = ", ".join(sorted(k for k in kinds if k)) or "none"
+        found = ", ".join(sorted(kinds)) or "none"
         raise DatasetError(
             f"input {where.uri!r}: expected parquet, csv or jsonl files of one type; found "
             f"{found}; pass input_format= (--input-format) to say which"

@@ -419,12 +419,14 @@ class BundleScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(batch.values()))) if batch else 0
         x, reasons = self._rows(batch, n)
-        ok = np.ones(n, dtype=bool)
-        if reasons:
+        out = {c: np.asarray(batch[c]) for c in self.keep}
+        if reasons:  # the common case, no rejects, copies nothing here
+            ok = np.ones(n, dtype=bool)
             ok[list(reasons)] = False
             self._reject(batch, reasons)
-        out = {c: np.asarray(batch[c])[ok] for c in self.keep}
-        x = x[ok].reshape((-1, *self.spec.row_shape)).astype(self.spec.dtype, copy=False)
+            out = {c: v[ok] for c, v in out.items()}
+            x = x[ok]
+        x = x.reshape((-1, *self.spec.row_shape)).astype(self.spec.dtype, copy=False)
         if self.spec.mean is not None:
             x = ((x - self.spec.mean) * self.spec.inv_std).astype(self.spec.dtype)
         raw = (
@@ -436,7 +438,7 @@ class BundleScorer:
         return out
 
     # -- rows -----------------------------------------------------------------------
-    def _rows(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str | None]]:
+    def _rows(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, dict[int, str]]:
         """Features as float32 ``[n, width]`` and ``{row: reason}`` of the rows to reject."""
         reasons: dict[int, str] = {}
         strict = not self.spec.allow_non_finite
@@ -493,7 +495,7 @@ class BundleScorer:
     def _reject(self, batch: dict[str, np.ndarray], reasons: dict[int, str]) -> None:
         lines = []
         for i, reason in sorted(reasons.items()):
-            record = {"reason": reason}
+            record: dict[str, Any] = {"reason": reason}
             record.update({c: _plain(batch[c][i]) for c in self.keep})
             record["row"] = {c: _plain(v[i]) for c, v in batch.items()}
             lines.append(json.dumps(record, default=str))

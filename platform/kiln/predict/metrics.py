@@ -78,15 +78,14 @@ class TaskMetrics:
                 raise ConfigError(
                     f"task_spec.num_classes={n!r}: evaluating a classifier needs >= 2 classes"
                 )
-            per_class = {"average": None, "num_classes": n}
-            metrics: dict[str, Metric] = {
+            metrics: dict[str, Metric | MetricCollection] = {
                 "accuracy": MulticlassAccuracy(num_classes=n, average="micro"),
                 "precision_macro": MulticlassPrecision(num_classes=n, average="macro"),
                 "recall_macro": MulticlassRecall(num_classes=n, average="macro"),
                 "f1_macro": MulticlassF1Score(num_classes=n, average="macro"),
-                "precision_per_class": MulticlassPrecision(**per_class),
-                "recall_per_class": MulticlassRecall(**per_class),
-                "f1_per_class": MulticlassF1Score(**per_class),
+                "precision_per_class": MulticlassPrecision(num_classes=n, average=None),
+                "recall_per_class": MulticlassRecall(num_classes=n, average=None),
+                "f1_per_class": MulticlassF1Score(num_classes=n, average=None),
                 "confusion_matrix": MulticlassConfusionMatrix(num_classes=n),
             }
             roc_auc = BinaryAUROC() if n == 2 else None
