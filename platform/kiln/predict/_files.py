@@ -140,11 +140,16 @@ def staging(output: Location, overwrite: bool) -> Location:
     """Where Ray writes: a hidden sibling of a local OUTPUT, else OUTPUT itself."""
     from pyarrow import fs as pafs
 
-    if output.info().type != pafs.FileType.NotFound and not overwrite:
+    kind = output.info().type
+    if kind != pafs.FileType.NotFound and not overwrite:
         raise ConfigError(
             f"output {output.uri!r} already exists; pass overwrite=True (--overwrite)"
         )
-    if not output.is_local:
+    if not output.is_local:  # no rename on object stores: clear it, then write in place
+        if kind == pafs.FileType.Directory:
+            output.fs.delete_dir_contents(output.path)
+        elif kind == pafs.FileType.File:
+            output.fs.delete_file(output.path)
         return output
     parent = Path(output.path).parent
     parent.mkdir(parents=True, exist_ok=True)

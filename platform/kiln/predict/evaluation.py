@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class EvaluationResult:
         per_class: classification: one dict per class (precision, recall, f1, support).
         confusion_matrix: classification: rows are true classes, columns predictions.
         class_names: classification: the names of the classes, when known.
-        model: ``NAME:VERSION`` of the registered model it was recorded against.
+        model: ``NAME:VERSION`` of the registered model scored (recorded against), when
+            known.
         evaluation_id: the registry's id of the recorded evaluation.
         world_size: ranks that shared the work.
     """
@@ -127,12 +129,12 @@ def evaluate(
     if is_model_ref(source):
         from kiln.export import registered_checkpoint
 
-        checkpoint, _ = registered_checkpoint(source, paths.db, paths.artifacts)
+        checkpoint, entry = registered_checkpoint(source, paths.db, paths.artifacts)
     else:
         from kiln.engine.checkpoint import resolve_checkpoint
 
-        checkpoint = resolve_checkpoint(source)
-    return evaluate_checkpoint(
+        checkpoint, entry = resolve_checkpoint(source), None
+    result = evaluate_checkpoint(
         checkpoint,
         data,
         split=split,
@@ -141,6 +143,9 @@ def evaluate(
         record=record,
         paths=paths,
     )
+    if result.model is None and entry is not None:
+        result.model = entry.ref
+    return result
 
 
 def evaluate_checkpoint(
@@ -189,7 +194,7 @@ def evaluate_checkpoint(
         values = job.run(_local_batches(x, y, task, batch_size))
         world_size = 1
     else:
-        values = _run_on_workers(job, x, y, num_workers)
+        values = _run_on_workers(job, x, y, num_workers, paths.runs)
         world_size = num_workers
     result = _result(values, task, ckpt, label, split_used, world_size, notes)
     if record:
@@ -240,8 +245,14 @@ def _local_batches(
         yield xt[start : start + batch_size], yt[start : start + batch_size]
 
 
-def _run_on_workers(job: _EvalJob, x: Any, y: Any, num_workers: int) -> dict[str, Any]:
-    """Score on ``num_workers`` Ray Train workers; the metrics are synced over gloo."""
+def _run_on_workers(
+    job: _EvalJob, x: Any, y: Any, num_workers: int, storage: Path
+) -> dict[str, Any]:
+    """Score on ``num_workers`` Ray Train workers; the metrics are synced over gloo.
+
+    Ray Train keeps the job's state under ``storage/evaluations`` (kiln's runs folder:
+    on a cluster, storage every node sees); the folder is removed afterwards.
+    """
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -250,7 +261,10 @@ def _run_on_workers(job: _EvalJob, x: Any, y: Any, num_workers: int) -> dict[str
 
     ensure_ray()
     ds = x if y is None else _to_ray(x, y, job.task)
-    with tempfile.TemporaryDirectory(prefix="kiln-eval-") as storage:
+    root = storage / "evaluations"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"eval-{uuid.uuid4().hex[:8]}"
+    try:
         trainer = TorchTrainer(
             _eval_loop_per_worker,
             train_loop_config={"job": job},
@@ -259,9 +273,11 @@ def _run_on_workers(job: _EvalJob, x: Any, y: Any, num_workers: int) -> dict[str
             # Not split by Ray (streaming_split(equal=True) may drop rows): every worker
             # reads the set in the same order and keeps every N-th row.
             dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_execution()),
-            run_config=RunConfig(name="evaluate", storage_path=storage),
+            run_config=RunConfig(name=name, storage_path=str(root)),
         )
         result = trainer.fit()
+    finally:
+        shutil.rmtree(root / name, ignore_errors=True)
     return result.return_value
 
 
@@ -430,8 +446,7 @@ def _result(
     per_class = values.pop("per_class", None)
     names = [str(n) for n in task.class_names] if task.class_names else None
     if per_class is not None and names is not None:
-        for row in per_class:
-            row["name"] = names[row["class"]]
+        per_class = [{"class": r["class"], "name": names[r["class"]], **r} for r in per_class]
     return EvaluationResult(
         metrics=values,
         task_type=task.task_type,
