@@ -12,7 +12,7 @@ onnxruntime, never torch.
 from kiln._lazy import lazy_exports
 
 _EXPORTS = {
-    "BundleScorer": "kiln.predict.batch",
+    "BundleScorer": "kiln.predict.scorer",
     "EvaluationResult": "kiln.predict.evaluation",
     "PredictionSummary": "kiln.predict.batch",
     "SPLITS": "kiln.predict.evaluation",
