@@ -155,6 +155,9 @@ class BundleScorer:
             col = np.array(list(flat) + [None], dtype=object)[:-1]
         x = np.zeros((n, self.width), dtype=np.float32)
         for i, value in enumerate(col):
+            if value is None:
+                reasons[i] = f"{name!r} is empty"
+                continue
             try:
                 row = np.asarray(value, dtype=np.float32).reshape(-1)
             except (TypeError, ValueError):
