@@ -99,7 +99,7 @@ def test_csv_columns_with_bad_rows_to_one_parquet_file(ray_local, model, tmp_pat
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing left over
 
 
-def test_jsonl_list_column_with_wrong_widths_to_a_folder_via_the_registry(
+def test_jsonl_uri_list_column_with_wrong_widths_to_a_folder_via_the_registry(
     ray_local, model, tmp_path
 ):
     paths, _, _ = model
@@ -112,7 +112,8 @@ def test_jsonl_list_column_with_wrong_widths_to_a_folder_via_the_registry(
         text = "".join(json.dumps(r) + "\n" for r in chunk)
         (tmp_path / "in" / f"part{part}.jsonl").write_text(text)
 
-    summary = predict("digits-batch:1.0.0", tmp_path / "in", tmp_path / "out", keep=["id"],
+    source = f"file://{tmp_path / 'in'}"  # a URI: read through pyarrow's filesystem
+    summary = predict("digits-batch:1.0.0", source, tmp_path / "out", keep=["id"],
                       output_format="csv", paths=paths, **FAST)  # fmt: skip
     assert (summary.rows_scored, summary.rows_rejected) == (58, 2)
     parts = sorted((tmp_path / "out").glob("*.csv"))
@@ -160,7 +161,7 @@ def test_cli_predict_and_input_problems(ray_local, model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_workers_give_the_in_process_metrics(ray_local, model):
+def test_two_workers_and_a_ray_dataset_give_the_in_process_metrics(ray_local, model):
     paths, _, checkpoint = model
     alone = evaluate(checkpoint, "digits", split="val", paths=paths, record=False)
     pair = evaluate(checkpoint, "digits", split="val", paths=paths, record=False, num_workers=2)
@@ -169,3 +170,8 @@ def test_two_workers_give_the_in_process_metrics(ray_local, model):
     assert pair.confusion_matrix == alone.confusion_matrix
     for key, value in alone.metrics.items():
         assert pair.metrics[key] == pytest.approx(value, rel=1e-5), key
+    # The same rows handed over as a ray.data.Dataset, scored in this process.
+    _, val = get_dataset("digits").split(0.2, 0)
+    streamed = evaluate(checkpoint, val.to_ray(), paths=paths, record=False)
+    assert streamed.confusion_matrix == alone.confusion_matrix
+    assert streamed.metrics["loss"] == pytest.approx(alone.metrics["loss"], rel=1e-5)
