@@ -42,6 +42,11 @@ def test_regression_with_two_outputs_keeps_columns(tmp_path):
     np.testing.assert_allclose(out["prediction_1"], want[:, 1], atol=1e-5)
     assert out["id"].tolist() == [0, 1, 2, 3, 4]
     assert not list((tmp_path / "rejects").iterdir())
+    empty = scorer({"id": np.arange(1), "a": np.array(["?"], dtype=object), "b": x[:1, 1],
+                    "c": x[:1, 2]})  # fmt: skip
+    assert {k: (len(v), v.dtype) for k, v in empty.items()} == {
+        k: (0, v.dtype) for k, v in out.items()
+    }  # same columns and types as a batch with rows
 
 
 def test_classifier_normalises_names_classes_and_rejects_bad_rows(tmp_path):

@@ -171,11 +171,14 @@ class BundleScorer:
 
     # -- outputs --------------------------------------------------------------------
     def _format(self, raw: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+        # Columns come from the spec, not the batch: a batch whose rows were all rejected
+        # must have the same columns (and dtypes) as the others.
         if self.spec.task_type == "regression":
-            width = 1 if raw is None else raw.reshape(n, -1).shape[1]
-            values = np.zeros((0, 1), np.float32) if raw is None else raw.reshape(n, -1)
+            width = self.spec.num_outputs
+            values = np.zeros((0, width)) if raw is None else raw.reshape(n, width)
+            values = values.astype(np.float32, copy=False)
             if width == 1:
-                return {"prediction": values[:, 0].astype(np.float32)}
+                return {"prediction": values[:, 0]}
             return {f"prediction_{k}": values[:, k] for k in range(width)}
         k = len(self.prob_columns)
         probs = np.zeros((0, k), np.float32) if raw is None else _softmax(raw)
