@@ -1,7 +1,7 @@
 """Batch prediction benchmark (issue 14): `kiln predict` against two baselines, side by side.
 
-    python benchmarks/bench_predict.py [--rows 1000000] [--reps 2] [--concurrency 2]
-                                       [--batch-size 4096] [--object-store-mb 200]
+    python benchmarks/bench_predict.py [--rows 1000000] [--reps 3] [--concurrency 2]
+                                       [--batch-size 4096] [--object-store-mb 100]
 
 Same bundle (an MLP 64-512-512-10 exported to ONNX), same parquet input (an id and 64
 float32 feature columns, in 8 files), same output (parquet: id, prediction, 10
@@ -18,7 +18,7 @@ first in turn: the first job after start-up pays for Ray's worker processes), me
              session loaded once), fed by pyarrow batches, written with ParquetWriter
 
 Also the peak resident memory of the driver process during `kiln` (sampled every 20 ms).
-Prints a markdown table.
+Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--object-store-mb", type=int, default=200)
+    parser.add_argument("--object-store-mb", type=int, default=100)
     args = parser.parse_args()
 
     import ray
@@ -224,19 +224,21 @@ def main() -> int:
                 print(f"rep {rep} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
         rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
         before, peak = max(peaks, key=lambda p: p[1])
-        print(
-            f"\n{args.rows:,} rows ({input_mb:.0f} MiB parquet, object store "
+        print("| pipeline | rows/s | kiln / this | note |")
+        print("|---|---:|---:|---|")
+        setup = (
+            f"{args.rows:,} rows ({input_mb:.0f} MiB parquet; object store "
             f"{args.object_store_mb} MiB), {args.concurrency} actors, batch {args.batch_size}, "
-            f"{os.cpu_count()} CPUs; median of {args.reps}\n"
+            f"median of {args.reps}"
         )
-        print("| pipeline | rows/s | kiln / this |")
-        print("|---|---:|---:|")
+        notes = {"kiln": setup, "hand": "the same pipeline by hand", "script": "one process"}
         for name in runners:
-            print(f"| {name} | {rate[name]:,.0f} | {rate['kiln'] / rate[name]:.3f} |")
-        print(
-            f"\npeak driver RSS during kiln predict: {peak / 2**20:.0f} MiB "
-            f"({(peak - before) / 2**20:+.0f} MiB over the driver before it started)"
-        )
+            ratio = rate["kiln"] / rate[name]
+            print(f"| {name} | {rate[name]:,.0f} | {ratio:.3f} | {notes[name]} |")
+        print("\n| driver memory during kiln predict | MiB |")
+        print("|---|---:|")
+        print(f"| peak resident | {peak / 2**20:.0f} |")
+        print(f"| peak over the driver before the job | {(peak - before) / 2**20:+.0f} |")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

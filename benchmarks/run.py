@@ -26,6 +26,7 @@ SCRIPTS = {
     "registry": ("Registry throughput (issue 3)", "bench_registry.py"),
     "serve": ("Serving (issue 4)", "bench_serve.py"),
     "tune": ("Tune (issue 5)", "bench_tune.py"),
+    "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
 }
 
 
