@@ -27,6 +27,7 @@ SCRIPTS = {
     "serve": ("Serving (issue 4)", "bench_serve.py"),
     "tune": ("Tune (issue 5)", "bench_tune.py"),
     "queue": ("Job queue (issue 10)", "bench_queue.py"),
+    "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
 }
 
 

@@ -19,6 +19,7 @@ _EXPORTS = {
     "DatasetError": "kiln.errors",
     "DatasetNotFoundError": "kiln.errors",
     "EarlyStoppingCallback": "kiln.engine",
+    "EvaluationResult": "kiln.predict",
     "IntegrityError": "kiln.errors",
     "KilnError": "kiln.errors",
     "LoggingCallback": "kiln.engine",
@@ -26,6 +27,7 @@ _EXPORTS = {
     "ModelConfigError": "kiln.errors",
     "ModelNotFoundError": "kiln.errors",
     "NotFoundError": "kiln.errors",
+    "PredictionSummary": "kiln.predict",
     "RunNotFoundError": "kiln.errors",
     "TaskSpec": "kiln.config",
     "Trainer": "kiln.engine",
@@ -34,6 +36,7 @@ _EXPORTS = {
     "TrainingEngine": "kiln.compat",
     "TrainingHooks": "kiln.engine",
     "TrainingSession": "kiln.compat",
+    "evaluate": "kiln.predict",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -17,6 +17,7 @@ PUBLIC = {
         "DatasetError",
         "DatasetNotFoundError",
         "EarlyStoppingCallback",
+        "EvaluationResult",
         "IntegrityError",
         "KilnError",
         "LoggingCallback",
@@ -24,6 +25,7 @@ PUBLIC = {
         "ModelConfigError",
         "ModelNotFoundError",
         "NotFoundError",
+        "PredictionSummary",
         "RunNotFoundError",
         "TaskSpec",
         "Trainer",
@@ -33,6 +35,7 @@ PUBLIC = {
         "TrainingHooks",
         "TrainingSession",
         "__version__",
+        "evaluate",
     },
 }
 
@@ -54,6 +57,7 @@ def test_top_level_exports_are_pinned():
         "kiln.serve",
         "kiln.tune",
         "kiln.queue",
+        "kiln.predict",
     ],
 )
 def test_every_exported_name_resolves(package):

@@ -105,7 +105,7 @@ def test_a_v1_file_opens_with_data_kept_and_new_columns_present(tmp_path):
     assert list(db.list_runs(group="search-1")["run_id"]) == [new]
 
     reg = ModelRegistry(path, tmp_path / "artifacts")
-    assert reg.store.schema_version("registry") == 2
+    assert reg.store.schema_version("registry") == len(registry.MIGRATIONS) == 3
     old = reg.get_model(name="clf", tag="production")
     assert old.version == "1.0.0" and old.metrics == {"val_loss": 0.5}
     assert old.sha256 is None and old.description == ""

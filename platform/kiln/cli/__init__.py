@@ -10,6 +10,8 @@
     kiln queue submit | list | show | cancel | retry | decisions
     kiln worker [--address URL] [--with-scheduler]  |  kiln scheduler
     kiln schedule add | list | next | trigger | pause | resume | remove
+    kiln eval NAME@TAG|CHECKPOINT DATA [--split test] [--plot cm.png]
+    kiln predict NAME@TAG|BUNDLE INPUT -o OUTPUT [--keep id] [--concurrency N]
 
 Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
 traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
@@ -27,7 +29,8 @@ from kiln.errors import KilnError
 
 # Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
 _COMMANDS = (
-    "train", "datasets", "runs", "models", "export", "serve", "tune", "queue", "worker", "schedule",
+    "train", "datasets", "runs", "models", "export", "serve", "tune", "eval", "predict",
+    "queue", "worker", "schedule",
 )  # fmt: skip
 
 

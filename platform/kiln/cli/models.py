@@ -92,6 +92,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     print_table(pd.DataFrame(rows, columns=["field", "value"]), title=entry.ref)
     if entry.metrics:
         print_table(pd.DataFrame(sorted(entry.metrics.items()), columns=["metric", "value"]))
+    evaluations = reg.evaluations(entry.model_id)
+    if not evaluations.empty:  # recorded by `kiln eval`
+        evaluations["created_at"] = evaluations["created_at"].str.slice(0, 19)
+        print_table(evaluations.drop(columns=["details"]), title="evaluations (newest first)")
     lineage = reg.lineage(entry.model_id)
     if len(lineage) > 1:
         print("lineage: " + " <- ".join(e.ref for e in lineage))

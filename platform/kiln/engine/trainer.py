@@ -308,6 +308,13 @@ class Trainer:
         target.load_state_dict(state)
         return target
 
+    def evaluate(self, data: Any, checkpoint: str = "best", **options: Any) -> Any:
+        """Loss and the task's metrics of ``checkpoint`` ("best", "latest", a path or
+        "NAME@TAG") on ``data``; options as :func:`kiln.predict.evaluate_checkpoint`."""
+        from kiln.predict.evaluation import evaluate_for_trainer
+
+        return evaluate_for_trainer(self, data, checkpoint, **options)
+
 
 def _score_test(
     factory: Callable[[], nn.Module], checkpoint: str, plan: DataPlan, cfg: TrainingConfig

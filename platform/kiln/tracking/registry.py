@@ -98,6 +98,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX tag_history_by_name ON tag_history(name, tag, id);
         """,
     ),
+    Migration(
+        3,
+        "evaluations of a model version on a labelled set (kiln eval)",
+        """
+        CREATE TABLE model_evaluations (
+            evaluation_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_id INTEGER NOT NULL REFERENCES models(model_id),
+            dataset TEXT NOT NULL,
+            split TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX model_evaluations_by_model ON model_evaluations(model_id, evaluation_id);
+        """,
+    ),
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
@@ -388,6 +404,56 @@ class ModelRegistry:
             if not deduped or deduped[-1] != m:
                 deduped.append(m)
         return deduped
+
+    def record_evaluation(
+        self,
+        model_id: int,
+        dataset: str,
+        split: str,
+        metrics: Mapping[str, float],
+        details: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record an evaluation of ``model_id`` (``kiln eval``); return its id."""
+        with self.store.transaction() as cur:
+            self._row(cur, int(model_id))  # raises if unknown
+            cur.execute(
+                "INSERT INTO model_evaluations(model_id, dataset, split, metrics, details, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    int(model_id),
+                    str(dataset),
+                    str(split),
+                    json.dumps({k: float(v) for k, v in metrics.items()}),
+                    json.dumps(dict(details or {}), default=str),
+                    _now(),
+                ),
+            )
+            return int(self.store.connection().last_insert_rowid())
+
+    def evaluations(self, model_id: int) -> pd.DataFrame:
+        """Evaluations of ``model_id``, newest first: evaluation_id, created_at, dataset,
+        split, then one column per metric (details such as the confusion matrix in
+        ``details``, a dict)."""
+        rows = self.store.query(
+            "SELECT evaluation_id, created_at, dataset, split, metrics, details "
+            "FROM model_evaluations WHERE model_id = ? ORDER BY evaluation_id DESC",
+            (int(model_id),),
+        )
+        base = ["evaluation_id", "created_at", "dataset", "split"]
+        out = []
+        for eid, at, dataset, split, metrics, details in rows:
+            row = dict(zip(base, (eid, at, dataset, split), strict=True))
+            row.update(json.loads(metrics))
+            row["details"] = json.loads(details)
+            out.append(row)
+        return pd.DataFrame(out, columns=None if out else [*base, "details"])
+
+    def find_by_sha256(self, sha256: str) -> list[ModelRegistryEntry]:
+        """Registered versions whose stored checkpoint has this content hash, oldest first."""
+        rows = self.store.query(
+            "SELECT model_id FROM models WHERE sha256 = ? ORDER BY model_id", (sha256,)
+        )
+        return [self.get_model(model_id=r[0]) for r in rows]
 
     # -- reading ----------------------------------------------------------------------
 
