@@ -50,8 +50,14 @@ def digits_run(tmp_path_factory):
 
 def _val_predictions(checkpoint: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, logits, predicted classes) of the run's validation rows, computed here."""
+    from kiln.config import TrainingConfig
+    from kiln.engine.data_plan import split_for_run
+
     model, _ = load_checkpoint_model(checkpoint)
-    _, val = get_dataset("digits").split(0.2, 0)
+    # the run's own split: 10 % test rows first (bundled data), then 20 % validation
+    _, val, _ = split_for_run(
+        get_dataset("digits"), TrainingConfig(validation_split=0.2, random_seed=0)
+    )
     with torch.inference_mode():
         logits = model(torch.as_tensor(val.x)).numpy()
     return val.y, logits, logits.argmax(1)
@@ -63,7 +69,7 @@ def test_trainer_evaluate_matches_sklearn_and_is_recorded(digits_run):
 
     y, logits, pred = _val_predictions(results["checkpoint_path"])
     m = result.metrics
-    assert result.split == "val" and m["num_rows"] == len(y) == 359
+    assert result.split == "val" and m["num_rows"] == len(y) == 323
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
     assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), rel=1e-5)
     assert m["precision_macro"] == pytest.approx(
@@ -106,10 +112,11 @@ def test_cli_eval_plots_prints_json_and_models_show_lists_it(digits_run, tmp_pat
     assert "evaluations" in shown and str(payload["evaluation_id"]) in shown
 
 
-def test_latest_checkpoint_and_a_test_split_the_dataset_lacks(digits_run):
+def test_latest_checkpoint_and_the_runs_held_out_test_rows(digits_run):
     trainer, results, paths = digits_run
     result = trainer.evaluate("digits", checkpoint="latest", split="test")
-    assert result.split == "val" and "no test split" in result.notes[0]
+    assert result.split == "test" and result.metrics["num_rows"] == 180  # the run's test_split
+    assert not result.notes
     assert result.checkpoint == results["latest_checkpoint_path"]
     whole = evaluate(results["checkpoint_path"], "digits", paths=paths, record=False)
     assert whole.split == "all" and whole.metrics["num_rows"] == 1797

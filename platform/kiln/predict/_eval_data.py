@@ -29,8 +29,6 @@ def resolve_data(
             test = _test_split(str(data), where)
             if test is not None:
                 return (*_arrays(test), label, "test", notes)
-            notes.append(f"{label!r} has no test split of its own: scored the validation rows")
-            split = "val"
         data = kdata.get_dataset(str(data), data_dir=where)
     if _is_pair(data):
         if split != "all":
@@ -48,17 +46,35 @@ def resolve_data(
             f"data of type {type(data).__name__} cannot be evaluated; pass a dataset id, a "
             "parquet/csv/jsonl path, a kiln.data dataset, a ray.data.Dataset or an (X, y) pair"
         )
-    if split in ("train", "val"):
-        cfg = meta.get("training_config") or {}
-        fraction, seed = float(cfg.get("validation_split", 0.0)), int(cfg.get("random_seed", 0))
-        if fraction <= 0:
-            raise ConfigError(
-                f"split={split!r}, but the run trained with validation_split={fraction}, so it "
-                "held nothing out; use split='all' or another dataset"
-            )
-        train, val = data.split(fraction, seed)
-        data = train if split == "train" else val
+    if split in ("train", "val", "test"):
+        data, split = _run_split(data, split, meta, notes)
     return (*_arrays(data), label, split, notes)
+
+
+def _run_split(data: Any, split: str, meta: dict[str, Any], notes: list[str]) -> tuple[Any, str]:
+    """The rows the run held out (or trained on), split as the run split them."""
+    from kiln.config import TrainingConfig
+    from kiln.engine.data_plan import split_for_run
+
+    saved = meta.get("training_config") or {}
+    cfg = TrainingConfig(
+        validation_split=float(saved.get("validation_split", 0.0)),
+        test_split=saved.get("test_split"),
+        random_seed=int(saved.get("random_seed", 0)),
+    )
+    train, val, test = split_for_run(data, cfg)
+    if split == "test" and test is None:
+        notes.append(
+            f"{_describe(data)!r} has no test split for this run: scored the validation rows"
+        )
+        split = "val"
+    chosen = {"train": train, "val": val, "test": test}[split]
+    if chosen is None:
+        raise ConfigError(
+            f"split={split!r}, but the run trained with validation_split="
+            f"{cfg.validation_split} and held nothing out; use split='all' or another dataset"
+        )
+    return chosen, split
 
 
 def _arrays(dataset: Any) -> tuple[Any, Any]:

@@ -122,7 +122,7 @@ def evaluate(
         record: record the result against the registered model with these weights.
         paths: kiln's locations (registry); resolved from ``$KILN_HOME`` when None.
     """
-    from kiln.export.checkpoint import is_model_ref
+    from kiln.export.from_checkpoint import is_model_ref
 
     paths = paths or RunPaths.resolve()
     source = os.fspath(model)
@@ -316,7 +316,7 @@ def _task_from(meta: dict[str, Any], ckpt: Path) -> TaskSpec:
 
 def _metadata_factory(meta: dict[str, Any], ckpt: Path) -> Callable[[], nn.Module]:
     from kiln.engine.trainer import _SpecFactory
-    from kiln.export.checkpoint import REQUIRED_METADATA
+    from kiln.export.from_checkpoint import REQUIRED_METADATA
 
     if meta.get("model_config") is None or any(k not in meta for k in REQUIRED_METADATA):
         raise CheckpointError(
@@ -393,7 +393,7 @@ def evaluate_for_trainer(
     """
     from kiln.engine.checkpoint import resolve_checkpoint
     from kiln.engine.trainer import _ModuleFactory
-    from kiln.export.checkpoint import is_model_ref
+    from kiln.export.from_checkpoint import is_model_ref
 
     paths = trainer.paths
     text = os.fspath(checkpoint)
