@@ -15,6 +15,7 @@ import pytest
 from kiln import ConfigError, Trainer, TrainingConfig
 from kiln.cli import main
 from kiln.data import get_dataset
+from kiln.engine.data_plan import split_for_run
 from kiln.export import export_checkpoint
 from kiln.paths import RunPaths
 from kiln.predict import evaluate, predict
@@ -167,12 +168,15 @@ def test_two_workers_and_a_ray_dataset_give_the_in_process_metrics(ray_local, mo
     alone = evaluate(checkpoint, "digits", split="val", paths=paths, record=False)
     pair = evaluate(checkpoint, "digits", split="val", paths=paths, record=False, num_workers=2)
     assert pair.world_size == 2
-    assert pair.metrics["num_rows"] == alone.metrics["num_rows"] == 323  # the run's validation rows (after its 10 % test split)
+    # the run's validation rows (after its 10 % test split)
+    assert pair.metrics["num_rows"] == alone.metrics["num_rows"] == 323
     assert pair.confusion_matrix == alone.confusion_matrix
     for key, value in alone.metrics.items():
         assert pair.metrics[key] == pytest.approx(value, rel=1e-5), key
     # The same rows handed over as a ray.data.Dataset, scored in this process.
-    _, val = get_dataset("digits").split(0.2, 0)
+    _, val, _ = split_for_run(
+        get_dataset("digits"), TrainingConfig(validation_split=0.2, random_seed=0)
+    )
     streamed = evaluate(checkpoint, val.to_ray(), paths=paths, record=False)
     assert streamed.confusion_matrix == alone.confusion_matrix
     assert streamed.metrics["loss"] == pytest.approx(alone.metrics["loss"], rel=1e-5)
