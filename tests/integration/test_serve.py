@@ -243,7 +243,12 @@ def test_serve_by_tag_and_reload_on_promote(served, tmp_path):
 
     def redeploy(path):
         deploy(
-            build_app(str(path), num_cpus=0.25, runtime_env_vars=served["env"]),
+            build_app(
+                str(path),
+                num_cpus=0.25,
+                runtime_env_vars=served["env"],
+                served_as="iris@production",
+            ),
             name="tagged",
             route_prefix="/tagged",
         )
@@ -283,5 +288,13 @@ def test_serve_by_tag_and_reload_on_promote(served, tmp_path):
     assert codes and set(codes) == {200}, codes  # nothing dropped during the rollout
     got = httpx.post(url, json={"inputs": x.tolist()}, timeout=60).json()
     np.testing.assert_allclose(got["probabilities"], probs(m2), atol=1e-5)
+    meta = httpx.get(served["url"] + "/tagged/metadata", timeout=60).json()
+    assert meta["served_as"] == "iris@production"
+    assert meta["model"] == {
+        "name": "iris",
+        "version": "1.1.0",
+        "model_id": id2,
+        "tag": "production",
+    }
     serve.delete("tagged")
     registry.close()

@@ -62,6 +62,8 @@ def _resolver(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    from kiln.export import is_model_ref
+
     opts: dict[str, Any] = {
         "name": args.name,
         "num_replicas": args.replicas,
@@ -72,6 +74,7 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
         "max_queued_requests": args.max_queued_requests,
         "max_body_bytes": args.max_body_bytes,
         "runtime_env_vars": env or None,
+        "served_as": args.source if is_model_ref(args.source) else None,
     }
     if args.num_cpus is not None:
         opts["num_cpus"] = args.num_cpus

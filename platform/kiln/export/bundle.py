@@ -67,6 +67,7 @@ def create_export_bundle(
     tolerance: float | None = None,
     onnx_dynamo: bool = False,
     overwrite: bool = False,
+    registered: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export ``model`` in each format, check parity with PyTorch, write the bundle.
 
@@ -88,6 +89,8 @@ def create_export_bundle(
         tolerance: Max abs difference allowed per format (default 1e-4 for fp32).
         onnx_dynamo: Use the ``torch.export``-based ONNX exporter (needs onnxscript).
         overwrite: Replace an existing bundle of the same name.
+        registered: The registry identity of the model (name, version, model_id), kept
+            in the manifest as ``model`` so a server can say what it serves.
 
     Returns:
         The bundle directory.
@@ -121,6 +124,8 @@ def create_export_bundle(
         artifacts, parity = _export_formats(work, fmt_list, ctx, tmp, tolerance)
         manifest = _manifest(final.name, fmt_list, ctx, task, class_names, sample, reference)
         manifest.update(artifacts=artifacts, parity=parity)
+        if registered is not None:
+            manifest["model"] = dict(registered)
         _write_side_files(tmp, final, manifest, task, model_cfg, train_cfg)
         manifest["files"] = {
             p.relative_to(tmp).as_posix(): sha256_file(p)

@@ -96,6 +96,7 @@ def export_checkpoint(
     *,
     bundle_name: str | None = None,
     overwrite: bool = False,
+    registered: dict[str, Any] | None = None,
 ) -> Path:
     """Rebuild the model of a checkpoint folder and export it as a bundle."""
     model, meta = load_checkpoint_model(checkpoint_dir)
@@ -109,6 +110,7 @@ def export_checkpoint(
         input_shape=meta["input_shape"],
         bundle_name=bundle_name,
         overwrite=overwrite,
+        registered=registered,
     )
 
 
@@ -150,7 +152,10 @@ def export_registered(
         except Exception:
             pass  # a broken cache entry is rebuilt below
     try:
-        bundle = export_checkpoint(checkpoint, cache_dir, formats, bundle_name=name, overwrite=True)
+        identity = {"name": entry.name, "version": str(entry.version), "model_id": entry.model_id}
+        bundle = export_checkpoint(
+            checkpoint, cache_dir, formats, bundle_name=name, overwrite=True, registered=identity
+        )
     except CheckpointError as exc:
         raise ExportError(f"{ref!r}: {exc}") from exc
     return bundle, entry

@@ -108,6 +108,11 @@ class KilnModelDeployment:
             self._run_batched.set_max_batch_size(self.options.max_batch_size)  # type: ignore[attr-defined]
             self._run_batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)  # type: ignore[attr-defined]
         meta = bundle.metadata()
+        if self.options.served_as:
+            meta["served_as"] = self.options.served_as
+            name, _, tag = self.options.served_as.partition("@")
+            if tag:
+                meta.setdefault("model", {"name": name})["tag"] = tag
         self._metadata = json.dumps(meta).encode()
         self._health = json.dumps(
             {

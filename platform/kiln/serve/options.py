@@ -39,6 +39,8 @@ class ServeOptions:
         intra_op_threads: onnxruntime threads per replica.
         runtime_env_vars: Environment of the replica processes (``start_serve`` returns
             the one its ingress needs).
+        served_as: The reference the server was started with (``digits@production``);
+            ``/metadata`` reports it beside the bundle's model name and version.
     """
 
     name: str = "kiln"
@@ -56,6 +58,7 @@ class ServeOptions:
     num_cpus: float = 1.0
     intra_op_threads: int = 1
     runtime_env_vars: dict[str, str] | None = None
+    served_as: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
