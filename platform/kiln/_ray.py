@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 
 def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> None:
@@ -16,11 +17,17 @@ def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> None:
 
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=dashboard, logging_level=logging.WARNING)
+            ctx = ray.init(
+                address=address, include_dashboard=dashboard, logging_level=logging.WARNING
+            )
         except ValueError as exc:  # joining an existing cluster: it owns its dashboard
             if "include_dashboard" not in str(exc):
                 raise
-            ray.init(address=address, logging_level=logging.WARNING)
+            ctx = ray.init(address=address, logging_level=logging.WARNING)
+        url = getattr(ctx, "dashboard_url", None)
+        if url:  # where to watch jobs and Train runs (stderr: stdout may be a data pipe)
+            shown = url if url.startswith("http") else f"http://{url}"
+            print(f"kiln: Ray dashboard at {shown}", file=sys.stderr, flush=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
