@@ -493,7 +493,7 @@ def row_d(reps: int, tmp: Path) -> dict:
     from kiln.engine.loops import TrainingLoop
     from kiln.engine.loss import get_loss_strategy
     from kiln.engine.optim import build_optimizer
-    from kiln.engine.worker import _CachedShard
+    from kiln.engine.shards import _CachedShard
 
     x, y = synthetic()
     epochs, batch = 8, 64

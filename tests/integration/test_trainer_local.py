@@ -120,8 +120,10 @@ def test_dataset_id_builds_the_default_model(tmp_path):
     assert results["task"]["num_classes"] == 3
     assert results["task"]["input_shape"] == [4]
     assert 0.0 <= results["final_metrics"]["val_accuracy"] <= 1.0
-    # iris has 150 rows and validation_split=0.1: 135 train rows in ceil(135/16) batches
-    assert results["history"][-1]["global_step"] == 2 * 9
+    # iris has 150 rows: 15 held out for test (test_split, bundled data), then 10 % of
+    # the remaining 135 for validation: 121 or 122 train rows in ceil(122/16) = 8 batches
+    assert results["history"][-1]["global_step"] == 2 * 8
+    assert results["test_metrics"]["test_rows"] == 15
     assert isinstance(trainer.trained_model, nn.Module)
     latest = load_checkpoint_state(results["latest_checkpoint_path"]).model_state
     for key, value in trainer.trained_model.state_dict().items():
@@ -310,7 +312,9 @@ class SeedHooks(TrainingHooks):
 def test_hooks_and_callbacks_fire_in_order(tmp_path):
     rec, seed = tmp_path / "callback.json", tmp_path / "hooks.json"
     recorder = Recorder(rec)
-    results = _trainer(tmp_path, hooks=[recorder, SeedHooks(seed)]).train("iris")
+    # test_split=0: all 150 iris rows split 135/15 into train/validation
+    trainer = _trainer(tmp_path, hooks=[recorder, SeedHooks(seed)], test_split=0.0)
+    results = trainer.train("iris")
     events = json.loads(rec.read_text())
     assert json.loads(json.dumps(recorder.events)) == events  # in-process: the user's object
     assert events[0] == ["train_begin", 0, 1, True]

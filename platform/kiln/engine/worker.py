@@ -31,11 +31,10 @@ directory to Tune with the report.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +50,19 @@ from kiln.engine.callbacks import (
     HookDispatcher,
     TrainingHooks,
 )
-from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
+from kiln.engine.checkpoint import (
+    CheckpointManager,
+    CheckpointState,
+    load_checkpoint_state,
+    resolve_checkpoint,
+)
 from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
+from kiln.engine.shards import _in_tune, data_for_rank, world
 from kiln.errors import ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
@@ -84,20 +89,68 @@ class WorkerPlan:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point: ``loop_config = {"plan": WorkerPlan}``."""
-    plan: WorkerPlan = loop_config["plan"]
-    cfg, task = plan.config, plan.task
-    import ray.train
+    run = _setup(loop_config["plan"])
+    run.hooks.training_start()
+    for epoch in range(run.start_epoch + 1, run.cfg.epochs + 1):
+        metrics = _train_epoch(run, epoch)
+        stop = _agree(run.hooks.stop_training, run.distributed)
+        run.history.append(metrics)
+        _save_and_report(run, epoch, metrics, last=stop or epoch == run.cfg.epochs)
+        if stop:
+            run.stopped_early = True
+            break
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """Everything one rank holds during a run (built by :func:`_setup`)."""
+
+    plan: WorkerPlan
+    rank: int
+    world_size: int
+    distributed: bool
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    train_loop: TrainingLoop
+    val_loop: ValidationLoop
+    grad_monitor: GradientMonitor | None
+    train_batches: Callable[[int], Any]
+    val_batches: Callable[[int], Any] | None
+    hooks: _Hooks
+    manager: CheckpointManager | None  # rank 0 writes checkpoints
+    reporter: _ReportPacer
+    to_tune: bool  # in a Tune trial: each epoch's checkpoint goes to Tune with its report
+    resume: str | None
+    alerts: AlertMonitor = field(default_factory=lambda: AlertMonitor(AlertConfig()))
+    printed_alerts: set[str] = field(default_factory=set)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def cfg(self) -> TrainingConfig:
+        return self.plan.config
+
+
+def _setup(plan: WorkerPlan) -> _Run:
+    """Seed, model (DDP), data shards, optimizer, step loops, hooks, checkpoint manager;
+    then restore from ``plan.resume_from`` or this run's own latest checkpoint."""
     import ray.train.torch
 
+    cfg = plan.config
     rank, world_size = world()
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-
-    # ---- setup -------------------------------------------------------------
     set_random_seed(cfg.random_seed, cfg.deterministic)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     model = plan.model_factory()
     if not isinstance(model, nn.Module):
-        raise ModelConfigError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelConfigError(
+            f"the model factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
     # Resume: an explicit checkpoint, else this run's own latest (a restart after a failure).
     resume = plan.resume_from
     if resume is None and rank == 0:
@@ -105,23 +158,53 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     resume = _broadcast(resume, distributed)
     restored = load_checkpoint_state(resume) if resume else None
     if restored is not None:
-        model.load_state_dict(restored[0])  # before DDP wraps it: every rank loads
+        model.load_state_dict(restored.model_state)  # before DDP wraps it: every rank loads
     if cfg.compile_mode:
-        model = torch.compile(model, mode=cfg.compile_mode)
+        model = torch.compile(model, mode=cfg.compile_mode)  # type: ignore[assignment]
     model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
-    train_batches, val_batches, batches_per_epoch = _data_for_rank(plan, device, world_size)
+    train_batches, val_batches, batches_per_epoch = data_for_rank(plan, device, world_size)
 
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     precision = Precision.from_config(cfg, device)
-    scaler = precision.make_scaler()
+    train_loop, val_loop, grad_monitor = _step_loops(plan, precision)
+    run = _Run(
+        plan=plan,
+        rank=rank,
+        world_size=world_size,
+        distributed=distributed,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=precision.make_scaler(),
+        train_loop=train_loop,
+        val_loop=val_loop,
+        grad_monitor=grad_monitor,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        # In-process runs call the user's own hook objects; worker actors get copies.
+        hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size),
+        manager=_checkpoint_manager(plan) if rank == 0 else None,
+        reporter=_ReportPacer(cfg.report_interval_s, distributed),
+        to_tune=plan.report_checkpoints and _in_tune(),
+        resume=resume,
+    )
+    if restored is not None:
+        _restore(run, restored)
+    return run
+
+
+def _step_loops(
+    plan: WorkerPlan, precision: Precision
+) -> tuple[TrainingLoop, ValidationLoop, GradientMonitor | None]:
+    cfg, task = plan.config, plan.task
     for name, entry in plan.losses.items():  # a worker actor's registry has the built-ins only
         LOSSES.register(name, entry, overwrite=True)
     loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
     if task.task_type == TaskType.LANGUAGE_MODELING and task.pad_token_id is not None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
-    accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     columns = {"input_column": task.input_column, "label_column": task.label_column}
     grad_monitor = (
         GradientMonitor(check_interval=cfg.gradient_check_interval)
@@ -129,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else None
     )
     train_loop = TrainingLoop(
-        accumulator,
+        GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm),
         grad_monitor,
         loss,
         cfg.max_grad_norm,
@@ -139,351 +222,124 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         **columns,
     )
     val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
+    return train_loop, val_loop, grad_monitor
 
-    # In-process runs call the user's own hook objects; worker actors get pickled copies.
-    hooks = _Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size)
-    manager = (
-        CheckpointManager(
-            plan.checkpoint_dir,
-            keep_best_k=cfg.keep_best_k,
-            keep_last_n=cfg.keep_last_n,
-            monitor=cfg.monitor,
-            mode=cfg.mode,
-            save_interval_epochs=cfg.save_every_n_epochs,
-        )
-        if rank == 0
-        else None
+
+def _checkpoint_manager(plan: WorkerPlan) -> CheckpointManager:
+    cfg = plan.config
+    return CheckpointManager(
+        plan.checkpoint_dir,
+        keep_best_k=cfg.keep_best_k,
+        keep_last_n=cfg.keep_last_n,
+        monitor=cfg.monitor,
+        mode=cfg.mode,
+        save_interval_epochs=cfg.save_every_n_epochs,
     )
 
-    alerts = AlertMonitor(AlertConfig())  # loss spikes, accuracy drops, exploding gradients
-    printed_alerts: set[str] = set()
-    to_tune = plan.report_checkpoints and _in_tune()
-    reporter = _ReportPacer(cfg.report_interval_s, distributed)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if restored is not None:
-        _, train_state, meta = restored
-        configured = _Hyperparameters.read(optimizer, scheduler)
-        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            if obj is not None and train_state.get(name) is not None:
-                obj.load_state_dict(train_state[name])
-        configured.apply(optimizer, scheduler)
-        set_rng_state(train_state["rng"])
-        extra = meta.get("user", {})
-        start_epoch = int(meta["epoch"])
-        history = list(extra.get("history", []))
-        train_loop.global_step = int(extra.get("global_step", 0))
-        hooks.restore(extra.get("callbacks"))
 
-    # ---- epochs ------------------------------------------------------------
-    hooks.training_start()
-    stopped_early = False
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        hooks.epoch_start(epoch)
-        checks_before = grad_monitor.check_count if grad_monitor is not None else 0
-        train = train_loop.run_epoch(
+def _restore(run: _Run, restored: CheckpointState) -> None:
+    """Optimizer, schedule, scaler, RNG, epoch, history and hook state of a checkpoint."""
+    train_state, meta = restored.train_state, restored.metadata
+    configured = _Hyperparameters.read(run.optimizer, run.scheduler)
+    for name, obj in (("optimizer", run.optimizer), ("scheduler", run.scheduler),
+                      ("scaler", run.scaler)):  # fmt: skip
+        if obj is not None and train_state.get(name) is not None:
+            obj.load_state_dict(train_state[name])
+    configured.apply(run.optimizer, run.scheduler)
+    set_rng_state(train_state["rng"])
+    extra = meta.get("user", {})
+    run.start_epoch = int(meta["epoch"])
+    run.history = list(extra.get("history", []))
+    run.train_loop.global_step = int(extra.get("global_step", 0))
+    run.hooks.restore(extra.get("callbacks"))
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch's steps and validation; its metrics, all-reduced, so every rank agrees."""
+    hooks, train_loop, monitor = run.hooks, run.train_loop, run.grad_monitor
+    hooks.epoch_start(epoch)
+    checks_before = monitor.check_count if monitor is not None else 0
+    train = train_loop.run_epoch(
+        epoch,
+        run.model,
+        run.train_batches(epoch),
+        run.optimizer,
+        run.scheduler,
+        run.device,
+        metrics_callback=hooks.batch_end if hooks.wants_batch_end else None,
+        scaler=run.scaler,
+    )
+    metrics: dict[str, Any] = {"epoch": epoch}
+    metrics.update(_reduce(train.sums, train_loop, "train", run.distributed))
+    if run.val_batches is not None:
+        model = _for_validation(run.model, run.distributed)
+        val = run.val_loop.run_epoch(epoch, model, run.val_batches(epoch), run.device)
+        val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
+        metrics.update(val_metrics)
+        hooks.validation_end(val_metrics)
+    metrics["learning_rate"] = train.learning_rate
+    metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
+    metrics["global_step"] = train_loop.global_step
+    metrics["timestamp"] = time.time()
+    if train_loop.last_grad_norm is not None:
+        metrics["grad_norm"] = float(train_loop.last_grad_norm)
+    if monitor is not None:  # gradients are all-reduced: every rank sees the same
+        metrics.update(_gradient_health(monitor, checks_before))
+    if train.step_log:
+        metrics["steps"] = train.step_log
+    hooks.epoch_end(epoch, metrics)
+    raised = run.alerts.observe_row(metrics)  # metrics are all-reduced: ranks agree
+    if raised:
+        metrics["alerts"] = raised
+        if run.rank == 0:
+            _print_alerts(raised, run.printed_alerts)
+    return metrics
+
+
+def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool) -> None:
+    """Rank 0 checkpoints (snapshot now, written in the background); every rank reports."""
+    saved = None
+    manager = run.manager
+    if manager is not None and (run.to_tune or manager.should_save(epoch) or last):
+        extra = {
+            **run.plan.checkpoint_metadata,
+            "history": run.history,
+            "global_step": run.train_loop.global_step,
+            "callbacks": run.hooks.state(),
+            "world_size": run.world_size,
+        }
+        saved = manager.save_checkpoint(
             epoch,
-            model,
-            train_batches(epoch),
-            optimizer,
-            scheduler,
-            device,
-            metrics_callback=hooks.batch_end if hooks.wants_batch_end else None,
-            scaler=scaler,
+            _scalars(metrics),
+            _unwrap(run.model),
+            run.optimizer,
+            run.scheduler,
+            metadata=extra,
+            scaler=run.scaler,
+            blocking=run.to_tune,  # Tune copies the directory during the report
         )
-        metrics: dict[str, Any] = {"epoch": epoch}
-        metrics.update(_reduce(train.sums, train_loop, "train", distributed))
-        if val_batches is not None:
-            val = val_loop.run_epoch(
-                epoch, _for_validation(model, distributed), val_batches(epoch), device
-            )
-            val_metrics = _reduce(val.sums, val_loop, "val", distributed)
-            metrics.update(val_metrics)
-            hooks.validation_end(val_metrics)
-        metrics["learning_rate"] = train.learning_rate
-        metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
-        metrics["global_step"] = train_loop.global_step
-        metrics["timestamp"] = time.time()
-        if train_loop.last_grad_norm is not None:
-            metrics["grad_norm"] = float(train_loop.last_grad_norm)
-        if grad_monitor is not None:  # gradients are all-reduced: every rank sees the same
-            metrics.update(_gradient_health(grad_monitor, checks_before))
-        if train.step_log:
-            metrics["steps"] = train.step_log
-        hooks.epoch_end(epoch, metrics)
-        raised = alerts.observe_row(metrics)  # metrics are all-reduced: ranks agree
-        if raised:
-            metrics["alerts"] = raised
-            if rank == 0:
-                _print_alerts(raised, printed_alerts)
-        stop = _agree(hooks.stop_training, distributed)
-        history.append(metrics)
-        last = stop or epoch == cfg.epochs
-        saved = None
-        if manager is not None and (to_tune or manager.should_save(epoch) or last):
-            extra = {
-                **plan.checkpoint_metadata,
-                "history": history,
-                "global_step": train_loop.global_step,
-                "callbacks": hooks.state(),
-                "world_size": world_size,
-            }
-            saved = manager.save_checkpoint(
-                epoch,
-                _scalars(metrics),
-                _unwrap(model),
-                optimizer,
-                scheduler,
-                metadata=extra,
-                scaler=scaler,
-                blocking=to_tune,  # Tune copies the directory during the report
-            )
-        if to_tune or reporter.due(last):
-            _report(_scalars(metrics), saved.path if to_tune and saved is not None else None)
-        if stop:
-            stopped_early = True
-            break
+    if run.to_tune or run.reporter.due(last):
+        checkpoint = saved.path if run.to_tune and saved is not None else None
+        _report(_scalars(metrics), checkpoint)
 
-    # ---- teardown ----------------------------------------------------------
-    hooks.training_end()
+
+def _finish(run: _Run) -> dict[str, Any] | None:
+    """Hooks' end; rank 0 waits for its checkpoint writes and returns the run summary."""
+    run.hooks.training_end()
+    manager = run.manager
     if manager is None:
         return None
     manager.wait()
     manager.close()
     return {
-        "history": history,
-        "stopped_early": stopped_early,
-        "world_size": world_size,
+        "history": run.history,
+        "stopped_early": run.stopped_early,
+        "world_size": run.world_size,
         "best_checkpoint": manager.get_best_checkpoint(),
         "latest_checkpoint": manager.get_latest_checkpoint(),
         "checkpoints": [c.path for c in manager.checkpoints],
-        "resumed_from": resume,
+        "resumed_from": run.resume,
     }
-
-
-# ---------------------------------------------------------------------- data
-def _data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
-    """Return (train_batches(epoch), val_batches(epoch) or None, train batches per epoch).
-
-    The batch count plans the LR schedule, so it comes from what this rank iterates: a
-    user's DataLoader has its own batch size, which need not be ``config.batch_size``.
-    """
-    cfg = plan.config
-    if plan.data_kind == DataKind.TORCH:
-        import ray.train.torch
-
-        loaders = dict(plan.loaders or {})
-        if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
-            for name, loader in loaders.items():
-                shard = _val_shard(loader, world_size) if name == "val" else None
-                loaders[name] = (
-                    shard if shard is not None else ray.train.torch.prepare_data_loader(loader)
-                )
-        train = loaders["train"]
-        try:
-            batches = len(train)  # sampler-aware: this rank's batches
-        except TypeError:  # an IterableDataset has no length
-            rows = math.ceil(plan.num_train_rows / world_size)
-            batches = math.ceil(rows / (getattr(train, "batch_size", None) or cfg.batch_size))
-        return (
-            _loader_epochs(train),
-            (_loader_epochs(loaders["val"]) if "val" in loaders else None),
-            max(1, batches),
-        )
-
-    if plan.data_kind == DataKind.MEMORY:
-        rank = _rank()
-        parts = {
-            name: _CachedShard(
-                _rank_rows(x, rank, world_size, equal=name == "train"),
-                _rank_rows(y, rank, world_size, equal=name == "train"),
-                cfg.batch_size,
-                cfg.random_seed,
-                shuffle=name == "train",
-            )
-            for name, (x, y) in (plan.arrays or {}).items()
-        }
-        return _cached_epochs(parts)
-
-    import ray.train
-
-    shards = {"train": ray.train.get_dataset_shard("train")}
-    with contextlib.suppress(KeyError, AssertionError, ValueError):
-        shards["val"] = ray.train.get_dataset_shard("val")
-    columns = (plan.task.input_column, plan.task.label_column)
-    if plan.cache_shards:
-        # In-memory sources are not split by Ray (see trainer._fit): every rank reads the
-        # whole dataset in order and keeps its own rows, as the memory path does.
-        rank = _rank()
-        parts = {
-            name: _CachedShard.read(
-                shard,
-                columns,
-                cfg.batch_size,
-                cfg.random_seed,
-                shuffle=name == "train",
-                rank=rank,
-                world_size=world_size,
-            )
-            for name, shard in shards.items()
-        }
-        return _cached_epochs(parts)
-    rows = math.ceil(plan.num_train_rows / world_size)
-
-    def stream(name: str, shuffle: bool) -> Callable[[int], Iterator[Any]]:
-        def epoch_batches(epoch: int) -> Iterator[Any]:
-            return iter(
-                shards[name].iter_torch_batches(
-                    batch_size=cfg.batch_size,
-                    local_shuffle_buffer_size=max(cfg.batch_size * 8, 1024) if shuffle else None,
-                    local_shuffle_seed=cfg.random_seed + epoch if shuffle else None,
-                )
-            )
-
-        return epoch_batches
-
-    batches = max(1, math.ceil(rows / cfg.batch_size))
-    return stream("train", True), (stream("val", False) if "val" in shards else None), batches
-
-
-def _rank_rows(a: Any, rank: int, world_size: int, *, equal: bool) -> torch.Tensor:
-    """This rank's rows (every world_size-th). ``equal`` drops the remainder so every rank
-    runs the same number of training steps (each DDP step is a collective), as Ray Data's
-    equal split does."""
-    t = torch.as_tensor(a)
-    if equal:
-        t = t[: len(t) // world_size * world_size]
-    return t[rank::world_size]
-
-
-def _cached_epochs(parts: dict[str, _CachedShard]):
-    """(train_batches(epoch), val_batches(epoch) or None, train batches per epoch)."""
-    val = parts.get("val")  # not `if val`: a rank may hold no validation rows (len 0)
-    return (
-        parts["train"].epoch,
-        (val.epoch if val is not None else None),
-        parts["train"].num_batches,
-    )
-
-
-def _val_shard(loader: Any, world_size: int) -> Any:
-    """This rank's validation samples (every world_size-th), without padding.
-
-    ``prepare_data_loader`` adds a ``DistributedSampler``, which repeats samples so
-    every rank gets as many; validation sums would then count those twice. Ranks may
-    validate different numbers of batches: validation runs no collective per batch.
-    Returns None (use ``prepare_data_loader``) for one rank, an iterable dataset, or a
-    loader with its own batch sampler.
-    """
-    from torch.utils.data import DataLoader, IterableDataset, Subset
-
-    dataset = loader.dataset
-    if world_size <= 1 or isinstance(dataset, IterableDataset) or loader.batch_size is None:
-        return None
-    rank = _rank()
-    return DataLoader(
-        Subset(dataset, range(rank, len(dataset), world_size)),
-        batch_size=loader.batch_size,
-        shuffle=False,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-    )
-
-
-def _loader_epochs(loader: Any) -> Callable[[int], Any]:
-    def epoch_batches(epoch: int) -> Any:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        return loader
-
-    return epoch_batches
-
-
-class _CachedShard:
-    """A rank's rows kept as tensors and reshuffled per epoch.
-
-    The epoch order depends only on (seed, epoch), so a resumed run sees the same
-    batches as an uninterrupted one.
-    """
-
-    def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, *, shuffle: bool
-    ) -> None:
-        self.x, self.y = x, y
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-
-    @classmethod
-    def read(
-        cls,
-        shard: Any,
-        columns: tuple[str, str],
-        batch_size: int,
-        seed: int,
-        *,
-        shuffle: bool,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> _CachedShard:
-        """Read a Ray Data iterator once (``iter_torch_batches``) and keep this rank's rows.
-
-        ``world_size > 1`` means the iterator holds every row (an unsplit dataset): the
-        rank keeps every world_size-th, training rows trimmed so ranks step equally.
-        """
-        xs, ys = [], []
-        for batch in shard.iter_torch_batches(batch_size=8192):
-            xs.append(batch[columns[0]])
-            ys.append(batch[columns[1]])
-        x = torch.cat(xs) if xs else torch.empty(0)
-        y = torch.cat(ys) if ys else torch.empty(0)
-        if world_size > 1:
-            x = _rank_rows(x, rank, world_size, equal=shuffle)
-            y = _rank_rows(y, rank, world_size, equal=shuffle)
-        return cls(x, y, batch_size, seed, shuffle=shuffle)
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def num_batches(self) -> int:
-        """Batches per epoch (at least 1, so an empty shard still plans a schedule)."""
-        return max(1, math.ceil(len(self) / self.batch_size))
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        if self.shuffle:
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            )
-            x, y = self.x[order], self.y[order]
-        else:
-            x, y = self.x, self.y
-        for start in range(0, n, self.batch_size):
-            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
-
-
-# ---------------------------------------------------------------------- ranks
-def _in_tune() -> bool:
-    """True in-process in a Ray Tune trial, where ``ray.train.get_context()`` raises."""
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    return bool(_in_tune_session())
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); an in-process run inside a Tune trial is rank 0 of 1."""
-    if _in_tune():
-        return 0, 1
-    import ray.train
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def _rank() -> int:
-    return world()[0]
 
 
 def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
