@@ -216,6 +216,8 @@ class CheckpointManager:
         self._init_runtime()
         self._clean_leftovers()
         index = _read_index(self.checkpoint_dir)
+        for name in index.pruned:  # a crash between the manifest and the prune
+            remove_dir(self.checkpoint_dir / name)
         self._entries = index.entries
         self._history = index.history
         self._warned_missing = False
