@@ -17,6 +17,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ModelConfigError",
     "CheckpointError",
+    "CheckpointWriteError",
     "NotFoundError",
     "RunNotFoundError",
     "ModelNotFoundError",
@@ -79,6 +80,10 @@ class ModelConfigError(KilnError, ValueError):
 
 class CheckpointError(KilnError):
     """A checkpoint that is missing, incomplete or cannot be loaded."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (disk full, say); nothing of it was kept."""
 
 
 class IntegrityError(KilnError):

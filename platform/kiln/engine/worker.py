@@ -150,6 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             monitor=cfg.monitor,
             mode=cfg.mode,
             save_interval_epochs=cfg.save_every_n_epochs,
+            on_error=cfg.on_checkpoint_error,
         )
         if rank == 0
         else None
@@ -250,6 +251,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     manager.wait()
     manager.close()
+    for failed in manager.failed_saves:  # on_checkpoint_error="warn": the history says so
+        for row in history:
+            if row["epoch"] == failed["epoch"]:
+                row["checkpoint_error"] = failed["error"]
     return {
         "history": history,
         "stopped_early": stopped_early,
