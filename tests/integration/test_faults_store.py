@@ -8,14 +8,17 @@ rows, keep everything committed before it, and take the next write at once.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln._store import Store
+from kiln.engine.checkpoint import CheckpointManager
 from kiln.tracking.experiments import ExperimentDB
 from kiln.tracking.registry import ModelRegistry
 
@@ -184,4 +187,32 @@ def test_kill_mid_run_record(tmp_path, case, after):
     db.log_metrics(1, {"train_loss": 0.5}, epoch=2)  # the lock died with the process
     assert db.get_run(1)["status"] == "running"
     assert db.log_run("next") == 2
+    db.close()
+
+
+def test_runs_of_dead_drivers_are_marked_interrupted(tmp_path):
+    """Only runs of this host whose driver pid is gone; live and other hosts' runs stay."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    db = ExperimentDB(tmp_path / "kiln.db")
+    ckpt_dir = tmp_path / "ckpt"
+    with CheckpointManager(ckpt_dir) as manager:
+        saved = manager.save_checkpoint(2, {"val_loss": 0.5}, torch.nn.Linear(2, 1))
+    dead, dead_no_ckpt, other_host, alive = (db.log_run(n) for n in "abcd")
+    db.log_params(dead, {"checkpoint_dir": str(ckpt_dir)})
+    with db.store.transaction() as cur:
+        cur.execute("UPDATE runs SET driver_pid = ? WHERE run_id IN (?, ?, ?)",
+                    (gone.pid, dead, dead_no_ckpt, other_host))  # fmt: skip
+        cur.execute("UPDATE runs SET driver_host = 'elsewhere' WHERE run_id = ?", (other_host,))
+        cur.execute("UPDATE runs SET driver_pid = ? WHERE run_id = ?", (os.getppid(), alive))
+    assert sorted(db.mark_interrupted_runs()) == [dead, dead_no_ckpt]
+    assert db.mark_interrupted_runs() == []  # once
+    run = db.get_run(dead)
+    assert run["status"] == "interrupted" and run["ended_at"] == saved.timestamp
+    assert saved.path in run["error"] and f"driver process {gone.pid}" in run["error"]
+    run = db.get_run(dead_no_ckpt)
+    assert run["ended_at"] == run["started_at"] and "saved no checkpoint" in run["error"]
+    assert db.get_run(other_host)["status"] == "running"
+    assert db.get_run(alive)["status"] == "running"
+    assert list(db.list_runs(status="interrupted")["run_id"]) == [dead_no_ckpt, dead]
     db.close()

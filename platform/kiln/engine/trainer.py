@@ -183,7 +183,12 @@ class Trainer:
 
         recorder = RunRecorder(self.paths.db, self.paths.artifacts) if cfg.tracking else None
         run_id = (
-            recorder.start(run_name, cfg.to_dict(), _run_params(cfg, plan, resume), notes=cfg.notes)
+            recorder.start(
+                run_name,
+                cfg.to_dict(),
+                {**_run_params(cfg, plan, resume), "checkpoint_dir": str(checkpoint_dir)},
+                notes=cfg.notes,
+            )
             if recorder
             else None
         )
