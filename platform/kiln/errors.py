@@ -18,6 +18,7 @@ __all__ = [
     "ModelConfigError",
     "CheckpointError",
     "CheckpointWriteError",
+    "WorkerDiedError",
     "NotFoundError",
     "RunNotFoundError",
     "ModelNotFoundError",
@@ -84,6 +85,10 @@ class CheckpointError(KilnError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint that could not be written (disk full, say); nothing of it was kept."""
+
+
+class WorkerDiedError(KilnError, RuntimeError):
+    """A training worker process died (kill -9, the OOM killer) with no restarts left."""
 
 
 class IntegrityError(KilnError):
