@@ -11,6 +11,11 @@ writes: :class:`kiln.engine.trainer.Trainer` calls, in order::
     for each kept checkpoint:  db.log_artifact(run_id, "checkpoint", path)
     db.finish_run(run_id, "completed" | "failed" | "stopped", error=None)
 
+A run's row also holds its driver's pid and host: a driver killed before ``finish_run``
+leaves the run ``running`` until :meth:`ExperimentDB.mark_interrupted_runs` (called by
+the next run's start and by ``kiln runs list``) sees that process gone and marks it
+``interrupted``.
+
 Run ids are SQLite autoincrement integers (never reused). ``group`` ties runs
 together, e.g. the trials of one Ray Tune search.
 """
