@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from drill_record import record
 
 import kiln._fs as fs
 import kiln.engine.checkpoint as ckpt_mod
@@ -88,6 +89,7 @@ def test_disk_full_fails_the_run_with_path_and_bytes(tmp_path, monkeypatch):
     assert names == ["epoch_0001", "epoch_0002", "manifest.json"], names
     _all_load(root, names)
     assert resolve_checkpoint("latest", root).name == "epoch_0002"
+    record("faults_disk_full", {"bytes_needed_in_message": int(needed.group(1))})
 
 
 def test_disk_full_with_warn_keeps_training(tmp_path, monkeypatch, caplog):
