@@ -412,9 +412,11 @@ def _fit(
 
 def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: Path):
     """A WorkerDiedError saying how to resume, when a worker process died; else None."""
+    failures = getattr(exc, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if not failures:
+        return None
     from ray.exceptions import RayActorError
 
-    failures = getattr(exc, "worker_failures", None) or {}
     dead = sorted(
         rank
         for rank, err in failures.items()  # Ray wraps a dead actor in a health-check error
