@@ -2,8 +2,8 @@
 
 Each case saves epochs 1-3 here, then starts a child process that saves epoch 4 and
 dies (``os._exit``) at one step of the save: inside the tensor files, after them,
-inside ``metadata.json``, before the rename, while replacing a same-epoch save, before
-the manifest, before and during pruning. Afterwards ``resolve_checkpoint("latest")``
+inside ``metadata.json``, before the rename, before and after swapping in a same-epoch
+save, before the manifest, before and during pruning. Afterwards ``resolve_checkpoint("latest")``
 gives the previous committed checkpoint (or the new one once its rename committed it),
 never a torn one; a new manager removes the leftovers and keeps best-k / last-n right.
 """
@@ -43,15 +43,11 @@ _CHILD = textwrap.dedent(
             handle.write(b"PK\\x03\\x04 torn")
         die()
 
-    def second_replace_dies(tmp, final, **kw):
-        real, calls = os.replace, []
-        def replace(src, dst):
-            calls.append(src)
-            if len(calls) == 2:  # the old save is aside, the new one not yet in place
-                die()
-            real(src, dst)
-        os.replace = replace
-        fs.publish_dir(tmp, final, **kw)
+    def second_replace_dies(src, dst, real=os.replace, calls=[]):
+        calls.append(src)
+        if len(calls) == 2:  # the old save is aside, the new one not yet in place
+            die()
+        real(src, dst)
 
     def rmtree_dies(path, ignore_errors=False):
         os.unlink(os.path.join(path, "model.pt"))  # half-deleted, then gone
@@ -65,8 +61,13 @@ _CHILD = textwrap.dedent(
         ck.write_json_synced = torn_write
     elif point == "before_rename":
         ck.publish_dir = die
-    elif point == "mid_replace":
-        ck.publish_dir = second_replace_dies
+    elif point == "before_swap":  # re-saving an epoch: the old one is still in place
+        fs._exchange = die
+    elif point == "aside_no_swap":  # a kernel without renameat2: the rename-aside path
+        fs._exchange = lambda a, b: False
+        os.replace = second_replace_dies
+    elif point == "after_swap":  # the new one is in place, the old one not yet removed
+        fs.shutil.rmtree = die
     elif point == "before_manifest":
         ck.CheckpointManager._write_manifest = die
     elif point == "before_prune":
@@ -89,7 +90,9 @@ CASES = {
     "after_tensors": (4, 3, [1, 2, 3]),
     "mid_metadata": (4, 3, [1, 2, 3]),
     "before_rename": (4, 3, [1, 2, 3]),
-    "mid_replace": (3, 3, [1, 2, 3]),  # re-saving epoch 3: the old epoch 3 comes back
+    "before_swap": (3, 3, [1, 2, 3]),  # re-saving epoch 3: one whole epoch 3 either way
+    "after_swap": (3, 3, [1, 2, 3]),
+    "aside_no_swap": (3, 3, [1, 2, 3]),  # a new manager puts the old epoch 3 back
     "before_manifest": (4, 4, [1, 2, 3, 4]),  # renamed = committed; pruned at the next save
     "before_prune": (4, 4, [1, 3, 4]),
     "mid_prune": (4, 4, [1, 3, 4]),
@@ -131,15 +134,13 @@ def test_crash_during_save(tmp_path, point):
     _crash(root, point, child_epoch)
 
     # A reader that opens the directory as the crash left it: a whole checkpoint, never torn.
-    if point == "mid_replace":
-        # the old epoch 3 is aside until a manager puts it back; latest is still a whole one
-        assert resolve_checkpoint("latest", root).name in {"epoch_0002", "epoch_0003"}
-    else:
-        latest = resolve_checkpoint("latest", root)
-        assert latest.name == f"epoch_{latest_epoch:04d}"
-        model_state, _, meta = load_checkpoint_state(latest)
-        assert meta["epoch"] == latest_epoch
-        assert torch.all(model_state["weight"] == float(latest_epoch))
+    latest = resolve_checkpoint("latest", root)
+    # aside_no_swap: epoch 3 waits under *.old-* for a manager; the one before it is whole
+    latest_epoch_now = 2 if point == "aside_no_swap" else latest_epoch
+    assert latest.name == f"epoch_{latest_epoch_now:04d}"
+    model_state, _, meta = load_checkpoint_state(latest)
+    assert meta["epoch"] == latest_epoch_now
+    assert torch.all(model_state["weight"] == float(latest_epoch_now))
 
     # A new manager removes the leftovers and keeps the bookkeeping.
     manager = CheckpointManager(root, **KEEP)
