@@ -7,12 +7,16 @@ crash at any point leaves either the old state or the new one, never a torn file
 2. ``os.replace`` the temporary name onto the target (atomic on POSIX);
 3. fsync the parent directory so the rename itself is durable.
 
-Directories are published the same way (:func:`publish_dir`), with an existing
-target moved aside first and removed only after the new one is in place.
+Directories are published the same way (:func:`publish_dir`). An existing target is
+swapped with the new one in one atomic step where the kernel can (Linux
+``renameat2(RENAME_EXCHANGE)``), else moved aside first and removed only after the new
+one is in place.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -92,11 +96,27 @@ def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = False) -> int:
     return write_atomic(path, lambda h: h.write(text.encode("utf-8")))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def publish_dir(tmp: Path, final: Path, *, replace: bool = True) -> None:
     """Move the finished directory ``tmp`` to ``final`` (fsync'd first), crash-ordered.
 
-    An existing ``final`` is renamed aside first and deleted only once ``tmp`` is in
-    place; if the move fails, the old directory is put back. With ``replace=False``
+    An existing ``final`` is swapped with ``tmp`` atomically where the kernel can
+    (then removed under ``tmp``'s name); elsewhere it is renamed aside first and
+    deleted only once ``tmp`` is in place, and put back if the move fails. With ``replace=False``
     an existing ``final`` raises ``FileExistsError`` and nothing changes.
     """
     fsync_dir(tmp)
@@ -104,6 +124,10 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool = True) -> None:
     if final.exists():
         if not replace:
             raise FileExistsError(f"{str(final)!r} already exists")
+        if _exchange(tmp, final):  # a crash now leaves the old one under tmp's name
+            fsync_dir(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         aside = final.with_name(f"{final.name}{OLD_MARK}{uuid.uuid4().hex}")
         os.replace(final, aside)
     try:

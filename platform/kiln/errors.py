@@ -17,6 +17,8 @@ __all__ = [
     "DatasetNotFoundError",
     "ModelConfigError",
     "CheckpointError",
+    "CheckpointWriteError",
+    "WorkerDiedError",
     "NotFoundError",
     "RunNotFoundError",
     "ModelNotFoundError",
@@ -79,6 +81,14 @@ class ModelConfigError(KilnError, ValueError):
 
 class CheckpointError(KilnError):
     """A checkpoint that is missing, incomplete or cannot be loaded."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (disk full, say); nothing of it was kept."""
+
+
+class WorkerDiedError(KilnError, RuntimeError):
+    """A training worker process died (kill -9, the OOM killer) with no restarts left."""
 
 
 class IntegrityError(KilnError):

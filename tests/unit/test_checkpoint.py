@@ -262,21 +262,22 @@ def test_process_crash_mid_save_is_ignored_and_cleaned(tmp_path):
     assert meta.epoch == 0
 
 
-def test_crash_before_manifest_adopts_complete_checkpoint(tmp_path, monkeypatch):
+def test_manifest_write_error_takes_the_save_back(tmp_path, monkeypatch):
+    """A manifest write that fails (not a crash: tests/unit/test_checkpoint_crashes.py has
+    that) removes the renamed directory, so no unindexed checkpoint is adopted later."""
     mgr = CheckpointManager(tmp_path, keep_last_n=1, keep_best_k=0)
     mgr.save_checkpoint(0, {"val_loss": 1.0}, _model())
 
     def no_manifest(path, obj):
-        raise OSError("crash before manifest")
+        raise OSError("manifest write failed")
 
     monkeypatch.setattr(ckpt_mod, "write_json_atomic", no_manifest)
     with pytest.raises(OSError):
         mgr.save_checkpoint(1, {"val_loss": 0.5}, _model())
     monkeypatch.undo()
-    # the renamed dir is complete; the manifest still names only epoch 0 and nothing was pruned
-    assert _dirs(tmp_path) == ["epoch_0000", "epoch_0001"]
+    assert _dirs(tmp_path) == ["epoch_0000"]
     reopened = CheckpointManager(tmp_path, keep_last_n=1, keep_best_k=0)
-    assert Path(reopened.get_latest_checkpoint()).name == "epoch_0001"
+    assert Path(reopened.get_latest_checkpoint()).name == "epoch_0000"
     reopened.save_checkpoint(2, {"val_loss": 0.4}, _model())
     assert _dirs(tmp_path) == ["epoch_0002"]
 

@@ -94,7 +94,7 @@ def test_a_v1_file_opens_with_data_kept_and_new_columns_present(tmp_path):
     _v1_file(path)
 
     db = ExperimentDB(path)
-    assert db.store.schema_version("tracking") == len(experiments.MIGRATIONS) == 2
+    assert db.store.schema_version("tracking") == len(experiments.MIGRATIONS) == 3
     run = db.get_run("old-run")
     assert run["config"] == {"lr": 0.1}
     assert run["params"] == {"seed": 42}

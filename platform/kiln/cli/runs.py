@@ -152,7 +152,9 @@ def _open(args: argparse.Namespace) -> Any:
 
 @handles_errors
 def cmd_list(args: argparse.Namespace) -> int:
-    df = _open(args).list_runs(group=args.group, status=args.status, limit=args.limit)
+    db = _open(args)
+    db.mark_interrupted_runs()  # runs whose driver was killed are not 'running' forever
+    df = db.list_runs(group=args.group, status=args.status, limit=args.limit)
     if df.empty:
         print("no runs recorded yet")
         return 0

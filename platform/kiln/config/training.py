@@ -99,6 +99,9 @@ class TrainingConfig:
     keep_last_n: int = _f(2, "checkpoint", "Most recent checkpoints kept (>= 1).")
     monitor: str = _f("val_loss", "checkpoint", "Metric that ranks checkpoints.")
     mode: str = _f("min", "checkpoint", "min or max for the monitored metric.")
+    on_checkpoint_error: str = _f(
+        "raise", "checkpoint", "A failed save (disk full): raise, or warn and keep training."
+    )
     # Logging and tracking
     run_name: str | None = _f(None, "logging", "Run name; generated when None.")
     notes: str = _f("", "logging", "Free text recorded with the run.")
@@ -415,6 +418,11 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         f"keep_last_n={c.keep_last_n!r} must be >= 1 (the latest checkpoint is always kept)",
     )
     need(c.mode in MODES, f"mode={c.mode!r} must be 'min' or 'max'")
+    need(
+        c.on_checkpoint_error in ("raise", "warn"),
+        f"on_checkpoint_error={c.on_checkpoint_error!r} must be 'raise' (stop the run) or "
+        "'warn' (log it and keep training without that checkpoint)",
+    )
     need(
         c.data_backend in DATA_BACKENDS,
         f"data_backend={c.data_backend!r} is not one of {', '.join(DATA_BACKENDS)}",

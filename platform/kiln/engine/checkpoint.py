@@ -68,7 +68,7 @@ from kiln.engine.checkpoint_reader import (
     unwrap_model,
 )
 from kiln.engine.seed import get_rng_state, set_rng_state
-from kiln.errors import CheckpointError, ConfigError
+from kiln.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 # The reader's names are re-exported: ``from kiln.engine.checkpoint import ...`` keeps working.
 __all__ = [
@@ -167,6 +167,10 @@ class CheckpointManager:
             ``drive_backup_path``; pruned checkpoints are removed there too. Backup
             failures are logged, not raised.
         drive_backup_path: the backup directory (any mounted path).
+        on_error: a save that cannot be written (disk full, say): ``"raise"`` a
+            CheckpointError naming the path and the bytes it needs, or ``"warn"``:
+            log it, note it in :attr:`failed_saves`, and carry on without it. Either
+            way nothing of that save remains and earlier checkpoints are untouched.
     """
 
     def __init__(
@@ -179,8 +183,11 @@ class CheckpointManager:
         save_interval_epochs: int = 1,
         drive_backup: bool = False,
         drive_backup_path: str | os.PathLike[str] | None = None,
+        on_error: str = "raise",
     ) -> None:
         errors = []
+        if on_error not in ("raise", "warn"):
+            errors.append(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
         if not isinstance(keep_best_k, int) or keep_best_k < 0:
             errors.append(f"keep_best_k must be an int >= 0; got {keep_best_k!r}")
         if not isinstance(keep_last_n, int) or keep_last_n < 1:
@@ -212,10 +219,14 @@ class CheckpointManager:
         self.save_interval_epochs = save_interval_epochs
         self.drive_backup = bool(drive_backup)
         self.drive_backup_path = Path(drive_backup_path) if drive_backup_path else None
+        self.on_error = on_error
+        self.failed_saves: list[dict[str, Any]] = []  # saves skipped with on_error="warn"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self._init_runtime()
         self._clean_leftovers()
         index = _read_index(self.checkpoint_dir)
+        for name in index.pruned:  # a crash between the manifest and the prune
+            remove_dir(self.checkpoint_dir / name)
         self._entries = index.entries
         self._history = index.history
         self._warned_missing = False
@@ -342,14 +353,15 @@ class CheckpointManager:
         scaler: Any = None,
         step: int = 0,
         blocking: bool = True,
-    ) -> CheckpointMetadata:
+    ) -> CheckpointMetadata | None:
         """Save ``epoch_{epoch:04d}`` (replacing one of the same epoch), then prune.
 
         Always saves; use :meth:`should_save` to honour ``save_interval_epochs``.
         With ``blocking=False`` the state dicts are copied to CPU here and written by
         one background thread; the returned sizes are then tensor byte counts, and
-        errors surface from :meth:`wait` (also called by the next blocking save,
-        any load, and :meth:`close`).
+        errors surface from :meth:`wait` (also called by the next save, any load,
+        and :meth:`close`). A blocking save that failed with
+        ``on_error="warn"`` returns None.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
@@ -380,8 +392,8 @@ class CheckpointManager:
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "user": json.loads(json.dumps(dict(metadata or {}), default=str)),
         }
+        self.wait()  # the previous save (a whole epoch ago) is done, or its error stops the run
         if blocking:
-            self.wait()
             return self._write(info, model_state, train_state)
         return self._save_in_background(info, _to_cpu(model_state), _to_cpu(train_state), value)
 
@@ -412,6 +424,34 @@ class CheckpointManager:
         )
 
     def _write(
+        self, info: dict[str, Any], model_state: Any, train_state: Any
+    ) -> CheckpointMetadata | None:
+        try:
+            return self._write_files(info, model_state, train_state)
+        except OSError as exc:
+            needed = _nbytes(model_state) + _nbytes(train_state)
+            try:
+                free: int | str = shutil.disk_usage(self.checkpoint_dir).free
+            except OSError:
+                free = "unknown"
+            message = (
+                f"checkpoint {info['name']!r} (epoch {info['epoch']}) could not be written to "
+                f"{str(self.checkpoint_dir / info['name'])!r}: {exc.strerror or exc}; it needs about {needed} bytes "
+                f"({needed / _MB:.1f} MiB of tensors) and {free} bytes are free there. Nothing "
+                "of it was kept and earlier checkpoints are intact; free some space or lower "
+                "keep_best_k/keep_last_n, or set on_checkpoint_error='warn' to keep training "
+                "without it"
+            )
+            if self.on_error == "raise":
+                raise CheckpointWriteError(message) from exc
+            logger.warning("%s", message)
+            with self._lock:
+                self.failed_saves.append(
+                    {"epoch": info["epoch"], "name": info["name"], "error": message}
+                )
+            return None
+
+    def _write_files(
         self, info: dict[str, Any], model_state: Any, train_state: Any
     ) -> CheckpointMetadata:
         import kiln
@@ -454,11 +494,17 @@ class CheckpointManager:
                 entries, self.keep_best_k, self.keep_last_n, self.monitor, self.mode
             )
             dropped = [e["name"] for e in entries if e["name"] not in keep]
+            before = self._entries, list(self._history)
             self._entries = [e for e in entries if e["name"] in keep]
             self._history.append(
                 {k: entry[k] for k in ("name", "epoch", "step", "metrics", "timestamp")}
             )
-            self._write_manifest()
+            try:
+                self._write_manifest()
+            except BaseException:  # e.g. the disk filled up: the save did not happen
+                self._entries, self._history = before
+                remove_dir(final)
+                raise
         for old in dropped:
             remove_dir(self.checkpoint_dir / old)
         if self.drive_backup:

@@ -157,6 +157,7 @@ class _Index:
     history: list[dict[str, Any]]  # every save, in order
     monitor: str | None
     mode: str | None
+    pruned: list[str] = field(default_factory=list)  # dropped by the manifest, not yet removed
 
 
 def _read_index(root: Path) -> _Index:
@@ -164,7 +165,9 @@ def _read_index(root: Path) -> _Index:
 
     Manifest entries whose directory is gone are dropped; complete checkpoint
     directories missing from the manifest (a crash between rename and manifest
-    write) are appended in timestamp order.
+    write) are appended in timestamp order, unless the manifest's history already
+    holds that very save: then the manifest dropped it and a crash came before the
+    directory was removed, so it is listed in ``pruned`` and never loaded.
     """
     manifest: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():
@@ -193,8 +196,10 @@ def _read_index(root: Path) -> _Index:
     orphans.sort(key=lambda e: (e["timestamp"], e["epoch"], e["step"]))
     history = list(manifest.get("history", []))
     recorded = {(h.get("name"), h.get("timestamp")) for h in history}
-    history += [e for e in orphans if (e["name"], e["timestamp"]) not in recorded]
-    return _Index(entries + orphans, history, monitor, mode)
+    pruned = [e["name"] for e in orphans if (e["name"], e["timestamp"]) in recorded]
+    orphans = [e for e in orphans if e["name"] not in pruned]
+    history += orphans
+    return _Index(entries + orphans, history, monitor, mode, pruned)
 
 
 def _checkpoint_root(directory: Path) -> Path:

@@ -31,7 +31,7 @@ from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resol
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
 from kiln.engine.loss import LOSSES
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
-from kiln.errors import CheckpointError, ConfigError, ModelConfigError
+from kiln.errors import CheckpointError, ConfigError, ModelConfigError, WorkerDiedError
 from kiln.paths import RunPaths
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,12 @@ class Trainer:
 
         recorder = RunRecorder(self.paths.db, self.paths.artifacts) if cfg.tracking else None
         run_id = (
-            recorder.start(run_name, cfg.to_dict(), _run_params(cfg, plan, resume), notes=cfg.notes)
+            recorder.start(
+                run_name,
+                cfg.to_dict(),
+                {**_run_params(cfg, plan, resume), "checkpoint_dir": str(checkpoint_dir)},
+                notes=cfg.notes,
+            )
             if recorder
             else None
         )
@@ -191,9 +196,12 @@ class Trainer:
         try:
             result = _fit(worker_plan, plan, cfg, run_name, self._storage(), self.ray_callbacks)
         except BaseException as exc:
+            died = _worker_died(exc, cfg, checkpoint_dir)
             if recorder:
                 stopped = isinstance(exc, KeyboardInterrupt)
-                recorder.finish(run_id, "stopped" if stopped else "failed", error=exc)
+                recorder.finish(run_id, "stopped" if stopped else "failed", error=died or exc)
+            if died is not None:
+                raise died from exc
             raise
         summary = result.return_value or {}
         total_time = time.perf_counter() - started
@@ -409,6 +417,39 @@ def _fit(
         ),
     )
     return trainer.fit()
+
+
+def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: Path):
+    """A WorkerDiedError saying how to resume, when a worker process died; else None."""
+    failures = getattr(exc, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if not failures:
+        return None
+    from ray.exceptions import RayActorError
+
+    dead = sorted(
+        rank
+        for rank, err in failures.items()  # Ray wraps a dead actor in a health-check error
+        if isinstance(err, RayActorError)
+        or isinstance(getattr(err, "health_check_failure", None), RayActorError)
+    )
+    if not dead:
+        return None
+    try:
+        latest = f"latest: {resolve_checkpoint('latest', checkpoint_dir).name}"
+    except CheckpointError:
+        latest = "none saved yet"
+    budget = (
+        "max_failures=0 allows no restart"
+        if cfg.max_failures == 0
+        else f"its max_failures={cfg.max_failures} restarts were used up"
+    )
+    return WorkerDiedError(
+        f"training worker rank {', '.join(map(str, dead))} died (its process ended without "
+        f"an error: kill -9, the OOM killer, a lost node) and {budget}. Checkpoints are in "
+        f"{str(checkpoint_dir)!r} ({latest}); resume with `kiln train RUN_FILE --resume "
+        "latest` or Trainer.train(..., resume_from='latest'), or set max_failures >= 1 "
+        "(-1: no limit) to restart workers automatically"
+    )
 
 
 def _quiet_ray_logs() -> None:

@@ -234,6 +234,7 @@ def _checkpoint_manager(plan: WorkerPlan) -> CheckpointManager:
         monitor=cfg.monitor,
         mode=cfg.mode,
         save_interval_epochs=cfg.save_every_n_epochs,
+        on_error=cfg.on_checkpoint_error,
     )
 
 
@@ -331,6 +332,10 @@ def _finish(run: _Run) -> dict[str, Any] | None:
         return None
     manager.wait()
     manager.close()
+    for failed in manager.failed_saves:  # on_checkpoint_error="warn": the history says so
+        for row in run.history:
+            if row["epoch"] == failed["epoch"]:
+                row["checkpoint_error"] = failed["error"]
     return {
         "history": run.history,
         "stopped_early": run.stopped_early,

@@ -11,6 +11,11 @@ writes: :class:`kiln.engine.trainer.Trainer` calls, in order::
     for each kept checkpoint:  db.log_artifact(run_id, "checkpoint", path)
     db.finish_run(run_id, "completed" | "failed" | "stopped", error=None)
 
+A run's row also holds its driver's pid and host: a driver killed before ``finish_run``
+leaves the run ``running`` until :meth:`ExperimentDB.mark_interrupted_runs` (called by
+the next run's start and by ``kiln runs list``) sees that process gone and marks it
+``interrupted``.
+
 Run ids are SQLite autoincrement integers (never reused). ``group`` ties runs
 together, e.g. the trials of one Ray Tune search.
 """
@@ -92,16 +97,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "the driver process of a run (pid, host), to tell a killed run from a running one",
+        """
+        ALTER TABLE runs ADD COLUMN driver_pid INTEGER;
+        ALTER TABLE runs ADD COLUMN driver_host TEXT;
+        """,
+    ),
 )
 
 
 class RunStatus(str, enum.Enum):
-    """Lifecycle of a run: ``running`` until it ends in one of the terminal states."""
+    """Lifecycle of a run: ``running`` until it ends in one of the terminal states.
+
+    ``interrupted``: its driver process died (kill -9, a crash, a reboot) without
+    recording an end; see :meth:`ExperimentDB.mark_interrupted_runs`.
+    """
 
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"
+    INTERRUPTED = "interrupted"
 
     @property
     def is_terminal(self) -> bool:
@@ -136,6 +154,21 @@ def _duration_s(started: str | None, ended: str | None) -> float | None:
     if not started or not ended:
         return None
     return (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _package_version(name: str) -> str | None:
@@ -216,9 +249,17 @@ class ExperimentDB:
         """
         with self.store.transaction() as cur:
             cur.execute(
-                "INSERT INTO runs(run_name, config, notes, status, started_at, group_name) "
-                "VALUES (?, ?, ?, 'running', ?, ?)",
-                (run_name or "", _dumps(dict(config or {})), notes or "", _now(), group),
+                "INSERT INTO runs(run_name, config, notes, status, started_at, group_name, "
+                "driver_pid, driver_host) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (
+                    run_name or "",
+                    _dumps(dict(config or {})),
+                    notes or "",
+                    _now(),
+                    group,
+                    os.getpid(),
+                    socket.gethostname(),
+                ),
             )
             run_id = int(self.store.connection().last_insert_rowid())
             if not run_name:
@@ -284,6 +325,57 @@ class ExperimentDB:
         state = RunStatus.parse(status)
         ended = _now() if state.is_terminal else None
         self._update_run(run_id, "status = ?, ended_at = ?, error = ?", (state.value, ended, error))
+
+    def mark_interrupted_runs(self) -> list[int]:
+        """Mark ``interrupted`` the running runs whose driver died; return their ids.
+
+        A run is left ``running`` when its driver is killed (kill -9, a crash). A run
+        started on this host whose driver pid is no longer alive is closed here, with
+        ``ended_at`` at its last checkpoint (its ``checkpoint_dir`` param) when there is
+        one, else its start, and the checkpoint named in ``error`` for ``--resume``.
+        Runs of other hosts are left alone: this process cannot see their drivers.
+        """
+        host = socket.gethostname()
+        rows = self.store.query(
+            "SELECT run_id, started_at, driver_pid FROM runs WHERE status = 'running' "
+            "AND driver_host = ? AND driver_pid IS NOT NULL AND driver_pid != ?",
+            (host, os.getpid()),
+        )
+        marked = []
+        for run_id, started_at, pid in rows:
+            if _pid_alive(int(pid)):
+                continue
+            path, at = self._last_checkpoint(run_id)
+            where = f"its last checkpoint is {path} ({at})" if path else "it saved no checkpoint"
+            error = (
+                f"interrupted: the driver process {pid} on {host} ended without recording an "
+                f"end; {where}" + ("; continue it with --resume latest" if path else "")
+            )
+            with self.store.transaction() as cur:
+                cur.execute(
+                    "UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
+                    "WHERE run_id = ? AND status = 'running'",
+                    (at or started_at, error, run_id),
+                )
+                if self.store.connection().changes():
+                    marked.append(int(run_id))
+        return marked
+
+    def _last_checkpoint(self, run_id: int) -> tuple[str | None, str | None]:
+        """The latest committed checkpoint of a run and its time, from its checkpoint_dir."""
+        rows = self.store.query(
+            "SELECT value FROM params WHERE run_id = ? AND key = 'checkpoint_dir'", (run_id,)
+        )
+        if not rows:
+            return None, None
+        from kiln.engine.checkpoint_reader import read_metadata, resolve_checkpoint
+        from kiln.errors import CheckpointError
+
+        try:
+            latest = resolve_checkpoint("latest", json.loads(rows[0][0]))
+            return str(latest), str(read_metadata(latest)["timestamp"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return None, None
 
     def _write_many(self, run_id: int, sql: str, rows: list[tuple]) -> None:
         if not rows:

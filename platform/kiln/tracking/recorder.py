@@ -51,6 +51,7 @@ class RunRecorder:
         """A new run in state ``running`` with its config and parameters; its id."""
         db = ExperimentDB(self.db_path)
         try:
+            db.mark_interrupted_runs()  # runs whose driver was killed are not 'running' forever
             run_id = db.log_run(run_name, dict(config), notes or "", group=group)
             db.log_params(run_id, dict(params))
         finally:
