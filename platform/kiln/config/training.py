@@ -55,11 +55,19 @@ class TrainingConfig:
     learning_rate: float = _f(5e-5, "training", "Peak learning rate.")
     batch_size: int = _f(4, "training", "Batch size per worker.")
     epochs: int = _f(10, "training", "Number of epochs.")
+    max_steps: int | None = _f(
+        None, "training", "Stop once this many batches have been trained (None: all epochs)."
+    )
     warmup_ratio: float = _f(0.1, "training", "Fraction of optimizer steps spent warming up.")
     validation_split: float = _f(0.1, "training", "Held-out fraction when no val data is given.")
     early_stopping_patience: int | None = _f(None, "training", "Epochs without improvement.")
     early_stopping_min_delta: float = _f(0.0, "training", "Smallest change that counts.")
-    loss: str | None = _f(None, "training", "Loss strategy name; None picks by task type.")
+    loss: str | None = _f(
+        None,
+        "training",
+        "Loss strategy name; None picks by task type; 'model': the model computes its own "
+        "loss from dict batches (model(**batch).loss, as Hugging Face models do).",
+    )
     # Optimizer
     optimizer: str = _f("adamw", "optimizer", "One of adamw, adam, sgd.")
     lr_scheduler: str = _f("cosine", "optimizer", "One of constant, linear, cosine.")
@@ -272,6 +280,7 @@ _INT_FIELDS = (
 )
 _OPT_INT_FIELDS = (
     "early_stopping_patience",
+    "max_steps",
     "vocab_size",
     "max_seq_len",
     "d_model",

@@ -27,7 +27,11 @@ from torch import nn
 
 from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TrainingConfig
-from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
+from kiln.engine.checkpoint import (
+    load_checkpoint_state,
+    resolve_checkpoint,
+    saves_trainable_only,
+)
 from kiln.engine.data_plan import DataPlan, plan_data
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
 from kiln.errors import CheckpointError, ConfigError, ModelConfigError
@@ -259,7 +263,7 @@ class Trainer:
             return None
         state = load_checkpoint_state(latest).model_state
         target = self.model if isinstance(self.model, nn.Module) else factory()
-        target.load_state_dict(state)
+        target.load_state_dict(state, strict=not saves_trainable_only(target))
         return target
 
 

@@ -51,7 +51,12 @@ from kiln.engine.callbacks import (
     HookDispatcher,
     TrainingHooks,
 )
-from kiln.engine.checkpoint import CheckpointManager, load_checkpoint_state, resolve_checkpoint
+from kiln.engine.checkpoint import (
+    CheckpointManager,
+    load_checkpoint_state,
+    resolve_checkpoint,
+    saves_trainable_only,
+)
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import get_loss_strategy, loss_for_task
@@ -100,20 +105,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         resume = _latest_or_none(plan.checkpoint_dir)
     resume = _broadcast(resume, distributed)
     restored = load_checkpoint_state(resume) if resume else None
-    if restored is not None:
-        model.load_state_dict(restored[0])  # before DDP wraps it: every rank loads
+    if restored is not None:  # before DDP wraps it: every rank loads
+        model.load_state_dict(restored[0], strict=not saves_trainable_only(model))
     if cfg.compile_mode:
         model = torch.compile(model, mode=cfg.compile_mode)
     model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
     train_batches, val_batches, batches_per_epoch = _data_for_rank(plan, device, world_size)
 
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, math.ceil(cfg.max_steps / cfg.gradient_accumulation_steps))
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     precision = Precision.from_config(cfg, device)
     scaler = precision.make_scaler()
-    loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
-    if task.task_type == "language_modeling" and task.pad_token_id is not None:
+    # loss="model": the model computes its own loss from dict batches (model(**batch).loss).
+    loss = (
+        None
+        if cfg.loss == "model"
+        else get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
+    )
+    if loss is not None and task.task_type == "language_modeling" and task.pad_token_id is not None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
     accumulator = GradientAccumulator(cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     columns = {"input_column": task.input_column, "label_column": task.label_column}
@@ -130,6 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         precision=precision,
         task_type=task.task_type,
         log_every_n_steps=cfg.log_every_n_steps,
+        max_steps=cfg.max_steps,
         **columns,
     )
     val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
@@ -190,11 +204,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 epoch, _for_validation(model, distributed), val_batches(epoch), device
             )
             val_metrics = _reduce(val.sums, val_loop, "val", distributed)
+            if loss is None:  # the model's token cross-entropy
+                val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
             metrics.update(val_metrics)
             hooks.validation_end(val_metrics)
         metrics["learning_rate"] = train.learning_rate
         metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
         metrics["global_step"] = train_loop.global_step
+        if "train_tokens_per_s" in train.metrics:  # this rank's rate; ranks run in step
+            metrics["train_tokens_per_s"] = train.metrics["train_tokens_per_s"] * world_size
         metrics["timestamp"] = time.time()
         if train_loop.last_grad_norm is not None:
             metrics["grad_norm"] = float(train_loop.last_grad_norm)
@@ -205,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         hooks.epoch_end(epoch, metrics)
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
+        stop = stop or train_loop.reached_max_steps
         last = stop or epoch == cfg.epochs
         saved = None
         if manager is not None and (to_tune or manager.should_save(epoch) or last):
