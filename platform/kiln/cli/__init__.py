@@ -7,6 +7,7 @@
     kiln export CHECKPOINT|NAME@TAG -o DIR
     kiln serve BUNDLE|NAME@TAG [--port 8000]
     kiln tune CONFIG --space SPACE.yaml --samples N
+    kiln llm train CONFIG | status | generate | merge | tiny-model | serve
 
 Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
 traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from kiln.errors import KilnError
 
 # Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
-_COMMANDS = ("train", "datasets", "runs", "models", "export", "serve", "tune")
+_COMMANDS = ("train", "datasets", "runs", "models", "export", "serve", "tune", "llm")
 
 
 def build_parser() -> argparse.ArgumentParser:
