@@ -96,7 +96,8 @@ def _tokenize_with_spans(
     ids = list(enc["input_ids"])
     labels = []
     for token, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
-        inside = end > start and any(s <= start < e for s, e in spans)
+        # A token that overlaps a span counts (one may straddle the prompt's end).
+        inside = end > start and any(start < e and end > s for s, e in spans)
         labels.append(token if inside else IGNORE_INDEX)
     return ids, labels
 
