@@ -93,7 +93,12 @@ class ProfileSection:
 
 @dataclass
 class HyperparamSection:
-    """Optimisation. ``max_steps`` (batches) stops early; ``fp_precision`` sets autocast."""
+    """Optimisation. ``max_steps`` (batches) stops early; ``fp_precision`` sets autocast.
+
+    Checkpoints and validation happen at epoch ends: ``save_steps`` is rounded up to
+    whole epochs (the last epoch is always saved); ``eval_steps`` is accepted and
+    validation runs every epoch.
+    """
 
     batch_size: int = 4
     gradient_accumulation: int = 1
@@ -101,7 +106,7 @@ class HyperparamSection:
     warmup_steps: int = 0
     num_epochs: int = 1
     max_steps: int | None = None
-    save_steps: int | None = None
+    save_steps: int = 500
     eval_steps: int | None = None
     fp_precision: str = "fp32"
     weight_decay: float = 0.0
@@ -365,8 +370,9 @@ def _field_errors(c: TrainerConfig) -> list[str]:
     need(h.learning_rate != 0, "hyperparams.learning_rate=0 must be > 0")
     integer("hyperparams.warmup_steps", h.warmup_steps, 0)
     integer("hyperparams.num_epochs", h.num_epochs, 1)
-    for name in ("max_steps", "save_steps", "eval_steps"):
+    for name in ("max_steps", "eval_steps"):
         integer(f"hyperparams.{name}", getattr(h, name), 1, optional=True)
+    integer("hyperparams.save_steps", h.save_steps, 1)
     need(
         h.fp_precision in FP_PRECISIONS,
         f"hyperparams.fp_precision={h.fp_precision!r} is not one of {', '.join(FP_PRECISIONS)}",

@@ -66,13 +66,19 @@ class TrainerEngine:
         status_writer: where progress goes; default ``environment.status_file`` if set.
         paths: kiln's locations (:class:`kiln.paths.RunPaths`); resolved from
             ``$KILN_HOME`` when None.
+        hooks: extra kiln hooks (``CallbackBase`` / ``TrainingHooks``) for the loop.
     """
 
     def __init__(
-        self, status_writer: TrainingStatusWriter | None = None, *, paths: Any = None
+        self,
+        status_writer: TrainingStatusWriter | None = None,
+        *,
+        paths: Any = None,
+        hooks: list[Any] | None = None,
     ) -> None:
         self.status_writer = status_writer
         self.paths = paths
+        self.hooks = list(hooks or [])
 
     def run_job(self, config: TrainerConfig, resume_from: str | None = None) -> TrainingResult:
         """Train, save and (optionally) merge and register; never raises for the job's failure."""
@@ -134,9 +140,9 @@ class TrainerEngine:
         _set(status, TrainingState.LOADING_MODEL, total_steps=total_steps)
         trainer = Trainer(
             model=factory,
-            training_config=_training_config(config, total_steps, val_loader is not None),
+            training_config=_training_config(config, batches, val_loader is not None),
             task_spec=task,
-            hooks=[hook] if status is not None else None,
+            hooks=([hook] if status is not None else []) + self.hooks,
             device="cuda" if env.use_gpu and env.num_workers == 0 else "cpu",
             paths=self._paths(),
         )
@@ -293,11 +299,17 @@ def _lora_dict(lora: Any) -> dict[str, Any]:
     }
 
 
-def _training_config(config: TrainerConfig, total_steps: int, has_val: bool) -> Any:
+def _training_config(config: TrainerConfig, batches_per_epoch: int, has_val: bool) -> Any:
+    """The kiln TrainingConfig of the job. Checkpoints are written at epoch ends: every
+    ``ceil(save_steps / batches per epoch)`` epochs, and always after the last one."""
     from kiln.config import TrainingConfig
 
     h, env, out = config.hyperparams, config.environment, config.output
+    total_steps = batches_per_epoch * h.num_epochs
+    if h.max_steps is not None:
+        total_steps = min(total_steps, h.max_steps)
     optimizer_steps = max(1, math.ceil(total_steps / h.gradient_accumulation))
+    save_every = max(1, math.ceil(h.save_steps / batches_per_epoch))
     warmup_ratio = min(0.99, h.warmup_steps / optimizer_steps)
     precision = h.fp_precision
     return TrainingConfig(
@@ -320,6 +332,7 @@ def _training_config(config: TrainerConfig, total_steps: int, has_val: bool) -> 
         amp_dtype=precision if precision != "fp32" else "auto",
         keep_best_k=1,
         keep_last_n=1,
+        save_every_n_epochs=save_every,
         monitor="val_loss" if has_val else "train_loss",
         run_name=out.run_name or f"llm-{Path(out.output_dir).name}",
         tracking=env.tracking,
