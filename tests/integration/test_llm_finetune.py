@@ -26,10 +26,32 @@ from kiln.paths import RunPaths
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-WORDS = (
-    "apple river stone cloud tiger maple ocean lemon violet copper falcon meadow "
-    "ember harbor quartz willow canyon orbit pepper saddle tundra velvet walnut zephyr"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "maple",
+    "ocean",
+    "lemon",
+    "violet",
+    "copper",
+    "falcon",
+    "meadow",
+    "ember",
+    "harbor",
+    "quartz",
+    "willow",
+    "canyon",
+    "orbit",
+    "pepper",
+    "saddle",
+    "tundra",
+    "velvet",
+    "walnut",
+    "zephyr",
+]
 QA = [(f"What is the code word number {i}?", w) for i, w in enumerate(WORDS)]
 NEW_QA = [(q, WORDS[(i + 7) % len(WORDS)]) for i, (q, _) in enumerate(QA)]
 
