@@ -113,6 +113,8 @@ def test_tiny_model_train_status_generate_merge(tmp_path, capsys):
             f"model.model_path={tmp_path / 'full'}",
             "--set",
             f"output.output_dir={tmp_path / 'adapter'}",
+            "--set",
+            "model.gradient_checkpointing=true",
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -146,3 +148,54 @@ def test_train_failure_exits_1_with_the_error(tmp_path, capsys):
         timeout=120,
     )
     assert job.returncode == 1 and "model.model_path=" in job.stderr
+
+
+@pytest.mark.slow
+def test_llm_tune_runs_one_job_per_trial(tmp_path, capsys, ray_local):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Say the number {i}. {i}" for i in range(40)))
+    home = ["--home", str(tmp_path / "home")]
+    assert (
+        main(
+            [
+                *home,
+                "llm",
+                "tiny-model",
+                str(tmp_path / "base"),
+                "--text",
+                str(corpus),
+                "--hidden-size",
+                "32",
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(_chat_rows(16)) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"model: {{model_path: {tmp_path / 'base'}, max_context_length: 64}}\n"
+        f"data: {{dataset_path: {data}}}\n"
+        "hyperparams: {batch_size: 8, num_epochs: 2}\n"
+        "environment: {tracking: false}\n"
+        f"output: {{output_dir: {tmp_path / 'out'}}}\n"
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "hyperparams.learning_rate: {grid: [1.0e-4, 5.0e-3]}\n"
+        "tune: {num_samples: 1, metric: train_loss, mode: min}\n"
+    )
+    capsys.readouterr()
+    assert main([*home, "llm", "tune", str(config), "--space", str(space)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("train_loss=") == 3  # two trials and the best line
+    best = out.splitlines()[-1]
+    assert "0.005" in best  # the larger learning rate learns more in two epochs
+    best_dir = Path(best.rsplit("-> ", 1)[1])
+    assert (best_dir / "model.safetensors").is_file()
+    bad = tmp_path / "bad_space.yaml"
+    bad.write_text("hyperparams.learning_rat: [0.1]\n")
+    assert main([*home, "llm", "tune", str(config), "--space", str(bad)]) == 2
+    assert "did you mean 'hyperparams.learning_rate'" in capsys.readouterr().err.lower()

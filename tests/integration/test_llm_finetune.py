@@ -185,8 +185,21 @@ def test_lora_on_the_trained_model_learns_and_leaves_the_base_alone(trained):
     assert checkpoint.stat().st_size < 0.1 * weights.stat().st_size  # adapter only
     assert 0 < result.summary["trainable_params"] < 0.1 * result.summary["total_params"]
 
-    resumed = engine.run_job(_lora_config(trained, "lora", 14, merge=True), resume_from="latest")
+    resumed = engine.run_job(
+        _lora_config(trained, "lora", 14, merge=True, register_as="tiny-lora"),
+        resume_from="latest",
+    )
     assert resumed.success, resumed.error
+    from kiln.tracking import ModelRegistry
+
+    registry = ModelRegistry(trained["paths"].db, trained["paths"].artifacts)
+    try:
+        entry = registry.get_model(model_id=resumed.summary["model_id"])
+    finally:
+        registry.close()
+    assert entry.name == "tiny-lora" and entry.config["kind"] == "lora_adapter"
+    assert entry.config["base_model"] == str(trained["full"].resolve())
+    assert (Path(entry.checkpoint_path) / "adapter_config.json").is_file()
     assert resumed.global_step == result.global_step + 2 * 6  # 24 rows / batch 4 per epoch
     assert [h["epoch"] for h in resumed.summary["history"]] == list(range(1, 15))
 

@@ -6,6 +6,7 @@
     kiln llm generate MODEL_DIR --prompt "What is 2+2?" [--raw] [--max-new-tokens N]
     kiln llm merge ADAPTER_DIR -o MERGED_DIR [--base BASE_DIR]
     kiln llm serve MODEL_DIR [--port 8000]           POST /generate on Ray Serve
+    kiln llm tune CONFIG --space SPACE.yaml [--samples N]   Ray Tune, one job per trial
 
 ``train`` exits 1 when the job fails, with the error that says what to fix.
 """
@@ -70,6 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--heads", type=int, default=4)
     k.add_argument("--vocab-size", type=int, default=512)
     k.set_defaults(func=cmd_tiny_model)
+
+    u = sub.add_parser("tune", help="Ray Tune over a job's settings (learning rate, LoRA r)")
+    u.add_argument("config")
+    u.add_argument("--space", required=True, help="YAML: dotted keys -> domains, tune: settings")
+    u.add_argument("--samples", type=int, help="trials (default: tune.num_samples or 4)")
+    u.add_argument("--metric", help="default: val_loss with a validation split, else train_loss")
+    u.add_argument("--mode", choices=("min", "max"))
+    u.set_defaults(func=cmd_tune)
 
     v = sub.add_parser("serve", help="serve POST /generate on Ray Serve")
     v.add_argument("model_dir")
@@ -203,6 +212,40 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
     )
     print(json.dumps({"model_dir": str(out)}))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kiln.llm.config import ConfigLoader
+    from kiln.llm.tune import tune_llm
+    from kiln.tune.spaces import load_search_file
+
+    config = ConfigLoader.load(args.config)
+    space, settings = load_search_file(args.space)
+    unknown = sorted(set(settings) - {"num_samples", "metric", "mode"})
+    if unknown:
+        raise ConfigError(f"{args.space}: tune settings {unknown!r} are not used by kiln llm tune")
+    result = tune_llm(
+        config,
+        space,
+        num_samples=args.samples or settings.get("num_samples", 4),
+        metric=args.metric or settings.get("metric"),
+        mode=args.mode or settings.get("mode", "min"),
+        paths=args.paths,
+    )
+    for trial in result.trials:
+        value = trial[result.metric]
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(
+            f"{result.metric}={shown}  {trial['params']}"
+            + (f"  error: {trial['error']}" if trial["error"] else "")
+        )
+    if result.best_output_dir is None:
+        print("error: no trial finished", file=sys.stderr)
+        return 1
+    print(
+        f"best: {result.metric}={result.best_metric:.4f} {result.best_params} -> {result.best_output_dir}"
+    )
     return 0
 
 

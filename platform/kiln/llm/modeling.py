@@ -32,7 +32,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _quiet() -> None:
+def quiet_hf_logging() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -43,7 +43,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The folder's tokenizer, with a pad token (eos when it has none)."""
     from transformers import AutoTokenizer
 
-    _quiet()
+    quiet_hf_logging()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -75,7 +75,7 @@ class CausalLMFactory:
         """The base model, as saved (resized to ``vocab_size`` when given)."""
         from transformers import AutoModelForCausalLM
 
-        _quiet()
+        quiet_hf_logging()
         kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype]}
         if self.load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config()
@@ -175,7 +175,7 @@ def load_for_inference(
     """(model in eval mode, tokenizer) for a full model folder or an adapter folder."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
+    quiet_hf_logging()
     path = Path(model_dir)
     if not path.is_dir():
         raise ConfigError(f"model folder {str(path)!r} does not exist")

@@ -67,6 +67,10 @@ def make_tiny_model(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kiln.llm.modeling import quiet_hf_logging
+
+    quiet_hf_logging()
+
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ConfigError("texts: no non-empty text to train the tokenizer on")
