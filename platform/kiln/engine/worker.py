@@ -204,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 epoch, _for_validation(model, distributed), val_batches(epoch), device
             )
             val_metrics = _reduce(val.sums, val_loop, "val", distributed)
-            if loss is None:  # the model's token cross-entropy
+            if loss is None and task.task_type == "language_modeling":  # token cross-entropy
                 val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
             metrics.update(val_metrics)
             hooks.validation_end(val_metrics)
@@ -223,8 +223,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         hooks.epoch_end(epoch, metrics)
         stop = _agree(hooks.stop_training, distributed)
         history.append(metrics)
-        stop = stop or train_loop.reached_max_steps
-        last = stop or epoch == cfg.epochs
+        done = train_loop.reached_max_steps  # max_steps reached: the run is complete
+        last = stop or done or epoch == cfg.epochs
         saved = None
         if manager is not None and (to_tune or manager.should_save(epoch) or last):
             extra = {
@@ -248,6 +248,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             _report(_scalars(metrics), saved.path if to_tune and saved is not None else None)
         if stop:
             stopped_early = True
+            break
+        if done:
             break
 
     # ---- teardown ----------------------------------------------------------
