@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/RESULTS.md (and the README's table).
 
-    python benchmarks/run.py [--reps 5] [--only engine,tracking,registry,serve,tune]
+    python benchmarks/run.py [--reps 5] [--only engine,tracking,registry,serve,tune,llm]
 
 Each benchmark script prints a markdown table whose rows compare kiln with a
 baseline measured in the same run. This runner gathers them, stamps the machine,
@@ -26,6 +26,7 @@ SCRIPTS = {
     "registry": ("Registry throughput (issue 3)", "bench_registry.py"),
     "serve": ("Serving (issue 4)", "bench_serve.py"),
     "tune": ("Tune (issue 5)", "bench_tune.py"),
+    "llm": ("LLM fine-tuning (issue 11)", "bench_llm.py"),
 }
 
 

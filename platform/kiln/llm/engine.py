@@ -157,13 +157,13 @@ class TrainerEngine:
         model = trainer.trained_model
         out = save_output(model, prepared.tokenizer, config.output.output_dir, base=m.model_path)
         summary = _summary(config, prepared, results, model, out)
+        if config.output.register_as:  # the adapter (or model) folder, before any merge
+            summary["model_id"] = self._register(config, out, results)
         if config.output.merge and m.lora is not None:
             merged = out / "merged"
             model.merge_and_unload().save_pretrained(merged)
             prepared.tokenizer.save_pretrained(merged)
             summary["merged_dir"] = str(merged)
-        if config.output.register_as:
-            summary["model_id"] = self._register(config, out, results)
         return TrainingResult(
             success=True,
             global_step=int(final.get("global_step", 0)),
