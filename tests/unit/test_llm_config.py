@@ -222,3 +222,32 @@ def test_loop_trains_dict_batches_with_model_loss_and_stops_at_max_steps():
     with pytest.raises(TypeError, match="dict batches with a 'labels' column"):
         loop.max_steps = None
         loop.run_epoch(3, model, [(ids, ids)], opt)
+
+
+def test_llm_exports_resolve():
+    import kiln.llm
+
+    assert sorted(kiln.llm.__all__) == [
+        "CausalLMFactory",
+        "ConfigLoader",
+        "DataProfile",
+        "GenerationRequest",
+        "TrainerConfig",
+        "TrainerEngine",
+        "TrainingResult",
+        "TrainingState",
+        "TrainingStatusWriter",
+        "build_generate_app",
+        "create_default_config",
+        "encode_example",
+        "generate",
+        "get_profile",
+        "load_for_inference",
+        "make_tiny_model",
+        "merge_adapter",
+        "read_status",
+        "register_profile",
+        "tune_llm",
+    ]
+    for name in kiln.llm.__all__:
+        assert getattr(kiln.llm, name) is not None

@@ -24,6 +24,7 @@ _EXPORTS = {
     "TrainingResult": "kiln.llm.engine",
     "TrainingState": "kiln.llm.status",
     "TrainingStatusWriter": "kiln.llm.status",
+    "build_generate_app": "kiln.llm.serve",
     "create_default_config": "kiln.llm.config",
     "encode_example": "kiln.llm.encoding",
     "generate": "kiln.llm.generate",
@@ -33,6 +34,7 @@ _EXPORTS = {
     "merge_adapter": "kiln.llm.modeling",
     "read_status": "kiln.llm.status",
     "register_profile": "kiln.llm.profiles",
+    "tune_llm": "kiln.llm.tune",
 }
 
 __all__ = [*sorted(_EXPORTS)]
