@@ -334,7 +334,7 @@ def main() -> None:
     wall = {v: solo[v]["wall_s"] for v in solo}
     print(
         f"| end-to-end wall: kiln run_job vs hand script | {wall['kiln']:.1f} s "
-        f"| {wall['hand']:.1f} s | {wall['kiln'] / wall['hand']:.3f} | reference | each alone; "
+        f"| {wall['hand']:.1f} s | {wall['kiln'] / wall['hand']:.3f} | reference | each alone, one after another (sensitive to machine load); "
         "both tokenize, load, add LoRA, train, save; kiln adds Ray Train local mode, its "
         f"checkpoint and a reload of the final weights; HF Trainer {wall['hf']:.1f} s |"
     )
