@@ -294,118 +294,138 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _field_errors(c: TrainerConfig) -> list[str]:
-    errors: list[str] = []
+class _Checks:
+    """Collects one message per invalid field (field=value, and what is allowed)."""
 
-    def need(ok: bool, message: str) -> None:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def need(self, ok: bool, message: str) -> None:
         if not ok:
-            errors.append(message)
+            self.errors.append(message)
 
-    def integer(name: str, value: Any, low: int, optional: bool = False) -> None:
+    def integer(self, name: str, value: Any, low: int, optional: bool = False) -> None:
         if value is None and optional:
             return
-        need(
+        self.need(
             _is_int(value) and value >= low,
             f"{name}={value!r} must be an integer >= {low}" + (" or null" if optional else ""),
         )
 
-    def number(name: str, value: Any, low: float, high: float | None = None) -> None:
+    def number(self, name: str, value: Any, low: float, high: float | None = None) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and math.isfinite(value) and value >= low and (high is None or value < high)
         upper = f" and < {high}" if high is not None else ""
-        need(ok, f"{name}={value!r} must be a number >= {low}{upper}")
+        self.need(ok, f"{name}={value!r} must be a number >= {low}{upper}")
 
-    def text(name: str, value: Any, optional: bool = False) -> None:
+    def text(self, name: str, value: Any, optional: bool = False) -> None:
         if value is None and optional:
             return
-        need(isinstance(value, str) and bool(value), f"{name}={value!r} must be a non-empty string")
-
-    m, d, h = c.model, c.data, c.hyperparams
-    text("model.model_path", m.model_path)
-    integer("model.max_context_length", m.max_context_length, 8)
-    integer("model.vocab_size", m.vocab_size, 1, optional=True)
-    for name in ("load_in_4bit", "gradient_checkpointing"):
-        need(
-            isinstance(getattr(m, name), bool),
-            f"model.{name}={getattr(m, name)!r} must be true or false",
+        self.need(
+            isinstance(value, str) and bool(value), f"{name}={value!r} must be a non-empty string"
         )
+
+    def flag(self, name: str, value: Any) -> None:
+        self.need(isinstance(value, bool), f"{name}={value!r} must be true or false")
+
+    def one_of(self, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+        self.need(value in allowed, f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _field_errors(c: TrainerConfig) -> list[str]:
+    checks = _Checks()
+    for section in (_model_checks, _data_checks, _hyperparam_checks, _run_checks):
+        section(c, checks)
+    return checks.errors
+
+
+def _model_checks(c: TrainerConfig, k: _Checks) -> None:
+    m = c.model
+    k.text("model.model_path", m.model_path)
+    k.integer("model.max_context_length", m.max_context_length, 8)
+    k.integer("model.vocab_size", m.vocab_size, 1, optional=True)
+    k.flag("model.load_in_4bit", m.load_in_4bit)
+    k.flag("model.gradient_checkpointing", m.gradient_checkpointing)
     if m.lora is not None:
-        integer("model.lora.r", m.lora.r, 1)
-        integer("model.lora.alpha", m.lora.alpha, 1)
-        number("model.lora.dropout", m.lora.dropout, 0.0, 1.0)
+        k.integer("model.lora.r", m.lora.r, 1)
+        k.integer("model.lora.alpha", m.lora.alpha, 1)
+        k.number("model.lora.dropout", m.lora.dropout, 0.0, 1.0)
         tm = m.lora.target_modules
-        need(
+        k.need(
             tm is None or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)),
             f"model.lora.target_modules={tm!r} must be a list of module names "
             "(e.g. ['q_proj', 'v_proj']) or null for the attention projections",
         )
-    need(
+    k.need(
         not (m.load_in_4bit and m.lora is None),
         "model.load_in_4bit=true needs model.lora (4-bit weights cannot be fine-tuned fully); "
         "set model.lora or load_in_4bit: false",
     )
-    text("data.dataset_path", d.dataset_path)
-    for name in ("skip_invalid", "packing"):
-        need(
-            isinstance(getattr(d, name), bool),
-            f"data.{name}={getattr(d, name)!r} must be true or false",
-        )
-    integer("data.max_samples", d.max_samples, 1, optional=True)
-    text("profile.name", c.profile.name)
-    need(
+
+
+def _data_checks(c: TrainerConfig, k: _Checks) -> None:
+    d = c.data
+    k.text("data.dataset_path", d.dataset_path)
+    k.flag("data.skip_invalid", d.skip_invalid)
+    k.flag("data.packing", d.packing)
+    k.integer("data.max_samples", d.max_samples, 1, optional=True)
+    k.text("profile.name", c.profile.name)
+    k.need(
         isinstance(c.profile.options, dict),
         f"profile.options={c.profile.options!r} must be a mapping",
     )
     if isinstance(c.profile.name, str) and c.profile.name:
         from kiln.llm.profiles import profile_names
 
-        need(
+        k.need(
             c.profile.name in profile_names(),
             f"profile.name={c.profile.name!r} is not a registered profile; known: "
             f"{', '.join(profile_names())}",
         )
-    integer("hyperparams.batch_size", h.batch_size, 1)
-    integer("hyperparams.gradient_accumulation", h.gradient_accumulation, 1)
-    number("hyperparams.learning_rate", h.learning_rate, 0.0)
-    need(h.learning_rate != 0, "hyperparams.learning_rate=0 must be > 0")
-    integer("hyperparams.warmup_steps", h.warmup_steps, 0)
-    integer("hyperparams.num_epochs", h.num_epochs, 1)
-    for name in ("max_steps", "eval_steps"):
-        integer(f"hyperparams.{name}", getattr(h, name), 1, optional=True)
-    integer("hyperparams.save_steps", h.save_steps, 1)
-    need(
-        h.fp_precision in FP_PRECISIONS,
-        f"hyperparams.fp_precision={h.fp_precision!r} is not one of {', '.join(FP_PRECISIONS)}",
+    mon = c.monitoring
+    k.number("monitoring.validation_split", mon.validation_split, 0.0, 1.0)
+    k.integer("monitoring.validation_max_samples", mon.validation_max_samples, 1)
+    k.need(
+        isinstance(mon.system_prompt_base, str),
+        f"monitoring.system_prompt_base={mon.system_prompt_base!r} must be a string",
     )
-    number("hyperparams.weight_decay", h.weight_decay, 0.0)
+
+
+def _hyperparam_checks(c: TrainerConfig, k: _Checks) -> None:
+    h = c.hyperparams
+    k.integer("hyperparams.batch_size", h.batch_size, 1)
+    k.integer("hyperparams.gradient_accumulation", h.gradient_accumulation, 1)
+    k.number("hyperparams.learning_rate", h.learning_rate, 0.0)
+    k.need(h.learning_rate != 0, "hyperparams.learning_rate=0 must be > 0")
+    k.integer("hyperparams.warmup_steps", h.warmup_steps, 0)
+    k.integer("hyperparams.num_epochs", h.num_epochs, 1)
+    k.integer("hyperparams.max_steps", h.max_steps, 1, optional=True)
+    k.integer("hyperparams.eval_steps", h.eval_steps, 1, optional=True)
+    k.integer("hyperparams.save_steps", h.save_steps, 1)
+    k.one_of("hyperparams.fp_precision", h.fp_precision, FP_PRECISIONS)
+    k.number("hyperparams.weight_decay", h.weight_decay, 0.0)
     if h.max_grad_norm is not None:
-        number("hyperparams.max_grad_norm", h.max_grad_norm, 1e-12)
-    need(
-        h.lr_scheduler in LR_SCHEDULERS,
-        f"hyperparams.lr_scheduler={h.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}",
-    )
-    number("monitoring.validation_split", c.monitoring.validation_split, 0.0, 1.0)
-    integer("monitoring.validation_max_samples", c.monitoring.validation_max_samples, 1)
-    need(
-        isinstance(c.monitoring.system_prompt_base, str),
-        f"monitoring.system_prompt_base={c.monitoring.system_prompt_base!r} must be a string",
-    )
-    text("output.output_dir", c.output.output_dir)
-    need(isinstance(c.output.merge, bool), f"output.merge={c.output.merge!r} must be true or false")
-    text("output.register_as", c.output.register_as, optional=True)
-    text("output.run_name", c.output.run_name, optional=True)
-    e = c.environment
-    integer("environment.logging_steps", e.logging_steps, 0)
-    integer("environment.num_workers", e.num_workers, 0)
-    integer("environment.seed", e.seed, 0)
-    need(isinstance(e.use_gpu, bool), f"environment.use_gpu={e.use_gpu!r} must be true or false")
-    need(
+        k.number("hyperparams.max_grad_norm", h.max_grad_norm, 1e-12)
+    k.one_of("hyperparams.lr_scheduler", h.lr_scheduler, LR_SCHEDULERS)
+
+
+def _run_checks(c: TrainerConfig, k: _Checks) -> None:
+    o, e = c.output, c.environment
+    k.text("output.output_dir", o.output_dir)
+    k.flag("output.merge", o.merge)
+    k.text("output.register_as", o.register_as, optional=True)
+    k.text("output.run_name", o.run_name, optional=True)
+    k.integer("environment.logging_steps", e.logging_steps, 0)
+    k.integer("environment.num_workers", e.num_workers, 0)
+    k.integer("environment.seed", e.seed, 0)
+    k.flag("environment.use_gpu", e.use_gpu)
+    k.flag("environment.tracking", e.tracking)
+    k.need(
         e.report_to in ("none", "kiln"),
         f"environment.report_to={e.report_to!r} is not supported; use 'none' (kiln records "
         "every run in its own database) or 'kiln'",
     )
-    text("environment.status_file", e.status_file, optional=True)
-    return errors
+    k.text("environment.status_file", e.status_file, optional=True)
 
 
 # ---------------------------------------------------------------------- environment
