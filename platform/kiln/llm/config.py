@@ -481,7 +481,7 @@ def _environment_errors(c: TrainerConfig) -> list[str]:
         elif not _has_module("bitsandbytes"):
             errors.append(
                 "model.load_in_4bit=true needs the bitsandbytes package, which is not "
-                "installed; pip install bitsandbytes, or set load_in_4bit: false"
+                "installed; pip install 'kiln[qlora]' (bitsandbytes), or set load_in_4bit: false"
             )
     if c.environment.use_gpu and not cuda and c.environment.num_workers == 0:
         errors.append("environment.use_gpu=true, but this machine has no CUDA device; set it false")
