@@ -147,7 +147,7 @@ def test_run_job_reports_failures_without_raising(tmp_path, model_dir, chat_file
 def test_status_writer_never_shows_a_torn_file(tmp_path):
     path = tmp_path / "status.json"
     writer = TrainingStatusWriter(path)
-    writer.update("training", total_steps=300, step=0)
+    writer.update("training", total_steps=150, step=0)
     stop = threading.Event()
     seen, bad = [], []
 
@@ -161,7 +161,7 @@ def test_status_writer_never_shows_a_torn_file(tmp_path):
     reader = threading.Thread(target=poll)
     reader.start()
     try:
-        for step in range(1, 301):
+        for step in range(1, 151):
             writer.update(step=step, loss=1.0 / step, learning_rate=1e-3)
     finally:
         stop.set()
@@ -169,7 +169,7 @@ def test_status_writer_never_shows_a_torn_file(tmp_path):
     writer.update("completed")
     assert not bad and seen and seen == sorted(seen)
     final = read_status(path)
-    assert final["state"] == "completed" and final["step"] == 300 and final["eta_s"] == 0.0
+    assert final["state"] == "completed" and final["step"] == 150 and final["eta_s"] == 0.0
     with pytest.raises(ConfigError, match="unknown"):
         writer.update(stepp=1)
 
@@ -251,3 +251,28 @@ def test_llm_exports_resolve():
     ]
     for name in kiln.llm.__all__:
         assert getattr(kiln.llm, name) is not None
+
+
+def test_status_command_prints_and_watches_until_terminal(tmp_path, capsys):
+    import time
+
+    from kiln.cli import main
+
+    path = tmp_path / "status.json"
+    writer = TrainingStatusWriter(path)
+    writer.update("training", step=3, total_steps=10, loss=1.5, learning_rate=1e-3)
+    assert main(["--home", str(tmp_path / "h"), "llm", "status", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("training  step 3/10  loss 1.5000  lr 1.00e-03")
+
+    def finish():
+        time.sleep(0.3)
+        writer.fail("out of memory")
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    code = main(["--home", str(tmp_path / "h"), "llm", "status", str(path), "--watch",
+                 "--interval", "0.05"])  # fmt: skip
+    thread.join()
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1 and lines[-1].startswith("failed") and "error: out of memory" in lines[-1]
+    assert main(["--home", str(tmp_path / "h"), "llm", "status", str(tmp_path / "nope")]) == 2
