@@ -172,6 +172,11 @@ def test_status_writer_never_shows_a_torn_file(tmp_path):
     assert final["state"] == "completed" and final["step"] == 150 and final["eta_s"] == 0.0
     with pytest.raises(ConfigError, match="unknown"):
         writer.update(stepp=1)
+    import pickle  # Ray workers get a copy (DDP runs write the file from rank 0)
+
+    copy = pickle.loads(pickle.dumps(writer))
+    assert copy.update("failed", error="boom")["state"] == "failed"
+    assert read_status(path)["error"] == "boom"
 
 
 def test_loop_trains_dict_batches_with_model_loss_and_stops_at_max_steps():
