@@ -101,14 +101,17 @@ def trained(tmp_path_factory):
     )
     polled, torn, stop = [], [], threading.Event()
 
-    def poll():
+    def poll():  # until the job ends (completed or failed), or the test gives up
         while not stop.is_set():
             try:
                 polled.append(json.loads(status_path.read_text())["state"])
             except FileNotFoundError:
-                pass
+                continue
             except ValueError as exc:
                 torn.append(exc)
+                continue
+            if polled[-1] in ("completed", "failed"):
+                return
 
     reader = threading.Thread(target=poll, daemon=True)
     reader.start()
@@ -116,8 +119,8 @@ def trained(tmp_path_factory):
     try:
         result = TrainerEngine(TrainingStatusWriter(status_path), paths=paths).run_job(config)
     finally:
+        reader.join(30)
         stop.set()
-        reader.join(10)
     assert result.success, result.error
     return {
         "root": root,
@@ -250,9 +253,14 @@ def test_generate_on_ray_serve(trained, ray_local):
     import httpx
     from ray import serve
 
+    from kiln.llm.modeling import CausalLMFactory, load_tokenizer, save_output
     from kiln.llm.serve import build_generate_app
     from kiln.serve.runner import start_serve
 
+    # A fresh LoRA adapter (B starts at zero) answers exactly as its base model does.
+    adapter = trained["root"] / "fresh-adapter"
+    peft_model = CausalLMFactory(str(trained["full"]), lora={"r": 4, "alpha": 8})()
+    save_output(peft_model, load_tokenizer(trained["full"]), adapter, base=str(trained["full"]))
     port = _free_port()
     start_serve(host="127.0.0.1", port=port, ingress="proxy")
     serve.run(
@@ -260,6 +268,7 @@ def test_generate_on_ray_serve(trained, ray_local):
         name="llm",
         route_prefix="/",
     )
+    serve.run(build_generate_app(adapter, num_cpus=0.25), name="adapter", route_prefix="/adapter")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             question, answer = QA[3]
@@ -280,5 +289,14 @@ def test_generate_on_ray_serve(trained, ray_local):
             assert client.post("/generate", content=b"x" * 5000).status_code == 413
             assert client.get("/generate").status_code == 405
             assert client.get("/nope").status_code == 404
+            meta = client.get("/adapter/metadata").json()
+            assert meta["kind"] == "lora_adapter" and meta["base_model"] == str(
+                trained["full"].resolve()
+            )
+            via_adapter = client.post(
+                "/adapter/generate",
+                json={"messages": [{"role": "user", "content": question}], "max_new_tokens": 8},
+            )
+            assert via_adapter.status_code == 200 and via_adapter.json()["text"] == answer
     finally:
         serve.shutdown()
