@@ -9,6 +9,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,7 @@ def trained(tmp_path_factory):
                 continue
             if polled[-1] in ("completed", "failed"):
                 return
+            time.sleep(0.001)  # poll hard, but leave the GIL to the training loop
 
     reader = threading.Thread(target=poll, daemon=True)
     reader.start()
