@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/RESULTS.md (and the README's table).
 
-    python benchmarks/run.py [--reps 5] [--only engine,tracking,registry,serve,tune]
+    python benchmarks/run.py [--reps 5] [--only engine,tracking,registry,serve,tune,llm]
 
 Each benchmark script prints a markdown table whose rows compare kiln with a
 baseline measured in the same run. This runner gathers them, stamps the machine,
@@ -28,6 +28,7 @@ SCRIPTS = {
     "tune": ("Tune (issue 5)", "bench_tune.py"),
     "queue": ("Job queue (issue 10)", "bench_queue.py"),
     "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
+    "llm": ("LLM fine-tuning (issue 11)", "bench_llm.py"),
 }
 
 

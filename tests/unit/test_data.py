@@ -35,6 +35,8 @@ def test_exported_names_are_pinned():
         [
             "ArrayDataset",
             "CollatorRegistry",
+            "DataLoaderConfig",
+            "DataLoaderFactory",
             "DatasetInfo",
             "FileDataset",
             "KilnDataset",
@@ -48,6 +50,7 @@ def test_exported_names_are_pinned():
             "synthetic_classification",
             "synthetic_regression",
             "tiny_tokens",
+            "UniversalDataModule",
             "unregister_dataset",
             "write_idx",
         ]

@@ -12,6 +12,7 @@
     kiln schedule add | list | next | trigger | pause | resume | remove
     kiln eval NAME@TAG|CHECKPOINT DATA [--split test] [--plot cm.png]
     kiln predict NAME@TAG|BUNDLE INPUT -o OUTPUT [--keep id] [--concurrency N]
+    kiln llm train CONFIG | status | generate | merge | tiny-model | serve
 
 Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
 traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
@@ -30,7 +31,7 @@ from kiln.errors import KilnError
 # Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
 _COMMANDS = (
     "train", "datasets", "runs", "models", "export", "serve", "tune", "eval", "predict",
-    "queue", "worker", "schedule",
+    "queue", "worker", "schedule", "llm",
 )  # fmt: skip
 
 

@@ -59,6 +59,9 @@ class TrainingConfig:
     learning_rate: float = _f(5e-5, "training", "Peak learning rate.")
     batch_size: int = _f(4, "training", "Batch size per worker.")
     epochs: int = _f(10, "training", "Number of epochs.")
+    max_steps: int | None = _f(
+        None, "training", "Stop once this many batches have been trained (None: all epochs)."
+    )
     warmup_ratio: float = _f(0.1, "training", "Fraction of optimizer steps spent warming up.")
     validation_split: float = _f(0.1, "training", "Held-out fraction when no val data is given.")
     test_split: float | None = _f(
@@ -69,7 +72,12 @@ class TrainingConfig:
     )
     early_stopping_patience: int | None = _f(None, "training", "Epochs without improvement.")
     early_stopping_min_delta: float = _f(0.0, "training", "Smallest change that counts.")
-    loss: str | None = _f(None, "training", "Loss strategy name; None picks by task type.")
+    loss: str | None = _f(
+        None,
+        "training",
+        "Loss strategy name; None picks by task type; 'model': the model computes its own "
+        "loss from dict batches (model(**batch).loss, as Hugging Face models do).",
+    )
     # Optimizer
     optimizer: str = _f("adamw", "optimizer", "One of adamw, adam, sgd.")
     lr_scheduler: str = _f("cosine", "optimizer", "One of constant, linear, cosine.")
@@ -352,6 +360,10 @@ def _range_errors(c: TrainingConfig) -> list[str]:
     need(c.learning_rate > 0, f"learning_rate={c.learning_rate!r} must be > 0")
     need(c.batch_size >= 1, f"batch_size={c.batch_size!r} must be >= 1")
     need(c.epochs >= 1, f"epochs={c.epochs!r} must be >= 1")
+    need(
+        c.max_steps is None or c.max_steps >= 1,
+        f"max_steps={c.max_steps!r} must be >= 1 or null (null: every epoch's steps)",
+    )
     need(0 <= c.warmup_ratio < 1, f"warmup_ratio={c.warmup_ratio!r} must be in [0, 1)")
     need(0 <= c.validation_split < 1, f"validation_split={c.validation_split!r} must be in [0, 1)")
     if c.test_split is not None:

@@ -13,9 +13,10 @@ class ids; float32 regression targets; token ids again for language modeling).
 from kiln.data.arrays import ArrayDataset, from_arrays
 from kiln.data.base import DatasetInfo, KilnDataset
 from kiln.data.builtin import synthetic_classification, synthetic_regression, tiny_tokens
-from kiln.data.collate import CollatorRegistry
+from kiln.data.collate import CollatorRegistry, DataLoaderConfig, DataLoaderFactory
 from kiln.data.files import FileDataset
 from kiln.data.idx import load_mnist, read_idx, write_idx
+from kiln.data.module import UniversalDataModule
 from kiln.data.registry import (
     dataset_ids,
     get_dataset,
@@ -27,6 +28,8 @@ from kiln.data.registry import (
 __all__ = [
     "ArrayDataset",
     "CollatorRegistry",
+    "DataLoaderConfig",
+    "DataLoaderFactory",
     "DatasetInfo",
     "FileDataset",
     "KilnDataset",
@@ -40,6 +43,7 @@ __all__ = [
     "synthetic_classification",
     "synthetic_regression",
     "tiny_tokens",
+    "UniversalDataModule",
     "unregister_dataset",
     "write_idx",
 ]

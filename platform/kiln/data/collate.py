@@ -1,22 +1,31 @@
-"""Collators: a list of samples -> one ``{"x": tensor, "y": tensor}`` batch.
+"""Collators and the DataLoaderFactory: a list of samples -> one batch dict.
 
 For plain torch DataLoaders (Ray Data batches are already collated). A sample is a
 dict with ``"x"``/``"y"`` (or ``"input_ids"``/``"labels"``) or an ``(x, y)`` tuple.
-``CollatorRegistry`` maps the names used in configs to these functions.
+One module-level table maps the collator names that configs use to these functions
+(``get_collator`` / ``register_collator``; ``CollatorRegistry`` is a view of it), and
+``DataLoaderFactory`` picks a task's collator from it by name: the TaskSpec's
+``preprocessing_config["collator"]``, else the one for its task type.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kiln.errors import NotFoundError
+from kiln.errors import ConfigError, NotFoundError
 
 __all__ = [
     "CollatorRegistry",
+    "DataLoaderConfig",
+    "DataLoaderFactory",
+    "get_collator",
+    "register_collator",
     "Collator",
     "collate_classification",
     "collate_language_modeling",
@@ -63,13 +72,28 @@ def collate_classification(batch: Sequence[Any], pad_token_id: int = 0) -> dict[
 
 
 def collate_language_modeling(
-    batch: Sequence[Any], pad_token_id: int = 0, seq_len: int | None = None
+    batch: Sequence[Any],
+    pad_token_id: int = 0,
+    seq_len: int | None = None,
+    *,
+    input_key: str = "x",
+    label_key: str = "y",
 ) -> dict[str, torch.Tensor]:
-    """Pad token ids to ``seq_len`` (or the longest); padded label positions are IGNORE_INDEX."""
+    """Right-pad token ids to ``seq_len`` (or the longest); padding is excluded from the loss.
+
+    Padded label positions are IGNORE_INDEX and ``attention_mask`` is 0 there. A sample
+    without labels is its own target. ``input_key="input_ids", label_key="labels"``
+    gives the batch Hugging Face models take as keyword arguments.
+    """
     xs, ys = zip(*(_xy(s) for s in batch), strict=True)
     x_list = [_tensor(x).long() for x in xs]
     y_list = [_tensor(y if y is not None else x).long() for x, y in zip(xs, ys, strict=True)]
-    return {"x": _pad(x_list, pad_token_id, seq_len), "y": _pad(y_list, IGNORE_INDEX, seq_len)}
+    mask = [torch.ones(len(t), dtype=torch.long) for t in x_list]
+    return {
+        input_key: _pad(x_list, pad_token_id, seq_len),
+        label_key: _pad(y_list, IGNORE_INDEX, seq_len),
+        "attention_mask": _pad(mask, 0, seq_len),
+    }
 
 
 def collate_vision(
@@ -115,34 +139,117 @@ _BUILTIN_COLLATORS: dict[str, Collator] = {
 }
 
 
-class CollatorRegistry:
-    """Names -> collate functions; each instance starts with the four built-ins."""
+def get_collator(name: str) -> Collator:
+    """The collator registered as ``name`` (raises NotFoundError listing the known names)."""
+    try:
+        return _COLLATORS[name]
+    except KeyError:
+        raise NotFoundError(
+            f"unknown collator {name!r}; known: {', '.join(sorted(_COLLATORS))}"
+        ) from None
 
-    def __init__(self) -> None:
-        self._collators: dict[str, Collator] = dict(_BUILTIN_COLLATORS)
+
+def register_collator(name: str, fn: Collator, *, overwrite: bool = False) -> None:
+    """Add ``fn`` under ``name`` for every config and loader (``overwrite=True`` replaces)."""
+    if not callable(fn):
+        raise TypeError(f"collator {name!r} must be callable; got {fn!r}")
+    if name in _COLLATORS and not overwrite:
+        raise ValueError(f"collator {name!r} already registered; pass overwrite=True to replace it")
+    _COLLATORS[name] = fn
+
+
+_COLLATORS: dict[str, Collator] = dict(_BUILTIN_COLLATORS)
+
+
+class CollatorRegistry:
+    """Names -> collate functions: a view of the module-level table configs look up."""
 
     def get(self, name: str) -> Collator:
         """The collator registered as ``name``."""
-        try:
-            return self._collators[name]
-        except KeyError:
-            raise NotFoundError(
-                f"unknown collator {name!r}; known: {', '.join(sorted(self._collators))}"
-            ) from None
+        return get_collator(name)
 
     def register(self, name: str, fn: Collator, *, overwrite: bool = False) -> None:
         """Add ``fn`` as ``name`` (``overwrite=True`` replaces an existing one)."""
-        if not callable(fn):
-            raise TypeError(f"collator {name!r} must be callable; got {fn!r}")
-        if name in self._collators and not overwrite:
-            raise ValueError(
-                f"collator {name!r} already registered; pass overwrite=True to replace it"
-            )
-        self._collators[name] = fn
+        register_collator(name, fn, overwrite=overwrite)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
-        return sorted(self._collators)
+        return sorted(_COLLATORS)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._collators
+        return name in _COLLATORS
+
+
+_TASK_COLLATOR = {
+    "classification": "classification",
+    "image_classification": "vision",
+    "regression": "classification",
+    "language_modeling": "language_modeling",
+}
+
+
+@dataclass(frozen=True)
+class DataLoaderConfig:
+    """Batching of one loader: ``batch_size``, ``shuffle``, ``drop_last``."""
+
+    batch_size: int = 32
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ConfigError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+
+
+class DataLoaderFactory:
+    """Builds torch DataLoaders whose collation and order follow a task and a seed.
+
+    The collator is looked up by name: ``task_spec.preprocessing_config["collator"]``
+    when set, else the one for ``task_spec.task_type``. Language-modeling batches pad
+    with ``task_spec.pad_token_id`` and use the task's column names, so a task with
+    ``input_column="input_ids", label_column="labels"`` yields Hugging Face batches.
+    Shuffled order depends only on ``seed``: two factories with one seed give the same
+    batches.
+    """
+
+    def __init__(
+        self, task_spec: Any, seed: int = 42, pin_memory: bool = False, num_workers: int = 0
+    ) -> None:
+        self.task_spec, self.seed = task_spec, int(seed)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.num_workers = int(num_workers)
+
+    def collator(self) -> Collator:
+        """The task's collator, with its padding id and column names bound."""
+        task = self.task_spec
+        name = (task.preprocessing_config or {}).get("collator") or _TASK_COLLATOR.get(
+            task.task_type, "classification"
+        )
+        fn = get_collator(name)
+        if fn is collate_language_modeling:
+            pad = task.pad_token_id if task.pad_token_id is not None else 0
+            return functools.partial(
+                fn, pad_token_id=pad, input_key=task.input_column, label_key=task.label_column
+            )
+        return fn
+
+    def create_loader(
+        self, dataset: Any, config: DataLoaderConfig | None = None, is_eval: bool = False
+    ) -> torch.utils.data.DataLoader:
+        """A DataLoader over ``dataset``; ``is_eval`` never shuffles nor drops batches."""
+        config = config or DataLoaderConfig()
+        shuffle = config.shuffle and not is_eval
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=shuffle,
+            drop_last=config.drop_last and not is_eval,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -62,8 +62,10 @@ from kiln.engine.checkpoint_reader import (
     _rank,
     _read_index,
     load_checkpoint_state,
+    model_state_dict,
     read_metadata,
     resolve_checkpoint,
+    saves_trainable_only,
     strip_prefixes,
     unwrap_model,
 )
@@ -79,6 +81,8 @@ __all__ = [
     "read_metadata",
     "resolve_checkpoint",
     "unwrap_model",
+    "model_state_dict",
+    "saves_trainable_only",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "TRAIN_STATE_FILE",
@@ -375,7 +379,7 @@ class CheckpointManager:
                 self.monitor,
                 sorted(clean),
             )
-        model_state = unwrap_model(model).state_dict()
+        model_state = model_state_dict(model)
         train_state = {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -35,6 +35,8 @@ __all__ = [
     "TRAIN_STATE_FILE",
     "load_checkpoint_state",
     "load_model_state",
+    "model_state_dict",
+    "saves_trainable_only",
     "read_metadata",
     "resolve_checkpoint",
     "run_details",
@@ -83,6 +85,30 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = inner
         else:
             return model
+
+
+TRAINABLE_ONLY_ATTR = "kiln_save_trainable_only"
+
+
+def saves_trainable_only(model: torch.nn.Module) -> bool:
+    """True when ``model`` asks that checkpoints hold only its trainable parameters.
+
+    A model built with frozen weights it can rebuild exactly (a LoRA adapter over a
+    base model read from disk) sets ``kiln_save_trainable_only = True``; its
+    checkpoints then hold the adapter and the optimizer state only, and load with
+    ``strict=False``.
+    """
+    return bool(getattr(unwrap_model(model), TRAINABLE_ONLY_ATTR, False))
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The state dict a checkpoint stores: all of it, or the trainable parameters only."""
+    inner = unwrap_model(model)
+    state = inner.state_dict()
+    if not saves_trainable_only(inner):
+        return state
+    trainable = {name for name, p in inner.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 def strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -322,5 +348,3 @@ def _metadata_object(ckpt: Path, meta: Mapping[str, Any]) -> CheckpointMetadata:
         step=int(meta.get("step", 0)),
         user=dict(meta.get("user", {})),
     )
-
-

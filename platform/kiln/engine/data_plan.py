@@ -293,6 +293,13 @@ def _plan_torch(train, val, task, config) -> DataPlan:
             else (torch.utils.data.DataLoader(val, shuffle=False, **loader_kwargs))
         )
     sample = dataset[0]
+    if (
+        task is not None
+        and task.task_type == "language_modeling"
+        and isinstance(sample, dict)
+        and task.input_column in sample
+    ):  # token sequences of any length (Hugging Face style): nothing to infer
+        return DataPlan("torch", task, (), len(dataset), loaders=loaders)
     x, y = (sample["x"], sample["y"]) if isinstance(sample, dict) else (sample[0], sample[1])
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     task_type = "classification" if not torch.is_floating_point(y) else "regression"

@@ -4,6 +4,13 @@ These are the step loops the worker loop (:mod:`kiln.engine.worker`) calls once 
 epoch; they are also usable on their own with any iterable of batches. The hot path
 keeps running sums as Python floats on CPU and as device tensors on an accelerator
 (no host sync per step), so a kiln epoch costs what a hand-written loop costs.
+
+Batches come in two kinds. With a loss strategy, a batch is a dict of columns or an
+``(inputs, labels)`` pair: ``loss = strategy(model(inputs), labels)``. With
+``loss_strategy=None`` the model computes its own loss, as Hugging Face models do:
+a dict batch is passed as keyword arguments (``input_ids``, ``attention_mask``,
+``labels``, ...) and ``model(**batch).loss`` is used; losses are then averaged over
+the label tokens that count (labels other than -100), and tokens/s is measured.
 """
 
 from __future__ import annotations
@@ -75,8 +82,15 @@ class _Sums:
         self.batches = 0
         self._on_device: bool | None = None
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        n = labels.shape[0]
+    def add(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        weight: int | None = None,
+    ) -> None:
+        """Add one batch; ``weight`` (default: the batch size) is what ``loss`` averages over."""
+        n = labels.shape[0] if weight is None else weight
         self.samples += n
         self.batches += 1
         if self._on_device is None:
@@ -84,7 +98,8 @@ class _Sums:
             if self._on_device:
                 zero = torch.zeros((), dtype=torch.float64, device=loss.device)
                 self.loss_sum, self.correct, self.abs_err = zero, zero.clone(), zero.clone()
-        loss, logits = loss.detach(), logits.detach()
+        loss = loss.detach()
+        logits = logits.detach() if logits is not None else None
         if self.classification:
             correct = (logits.argmax(dim=-1) == labels).sum()
         elif self.regression:
@@ -133,7 +148,7 @@ class TrainingLoop:
         self,
         gradient_accumulator: GradientAccumulator,
         gradient_monitor: GradientMonitor | None,
-        loss_strategy: LossStrategy,
+        loss_strategy: LossStrategy | None,
         gradient_clip_norm: float | None = 1.0,
         *,
         precision: Precision | None = None,
@@ -141,6 +156,7 @@ class TrainingLoop:
         input_column: str = "x",
         label_column: str = "y",
         log_every_n_steps: int = 0,
+        max_steps: int | None = None,
     ) -> None:
         self.accumulator = gradient_accumulator
         self.monitor = gradient_monitor
@@ -152,7 +168,13 @@ class TrainingLoop:
         self.columns = (input_column, label_column)
         self.log_every_n_steps = log_every_n_steps
         self.global_step = 0  # batches seen over the whole run (restored on resume)
+        self.max_steps = max_steps  # stop the run once global_step reaches it
         self.last_grad_norm: float | None = None
+
+    @property
+    def reached_max_steps(self) -> bool:
+        """True once ``global_step`` has reached ``max_steps``."""
+        return self.max_steps is not None and self.global_step >= self.max_steps
 
     def run_epoch(
         self,
@@ -176,23 +198,26 @@ class TrainingLoop:
         n_accum = self.accumulator.accumulation_steps
         no_sync = getattr(model, "no_sync", None)
         batches = _mark_last(train_loader) if n_accum > 1 else _never_last(train_loader)
+        tokens = 0
         for batch_idx, (batch, is_last) in enumerate(batches):
-            inputs, labels = unpack_batch(batch, *self.columns)
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            if self.reached_max_steps:
+                break
+            batch, labels = _to_device(batch, self.columns, device, self.loss_strategy is None)
             # A last partial accumulation window still updates the weights; its backward
             # must run outside no_sync so DDP all-reduces those gradients too.
-            update = self.accumulator.should_update_optimizer(batch_idx) or is_last
+            at_limit = self.max_steps is not None and self.global_step + 1 >= self.max_steps
+            update = self.accumulator.should_update_optimizer(batch_idx) or is_last or at_limit
             sync_ctx = no_sync() if (no_sync is not None and not update and n_accum > 1) else _NULL
             with sync_ctx:
                 with precision.autocast():
-                    logits = ModelOutput.from_raw(model(inputs)).logits
-                    loss = self.loss_strategy.compute_loss(logits, labels)
+                    loss, logits, weight = _forward(model, batch, labels, self.loss_strategy)
                 scaled = loss / n_accum if n_accum > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if update:
                 self._optimizer_step(model, optimizer, scheduler, scaler)
-            sums.add(loss, logits, labels)
+            sums.add(loss, logits, labels, weight)
+            if weight is not None:
+                tokens += _token_count(batch)
             self.global_step += 1
             if self.log_every_n_steps and self.global_step % self.log_every_n_steps == 0:
                 step_log.append(
@@ -204,6 +229,8 @@ class TrainingLoop:
         metrics = metrics_from_sums(totals, self.classification, self.regression, "train")
         for row in step_log:
             row["loss"] = float(row["loss"])
+        if tokens:
+            metrics["train_tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
         return EpochResult(
             epoch=epoch,
             loss=metrics["train_loss"],
@@ -238,7 +265,7 @@ class ValidationLoop:
 
     def __init__(
         self,
-        loss_strategy: LossStrategy,
+        loss_strategy: LossStrategy | None,
         *,
         precision: Precision | None = None,
         task_type: str = "classification",
@@ -267,12 +294,10 @@ class ValidationLoop:
         sums = _Sums(self.classification, self.regression)
         start = time.perf_counter()
         for batch_idx, batch in enumerate(val_loader):
-            inputs, labels = unpack_batch(batch, *self.columns)
-            inputs, labels = inputs.to(device), labels.to(device)
+            batch, labels = _to_device(batch, self.columns, device, self.loss_strategy is None)
             with precision.autocast():
-                logits = ModelOutput.from_raw(model(inputs)).logits
-                loss = self.loss_strategy.compute_loss(logits, labels)
-            sums.add(loss, logits, labels)
+                loss, logits, weight = _forward(model, batch, labels, self.loss_strategy)
+            sums.add(loss, logits, labels, weight)
             if metrics_callback is not None:
                 metrics_callback(float(loss), batch_idx)
         totals = sums.as_tensor()
@@ -287,6 +312,57 @@ class ValidationLoop:
             learning_rate=0.0,
             sums=totals,
         )
+
+
+def _to_device(
+    batch: Any, columns: tuple[str, str], device: torch.device, model_loss: bool
+) -> tuple[Any, torch.Tensor]:
+    """(what the model gets, labels) on ``device``: a dict of tensors when the model
+    computes its own loss, else the inputs tensor."""
+    if not model_loss:
+        inputs, labels = unpack_batch(batch, *columns)
+        return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if not isinstance(batch, dict) or columns[1] not in batch:
+        raise TypeError(
+            f"a model that computes its own loss takes dict batches with a {columns[1]!r} "
+            f"column (passed as keyword arguments); got {type(batch).__name__}"
+            + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        )
+    batch = {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+    return batch, batch[columns[1]]
+
+
+def _forward(
+    model: nn.Module, batch: Any, labels: torch.Tensor, strategy: LossStrategy | None
+) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(loss, logits or None, what the loss averages over or None for the batch size)."""
+    if strategy is not None:
+        logits = ModelOutput.from_raw(model(batch)).logits
+        return strategy.compute_loss(logits, labels), logits, None
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, dict) else out.loss
+    if loss is None:
+        raise TypeError(
+            "the model returned no loss: with loss='model' it must compute one from the "
+            "batch's labels (model(**batch).loss)"
+        )
+    # Causal LMs predict token t+1 from t: the label tokens that count are the shifted ones.
+    counted = labels[..., 1:] if labels.ndim > 1 else labels
+    return loss, None, max(1, int((counted != IGNORE_INDEX).sum()))
+
+
+def _token_count(batch: dict[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return int(ids.numel()) if ids is not None else 0
+
+
+IGNORE_INDEX = -100
 
 
 def _mark_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:

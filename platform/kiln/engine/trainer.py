@@ -27,7 +27,12 @@ from torch import nn
 from kiln._ray import ensure_ray
 from kiln.config import TaskSpec, TaskType, TrainingConfig
 from kiln.config.modes import MetricMode
-from kiln.engine.checkpoint_reader import load_model_state, read_metadata, resolve_checkpoint
+from kiln.engine.checkpoint_reader import (
+    load_model_state,
+    read_metadata,
+    resolve_checkpoint,
+    saves_trainable_only,
+)
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
 from kiln.engine.loss import LOSSES
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
@@ -138,7 +143,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
         cfg = self.training_config
-        if cfg.loss is not None and cfg.loss not in LOSSES:
+        if cfg.loss not in (None, "model") and cfg.loss not in LOSSES:
             raise ConfigError(
                 f"loss={cfg.loss!r} is not a registered loss; known: {', '.join(LOSSES.names())} "
                 "(kiln.engine.loss.register_loss adds yours)"
@@ -313,7 +318,7 @@ class Trainer:
             return None
         state = load_model_state(latest)
         target = self.model if isinstance(self.model, nn.Module) else factory()
-        target.load_state_dict(state)
+        target.load_state_dict(state, strict=not saves_trainable_only(target))
         return target
 
     def evaluate(self, data: Any, checkpoint: str = "best", **options: Any) -> Any:

@@ -55,6 +55,7 @@ from kiln.engine.checkpoint import (
     CheckpointState,
     load_checkpoint_state,
     resolve_checkpoint,
+    saves_trainable_only,
 )
 from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
@@ -94,10 +95,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     for epoch in range(run.start_epoch + 1, run.cfg.epochs + 1):
         metrics = _train_epoch(run, epoch)
         stop = _agree(run.hooks.stop_training, run.distributed)
+        done = run.train_loop.reached_max_steps  # max_steps reached: the run is complete
         run.history.append(metrics)
-        _save_and_report(run, epoch, metrics, last=stop or epoch == run.cfg.epochs)
+        _save_and_report(run, epoch, metrics, last=stop or done or epoch == run.cfg.epochs)
         if stop:
             run.stopped_early = True
+        if stop or done:
             break
     return _finish(run)
 
@@ -158,15 +161,19 @@ def _setup(plan: WorkerPlan) -> _Run:
     resume = _broadcast(resume, distributed)
     restored = load_checkpoint_state(resume) if resume else None
     if restored is not None:
-        model.load_state_dict(restored.model_state)  # before DDP wraps it: every rank loads
+        # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
+        model.load_state_dict(restored.model_state, strict=not saves_trainable_only(model))
     if cfg.compile_mode:
         model = torch.compile(model, mode=cfg.compile_mode)  # type: ignore[assignment]
     model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
     train_batches, val_batches, batches_per_epoch = data_for_rank(plan, device, world_size)
 
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, math.ceil(cfg.max_steps / cfg.gradient_accumulation_steps))
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     precision = Precision.from_config(cfg, device)
     train_loop, val_loop, grad_monitor = _step_loops(plan, precision)
     run = _Run(
@@ -202,8 +209,14 @@ def _step_loops(
     cfg, task = plan.config, plan.task
     for name, entry in plan.losses.items():  # a worker actor's registry has the built-ins only
         LOSSES.register(name, entry, overwrite=True)
-    loss = get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
-    if task.task_type == TaskType.LANGUAGE_MODELING and task.pad_token_id is not None:
+    # loss="model": the model computes its own loss from dict batches (model(**batch).loss).
+    loss = (
+        None
+        if cfg.loss == "model"
+        else get_loss_strategy(cfg.loss or loss_for_task(task.task_type))
+    )
+    is_lm = task.task_type == TaskType.LANGUAGE_MODELING
+    if loss is not None and is_lm and task.pad_token_id is not None:
         loss = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
     columns = {"input_column": task.input_column, "label_column": task.label_column}
     grad_monitor = (
@@ -219,6 +232,7 @@ def _step_loops(
         precision=precision,
         task_type=task.task_type,
         log_every_n_steps=cfg.log_every_n_steps,
+        max_steps=cfg.max_steps,
         **columns,
     )
     val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
@@ -276,11 +290,18 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         model = _for_validation(run.model, run.distributed)
         val = run.val_loop.run_epoch(epoch, model, run.val_batches(epoch), run.device)
         val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
+        if (
+            run.val_loop.loss_strategy is None
+            and run.plan.task.task_type == TaskType.LANGUAGE_MODELING
+        ):
+            val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
         metrics.update(val_metrics)
         hooks.validation_end(val_metrics)
     metrics["learning_rate"] = train.learning_rate
     metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
     metrics["global_step"] = train_loop.global_step
+    if "train_tokens_per_s" in train.metrics:  # this rank's rate; ranks run in step
+        metrics["train_tokens_per_s"] = train.metrics["train_tokens_per_s"] * run.world_size
     metrics["timestamp"] = time.time()
     if train_loop.last_grad_norm is not None:
         metrics["grad_norm"] = float(train_loop.last_grad_norm)
