@@ -23,6 +23,7 @@ __all__ = [
     "RunNotFoundError",
     "ModelNotFoundError",
     "IntegrityError",
+    "TrainingFailedError",
     "StoreError",
     "RegistryError",
     "ArtifactPathError",
@@ -93,6 +94,11 @@ class WorkerDiedError(KilnError, RuntimeError):
 
 class IntegrityError(KilnError):
     """Stored bytes whose sha256 does not match the recorded one."""
+
+
+class TrainingFailedError(KilnError):
+    """A training run that ended with an error inside the training loop (e.g. a Tune trial
+    of an LLM fine-tune whose job reported failure)."""
 
 
 class StoreError(KilnError):

@@ -397,8 +397,11 @@ def test_collator_registry():
     def my_collator(batch):
         return {"input_ids": torch.tensor([b[0] for b in batch]), "labels": torch.tensor([0])}
 
+    from kiln.data import collate
+
     registry.register("custom", my_collator)
     assert registry.get("custom")([(7,), (8,)])["input_ids"].tolist() == [7, 8]
+    collate._COLLATORS.pop("custom")  # the table is module-wide: leave it as found
     assert {"classification", "vision", "sequence_to_sequence"} <= set(registry.names())
 
 

@@ -337,7 +337,10 @@ def test_collator_registry_builtins_and_custom():
     assert vis["x"].shape == (1, 1, 4, 4) and vis["x"].max() == 1.0
     s2s = reg.get("sequence_to_sequence")([([1, 2], [3]), ([1], [3, 4, 5])])
     assert s2s["x"].shape == (2, 2) and s2s["y"].shape == (2, 3)
+    from kiln.data import collate
+
     reg.register("custom", lambda b: {"x": torch.zeros(1), "y": torch.zeros(1)})
     assert "custom" in reg
+    collate._COLLATORS.pop("custom")  # the table is module-wide: leave it as found
     with pytest.raises(NotFoundError, match="unknown collator 'nope'.*classification"):
         reg.get("nope")

@@ -35,7 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train", help="run a fine-tuning job from a YAML/JSON config")
     t.add_argument("config")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. hyperparams.learning_rate=1e-4 (repeatable)",
+    )
     t.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint")
     t.add_argument("--status-file", help="write the status JSON here")
     t.set_defaults(func=cmd_train)
@@ -43,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("status", help="print a job's status file")
     s.add_argument("path")
     s.add_argument("--watch", action="store_true", help="follow until completed or failed")
-    s.add_argument("--interval", type=float, default=1.0)
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between reads with --watch")
     s.set_defaults(func=cmd_status)
 
     g = sub.add_parser("generate", help="generate text with a model or adapter folder")
@@ -51,25 +58,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     g.add_argument("--system", help="a system message")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 picks greedily")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--base", help="base model folder for an adapter (default: its own record)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("adapter_dir")
-    m.add_argument("-o", "--output", required=True)
+    m.add_argument("-o", "--output", required=True, help="folder for the merged model")
     m.add_argument("--base", help="base model folder (default: the adapter's record)")
     m.set_defaults(func=cmd_merge)
 
     k = sub.add_parser("tiny-model", help="write a tiny random model with a trained tokenizer")
     k.add_argument("output_dir")
     k.add_argument("--text", required=True, action="append", help="text file(s) for the tokenizer")
-    k.add_argument("--hidden-size", type=int, default=64)
-    k.add_argument("--layers", type=int, default=2)
-    k.add_argument("--heads", type=int, default=4)
-    k.add_argument("--vocab-size", type=int, default=512)
+    k.add_argument("--hidden-size", type=int, default=64, help="model width")
+    k.add_argument("--layers", type=int, default=2, help="decoder layers")
+    k.add_argument("--heads", type=int, default=4, help="attention heads")
+    k.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size")
     k.set_defaults(func=cmd_tiny_model)
 
     u = sub.add_parser("tune", help="Ray Tune over a job's settings (learning rate, LoRA r)")
@@ -77,15 +84,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--space", required=True, help="YAML: dotted keys -> domains, tune: settings")
     u.add_argument("--samples", type=int, help="trials (default: tune.num_samples or 4)")
     u.add_argument("--metric", help="default: val_loss with a validation split, else train_loss")
-    u.add_argument("--mode", choices=("min", "max"))
+    u.add_argument("--mode", choices=("min", "max"), help="min or max of --metric is better")
     u.set_defaults(func=cmd_tune)
 
     v = sub.add_parser("serve", help="serve POST /generate on Ray Serve")
     v.add_argument("model_dir")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    v.add_argument("--port", type=int, default=8000, help="HTTP port")
     v.add_argument("--base", help="base model folder for an adapter")
-    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument("--replicas", type=int, default=1, help="Serve replicas")
     v.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     v.set_defaults(func=cmd_serve)
 

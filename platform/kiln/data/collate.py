@@ -152,9 +152,11 @@ def get_collator(name: str) -> Collator:
 def register_collator(name: str, fn: Collator, *, overwrite: bool = False) -> None:
     """Add ``fn`` under ``name`` for every config and loader (``overwrite=True`` replaces)."""
     if not callable(fn):
-        raise TypeError(f"collator {name!r} must be callable; got {fn!r}")
+        raise ConfigError(f"collator {name!r} must be callable; got {fn!r}")
     if name in _COLLATORS and not overwrite:
-        raise ValueError(f"collator {name!r} already registered; pass overwrite=True to replace it")
+        raise ConfigError(
+            f"collator {name!r} is already registered; pass overwrite=True to replace it"
+        )
     _COLLATORS[name] = fn
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "TRAIN_STATE_FILE",
     "load_checkpoint_state",
     "load_model_state",
+    "TRAINABLE_ONLY_ATTR",
     "model_state_dict",
     "saves_trainable_only",
     "read_metadata",
