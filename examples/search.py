@@ -41,7 +41,9 @@ def main() -> None:
     )
     print(result.trials.to_string(index=False))
     print(f"best: {result.best_metrics.get('val_loss'):.4f} val_loss with")
-    print(f"  learning_rate={result.best_config.learning_rate:.2e}, model={result.best_config.model}")
+    print(
+        f"  learning_rate={result.best_config.learning_rate:.2e}, model={result.best_config.model}"
+    )
     print(f"registered model id: {result.model_id}")
 
 

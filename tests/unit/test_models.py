@@ -218,7 +218,8 @@ def test_named_config_errors():
     ):
         build_model({"name": "resnet"}, input_shape=(4,), num_outputs=3)
     with pytest.raises(
-        ModelConfigError, match=r"mlp does not take 'hiden'; did you mean 'hidden'\? \(allowed keys: .*hidden"
+        ModelConfigError,
+        match=r"mlp does not take 'hiden'; did you mean 'hidden'\? \(allowed keys: .*hidden",
     ):
         build_model({"name": "mlp", "hiden": [3]}, input_shape=(4,), num_outputs=3)
     with pytest.raises(ModelConfigError, match="needs 'layers'.*or 'name'"):

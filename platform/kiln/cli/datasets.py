@@ -116,7 +116,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         train, val, test = split_for_run(dataset, config)
         dataset = {"train": train, "val": val, "test": test}[args.split]
         if dataset is None:
-            raise ConfigError(f"--split {args.split}: this dataset and config hold out no such rows")
+            raise ConfigError(
+                f"--split {args.split}: this dataset and config hold out no such rows"
+            )
     x, y = _arrays(dataset)
     if args.limit is not None:
         x, y = x[: args.limit], y[: args.limit]

@@ -242,7 +242,7 @@ class CheckpointManager:
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future[CheckpointMetadata]] = []
+        self._pending: list[Future[CheckpointMetadata | None]] = []
         self._pending_values: list[float] = []  # monitored values of unfinished async saves
 
     def __getstate__(self) -> dict[str, Any]:

@@ -295,11 +295,12 @@ def _plan_torch(train, val, task, config) -> DataPlan:
     sample = dataset[0]
     if (
         task is not None
-        and task.task_type == "language_modeling"
+        and task.task_type == TaskType.LANGUAGE_MODELING
         and isinstance(sample, dict)
         and task.input_column in sample
     ):  # token sequences of any length (Hugging Face style): nothing to infer
-        return DataPlan("torch", task, (), len(dataset), loaders=loaders)
+        rows = len(dataset)  # type: ignore[arg-type]  # map-style torch Datasets define __len__
+        return DataPlan(DataKind.TORCH, task, (), rows, loaders=loaders)
     x, y = (sample["x"], sample["y"]) if isinstance(sample, dict) else (sample[0], sample[1])
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     task_type = "classification" if not torch.is_floating_point(y) else "regression"

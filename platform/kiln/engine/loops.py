@@ -75,9 +75,10 @@ class _Sums:
     def __init__(self, classification: bool, regression: bool) -> None:
         self.classification = classification
         self.regression = regression
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.correct: torch.Tensor | float = 0.0
-        self.abs_err: torch.Tensor | float = 0.0
+        # Python floats on CPU, 0-d tensors on an accelerator (see the class docstring).
+        self.loss_sum: Any = 0.0
+        self.correct: Any = 0.0
+        self.abs_err: Any = 0.0
         self.samples = 0
         self.batches = 0
         self._on_device: bool | None = None
@@ -101,8 +102,10 @@ class _Sums:
         loss = loss.detach()
         logits = logits.detach() if logits is not None else None
         if self.classification:
+            assert logits is not None  # only models that compute their own loss give none
             correct = (logits.argmax(dim=-1) == labels).sum()
         elif self.regression:
+            assert logits is not None
             err = (logits.float().reshape(n, -1) - labels.float().reshape(n, -1)).abs()
             abs_err = err.mean(dim=1).sum()
         if self._on_device:  # in-place adds on 0-d device tensors: no host sync

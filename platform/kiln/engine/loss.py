@@ -479,8 +479,6 @@ def get_loss_strategy(name: str, **kwargs: Any) -> LossStrategy:
     return LOSSES.get(name, **kwargs)
 
 
-
-
 def loss_for_task(task_type: str) -> str:
     """Default loss name for a ``TaskSpec.task_type``."""
     from kiln.config.task import TASK_TYPES, TaskType

@@ -180,7 +180,7 @@ def _val_shard(loader: Any, world_size: int) -> Any:
 
 def _loader_epochs(loader: Any) -> Callable[[int], Any]:
     def epoch_batches(epoch: int) -> Any:
-        sampler = getattr(loader, "sampler", None)
+        sampler: Any = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         return loader

@@ -368,7 +368,10 @@ def _finish(run: _Run) -> dict[str, Any] | None:
     }
 
 
-def _reduce(sums: torch.Tensor, loop: Any, prefix: str, distributed: bool) -> dict[str, float]:
+def _reduce(
+    sums: torch.Tensor | None, loop: Any, prefix: str, distributed: bool
+) -> dict[str, float]:
+    assert sums is not None  # every epoch of the step loops returns its sums
     if distributed:
         sums = sums.clone()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -368,7 +368,9 @@ def _write_side_files(
     write_json_synced(configs / "task_spec.json", task, sort_keys=True)
     write_json_synced(configs / "training_config.json", train_cfg, sort_keys=True)
     write_json_synced(configs / "model_config.json", model_cfg, sort_keys=True)
-    write_text_synced(configs / "serve_config.yaml", _templates.serve_config_yaml(final.name, str(final)))
+    write_text_synced(
+        configs / "serve_config.yaml", _templates.serve_config_yaml(final.name, str(final))
+    )
     write_text_synced(tmp / "inference.py", _templates.INFERENCE_PY)
     write_text_synced(
         tmp / "requirements.txt",

@@ -352,7 +352,8 @@ def _model_checks(c: TrainerConfig, k: _Checks) -> None:
         k.number("model.lora.dropout", m.lora.dropout, 0.0, 1.0)
         tm = m.lora.target_modules
         k.need(
-            tm is None or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)),
+            tm is None
+            or (isinstance(tm, list) and bool(tm) and all(isinstance(t, str) for t in tm)),
             f"model.lora.target_modules={tm!r} must be a list of module names "
             "(e.g. ['q_proj', 'v_proj']) or null for the attention projections",
         )

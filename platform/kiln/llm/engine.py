@@ -193,7 +193,7 @@ class TrainerEngine:
         registry = ModelRegistry(paths.db, paths.artifacts)
         try:
             return registry.register_model(
-                config.output.register_as,
+                str(config.output.register_as),
                 out,
                 config={
                     "kind": kind,

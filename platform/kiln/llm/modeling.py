@@ -80,13 +80,13 @@ class CausalLMFactory:
         if self.load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config()
             kwargs["device_map"] = {"": torch.cuda.current_device()}
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
         if self.vocab_size and model.get_input_embeddings().num_embeddings < self.vocab_size:
             model.resize_token_embeddings(self.vocab_size)
         return model
 
     def __call__(self) -> torch.nn.Module:
-        model = self.load_base()
+        model: Any = self.load_base()
         model.config.use_cache = False  # training: no KV cache
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -186,7 +186,7 @@ def load_for_inference(
         base_model = CausalLMFactory(
             _adapter_base(path, base), vocab_size=len(tokenizer)
         ).load_base()
-        model = PeftModel.from_pretrained(base_model, str(path))
+        model: Any = PeftModel.from_pretrained(base_model, str(path))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path))
     model.config.use_cache = True

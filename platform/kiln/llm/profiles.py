@@ -211,7 +211,7 @@ def get_profile(name: str, **options: Any) -> Any:
             f"profile.options has unknown keys {unknown!r} for profile {name!r}; allowed: "
             f"{', '.join(allowed) or 'none'}"
         )
-    return dataclasses.replace(profile, **options)
+    return dataclasses.replace(profile, **options)  # type: ignore[type-var]  # profiles are dataclass instances
 
 
 def register_profile(name: str, profile: Any, *, overwrite: bool = False) -> None:

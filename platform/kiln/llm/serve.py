@@ -130,7 +130,8 @@ def build_generate_app(
             f"model_dir={str(model_dir)!r} is not a model folder (config.json) or a LoRA "
             "adapter folder (adapter_config.json)"
         )
-    deployment = serve.deployment(GenerateDeployment).options(
+    # serve.deployment's overloads type the class form as a decorator factory.
+    deployment = serve.deployment(GenerateDeployment).options(  # type: ignore[attr-defined]
         name="KilnGenerate",
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,

@@ -78,7 +78,7 @@ def tune_llm(
 
     parsed = parse_space(space)
     metric = metric or ("val_loss" if config.monitoring.validation_split > 0 else "train_loss")
-    errors = []
+    errors: list[str] = []
     for key, domain in parsed.items():
         for value in candidate_values(domain) or []:
             try:
@@ -107,9 +107,9 @@ def tune_llm(
         run_config=tune.RunConfig(storage_path=str(paths.tune), verbose=0),
     )
     results = tuner.fit()
-    trials = []
-    for r in results:
-        row = {"params": dict(r.config), "error": str(r.error) if r.error else None}
+    trials: list[dict[str, Any]] = []
+    for r in (results[i] for i in range(len(results))):
+        row = {"params": dict(r.config or {}), "error": str(r.error) if r.error else None}
         row[metric] = (r.metrics or {}).get(metric)
         row["output_dir"] = str(root / r.metrics["trial_id"]) if r.metrics else None
         trials.append(row)

@@ -266,7 +266,8 @@ def _run_on_workers(
     name = f"eval-{uuid.uuid4().hex[:8]}"
     try:
         trainer = TorchTrainer(
-            _eval_loop_per_worker,
+            # Ray types the loop as returning None; rank 0's return value is the result.
+            _eval_loop_per_worker,  # type: ignore[arg-type]
             train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=num_workers),
             datasets={"eval": ds},
@@ -278,7 +279,7 @@ def _run_on_workers(
         result = trainer.fit()
     finally:
         shutil.rmtree(root / name, ignore_errors=True)
-    return result.return_value
+    return result.return_value  # type: ignore[attr-defined]  # Train V2's Result has it
 
 
 def _eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:

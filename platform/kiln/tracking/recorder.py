@@ -58,7 +58,9 @@ class RunRecorder:
             db.close()
         return run_id
 
-    def finish(self, run_id: int | None, status: str, error: BaseException | str | None = None) -> None:
+    def finish(
+        self, run_id: int | None, status: str, error: BaseException | str | None = None
+    ) -> None:
         """Mark a run ``failed``/``stopped``/``completed`` without further records."""
         if run_id is None:
             return
@@ -104,7 +106,9 @@ class RunRecorder:
         db = ExperimentDB(self.db_path)
         try:
             known = db.list_runs(group=group)
-            return {str(n): int(i) for n, i in zip(known["run_name"], known["run_id"], strict=False)}
+            return {
+                str(n): int(i) for n, i in zip(known["run_name"], known["run_id"], strict=False)
+            }
         finally:
             db.close()
 
