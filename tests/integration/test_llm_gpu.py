@@ -6,15 +6,13 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from kiln.llm import TrainerEngine, create_default_config
 from kiln.paths import RunPaths
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.requires_gpu,
 ]
 
 
