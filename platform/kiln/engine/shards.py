@@ -54,45 +54,60 @@ def data_for_rank(plan: WorkerPlan, device: torch.device, world_size: int):
     The batch count plans the LR schedule, so it comes from what this rank iterates: a
     user's DataLoader has its own batch size, which need not be ``config.batch_size``.
     """
-    cfg = plan.config
     if plan.data_kind == DataKind.TORCH:
-        import ray.train.torch
-
-        loaders = dict(plan.loaders or {})
-        if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
-            for name, loader in loaders.items():
-                shard = _val_shard(loader, world_size) if name == "val" else None
-                loaders[name] = (
-                    shard if shard is not None else ray.train.torch.prepare_data_loader(loader)
-                )
-        train = loaders["train"]
-        try:
-            batches = len(train)  # sampler-aware: this rank's batches
-        except TypeError:  # an IterableDataset has no length
-            rows = math.ceil(plan.num_train_rows / world_size)
-            batches = math.ceil(rows / (getattr(train, "batch_size", None) or cfg.batch_size))
-        return (
-            _loader_epochs(train),
-            (_loader_epochs(loaders["val"]) if "val" in loaders else None),
-            max(1, batches),
-        )
-
+        return _torch_batches(plan, world_size)
     if plan.data_kind == DataKind.MEMORY:
-        rank = _rank()
-        parts = {
-            name: _CachedShard(
-                _rank_rows(x, rank, world_size, equal=name == "train"),
-                _rank_rows(y, rank, world_size, equal=name == "train"),
-                cfg.batch_size,
-                cfg.random_seed,
-                shuffle=name == "train",
-            )
-            for name, (x, y) in (plan.arrays or {}).items()
-        }
-        return _cached_epochs(parts)
+        return _memory_batches(plan, world_size)
+    return _ray_batches(plan, world_size)
 
+
+def _torch_batches(plan: WorkerPlan, world_size: int):
+    """The user's DataLoaders, sharded per rank (validation without padding)."""
+    import ray.train.torch
+
+    cfg = plan.config
+    loaders = dict(plan.loaders or {})
+    if not _in_tune():  # in-process in a Tune trial: one rank, nothing to shard
+        for name, loader in loaders.items():
+            shard = _val_shard(loader, world_size) if name == "val" else None
+            loaders[name] = (
+                shard if shard is not None else ray.train.torch.prepare_data_loader(loader)
+            )
+    train = loaders["train"]
+    try:
+        batches = len(train)  # sampler-aware: this rank's batches
+    except TypeError:  # an IterableDataset has no length
+        rows = math.ceil(plan.num_train_rows / world_size)
+        batches = math.ceil(rows / (getattr(train, "batch_size", None) or cfg.batch_size))
+    return (
+        _loader_epochs(train),
+        (_loader_epochs(loaders["val"]) if "val" in loaders else None),
+        max(1, batches),
+    )
+
+
+def _memory_batches(plan: WorkerPlan, world_size: int):
+    """Arrays shipped with the run: an equal slice per rank, batched in this process."""
+    cfg = plan.config
+    rank = _rank()
+    parts = {
+        name: _CachedShard(
+            _rank_rows(x, rank, world_size, equal=name == "train"),
+            _rank_rows(y, rank, world_size, equal=name == "train"),
+            cfg.batch_size,
+            cfg.random_seed,
+            shuffle=name == "train",
+        )
+        for name, (x, y) in (plan.arrays or {}).items()
+    }
+    return _cached_epochs(parts)
+
+
+def _ray_batches(plan: WorkerPlan, world_size: int):
+    """Ray Data shards: read whole and kept per rank (in-memory sources), else streamed."""
     import ray.train
 
+    cfg = plan.config
     shards = {"train": ray.train.get_dataset_shard("train")}
     with contextlib.suppress(KeyError, AssertionError, ValueError):
         shards["val"] = ray.train.get_dataset_shard("val")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -46,6 +46,20 @@ logger = logging.getLogger(__name__)
 # much faster steals CPU from the workers (measured on 2 cores: 0.1 s made epochs ~25%
 # slower than 0.25 s), so kiln uses 0.25 s unless the user sets the variable.
 DEFAULT_REPORT_POLL_S = "0.25"
+
+
+class _PreparedRun(NamedTuple):
+    """What :meth:`Trainer._prepare` resolved before training starts."""
+
+    cfg: TrainingConfig
+    plan: DataPlan
+    factory: Callable[[], nn.Module]
+    model_config: dict[str, Any] | None
+    name: str
+    dir: Path
+    checkpoint_dir: str
+    resume: str | None
+    worker_plan: WorkerPlan
 
 
 class Trainer:
@@ -141,7 +155,46 @@ class Trainer:
     def train(
         self, train_data: Any = None, val_data: Any = None, resume_from: str | None = None
     ) -> dict[str, Any]:
-        """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ..."""
+        """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ...
+
+        It reads: plan the data and the model -> fit on Ray Train (the worker loop) ->
+        score the held-out test rows -> export -> record the run and register the model.
+        """
+        from kiln.tracking.recorder import RunRecorder
+
+        run = self._prepare(train_data, val_data, resume_from)
+        cfg, plan = run.cfg, run.plan
+        recorder = RunRecorder(self.paths.db, self.paths.artifacts) if cfg.tracking else None
+        run_id = None
+        if recorder is not None:
+            params = {**_run_params(cfg, plan, run.resume), "checkpoint_dir": run.checkpoint_dir}
+            run_id = recorder.start(run.name, cfg.to_dict(), params, notes=cfg.notes)
+        started = time.perf_counter()
+        try:
+            fitted = _fit(run.worker_plan, plan, cfg, run.name, self._storage(), self.ray_callbacks)
+        except BaseException as exc:
+            died = _worker_died(exc, cfg, Path(run.checkpoint_dir))
+            if recorder is not None:
+                stopped = isinstance(exc, KeyboardInterrupt)
+                recorder.finish(run_id, "stopped" if stopped else "failed", error=died or exc)
+            if died is not None:
+                raise died from exc
+            raise
+        summary = fitted.return_value or {}
+        results = _results(summary, cfg, plan, run.name, run.dir, time.perf_counter() - started)
+        self.trained_model = self._final_model(run.factory, summary.get("latest_checkpoint"))
+        best = results["checkpoint_path"]
+        if plan.test is not None and best:
+            results["test_metrics"] = _score_test(run.factory, best, plan, cfg)
+        if cfg.export_formats and best:
+            bundle = _export_best(run.factory, best, run.model_config, plan, cfg, run.dir)
+            results["bundle_path"] = str(bundle)
+        self._record(run, results, recorder, run_id)
+        self.results = results
+        return results
+
+    def _prepare(self, train_data: Any, val_data: Any, resume_from: str | None) -> _PreparedRun:
+        """Everything known before training starts: data, model, run name, resume point."""
         cfg = self.training_config
         if cfg.loss not in (None, "model") and cfg.loss not in LOSSES:
             raise ConfigError(
@@ -149,15 +202,14 @@ class Trainer:
                 "(kiln.engine.loss.register_loss adds yours)"
             )
         plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self.paths.datasets)
-        if "val" not in (
-            plan.datasets or plan.arrays or plan.loaders or {}
-        ) and cfg.monitor.startswith("val_"):
+        has_val = "val" in (plan.datasets or plan.arrays or plan.loaders or {})
+        if not has_val and cfg.monitor.startswith("val_"):
             fallback = "train_" + cfg.monitor[len("val_") :]
             logger.warning("no validation data: monitoring %r instead of %r", fallback, cfg.monitor)
             cfg = cfg.replace(monitor=fallback)
         factory, model_config = self._model_factory(plan)
-        run_name = _unique_run_name(cfg.run_name or plan.task.name)
-        run_dir = self._storage() / run_name
+        name = _unique_run_name(cfg.run_name or plan.task.name)
+        run_dir = self._storage() / name
         checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
         resume = self._resolve_resume(resume_from)
         self._check_epochs_left(resume)
@@ -181,46 +233,27 @@ class Trainer:
                 "num_outputs": plan.task.output_dim,
                 "task_spec": plan.task.to_dict(),
                 "training_config": cfg.to_dict(),
-                "run_name": run_name,
+                "run_name": name,
             },
         )
-        from kiln.tracking.recorder import RunRecorder
-
-        recorder = RunRecorder(self.paths.db, self.paths.artifacts) if cfg.tracking else None
-        run_id = (
-            recorder.start(
-                run_name,
-                cfg.to_dict(),
-                {**_run_params(cfg, plan, resume), "checkpoint_dir": str(checkpoint_dir)},
-                notes=cfg.notes,
-            )
-            if recorder
-            else None
+        return _PreparedRun(
+            cfg,
+            plan,
+            factory,
+            model_config,
+            name,
+            run_dir,
+            str(checkpoint_dir),
+            resume,
+            worker_plan,
         )
-        started = time.perf_counter()
-        try:
-            result = _fit(worker_plan, plan, cfg, run_name, self._storage(), self.ray_callbacks)
-        except BaseException as exc:
-            died = _worker_died(exc, cfg, checkpoint_dir)
-            if recorder:
-                stopped = isinstance(exc, KeyboardInterrupt)
-                recorder.finish(run_id, "stopped" if stopped else "failed", error=died or exc)
-            if died is not None:
-                raise died from exc
-            raise
-        summary = result.return_value or {}
-        total_time = time.perf_counter() - started
-        results = _results(summary, cfg, plan, run_name, run_dir, total_time)
-        self.trained_model = self._final_model(factory, summary.get("latest_checkpoint"))
-        if plan.test is not None and results["checkpoint_path"]:
-            results["test_metrics"] = _score_test(factory, results["checkpoint_path"], plan, cfg)
-        if cfg.export_formats and results["checkpoint_path"]:
-            results["bundle_path"] = str(
-                _export_best(factory, results["checkpoint_path"], model_config, plan, cfg, run_dir)
-            )
-        if recorder or cfg.register_as:
+
+    def _record(self, run: _PreparedRun, results: dict[str, Any], recorder: Any, run_id) -> None:
+        """The run's record (history, checkpoints, profile), W&B, and the registration."""
+        cfg, plan = run.cfg, run.plan
+        if recorder is not None or cfg.register_as:
             results["run_id"] = run_id
-        if recorder and run_id is not None:
+        if recorder is not None and run_id is not None:
             recorder.complete(
                 run_id,
                 "stopped" if results["stopped_early"] else "completed",
@@ -232,14 +265,12 @@ class Trainer:
         if cfg.wandb_project:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
-            log_run_to_wandb(cfg.wandb_project, run_name, cfg.to_dict(), results["history"])
-        if recorder or cfg.register_as:
+            log_run_to_wandb(cfg.wandb_project, run.name, cfg.to_dict(), results["history"])
+        if recorder is not None or cfg.register_as:
             entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = entry.model_id if entry is not None else None
             if entry is not None:
                 results["registered"] = f"{entry.name}:{entry.version}"
-        self.results = results
-        return results
 
     # ------------------------------------------------------------------ helpers
     def _model_factory(
