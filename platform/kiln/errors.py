@@ -24,6 +24,7 @@ __all__ = [
     "ModelNotFoundError",
     "IntegrityError",
     "TrainingFailedError",
+    "RequestError",
     "StoreError",
     "RegistryError",
     "ArtifactPathError",
@@ -99,6 +100,20 @@ class IntegrityError(KilnError):
 class TrainingFailedError(KilnError):
     """A training run that ended with an error inside the training loop (e.g. a Tune trial
     of an LLM fine-tune whose job reported failure)."""
+
+
+class RequestError(KilnError):
+    """A request a server answers with ``status`` and ``message`` instead of a result."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = int(status)
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+    def __reduce__(self):
+        return (self.__class__, (self.status, self.message))
 
 
 class StoreError(KilnError):

@@ -9,26 +9,15 @@ only maps exceptions to responses and a bad request never takes a replica down.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from kiln.errors import RequestError
 from kiln.export.manifest import Bundle, load_bundle
 from kiln.export.preprocess import softmax, stats_array
 
 __all__ = ["RequestError", "Predictor"]
-
-
-@dataclass
-class RequestError(Exception):
-    """A request the server answers with ``status`` and ``message`` instead of a prediction."""
-
-    status: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.status}: {self.message}"
 
 
 def _has_bool(value: Any, depth: int = 0) -> bool:
