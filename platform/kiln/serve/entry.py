@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError
@@ -21,4 +22,9 @@ def app_builder(args: dict[str, Any]):
     bundle = args.pop("bundle", None)
     if not bundle:
         raise ConfigError("args.bundle: missing; set it to the export bundle directory")
+    if not Path(bundle).is_dir():
+        raise ConfigError(
+            f"args.bundle: {str(bundle)!r} does not exist (paths are relative to where "
+            "`serve run` starts); make it with `kiln export NAME@TAG -o DIR`"
+        )
     return build_app(str(bundle), ServeOptions.from_dict(args))
