@@ -197,3 +197,15 @@ def test_errors_known_before_training_come_before_the_training_line(
     assert code == 2
     assert message in err
     assert "kiln: training" not in out  # nothing started
+
+
+def test_help_config_lists_every_field_by_group(capsys):
+    import dataclasses
+
+    from kiln.config import TrainingConfig
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainingConfig):
+        assert f"  {f.name} (" in out, f.name
+    assert out.index("training:") < out.index("optimizer:") < out.index("hardware:")

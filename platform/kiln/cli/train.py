@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="run file (.yaml/.yml/.json)")
+    p.add_argument("config", nargs="?", help="run file (.yaml/.yml/.json)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start the local Ray with its dashboard (slower start)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every run-file field by group, with its default and meaning, and exit",
+    )
     p.set_defaults(func=run)
 
 
@@ -94,6 +99,28 @@ def load_run_mapping(
     return config, task
 
 
+def config_help() -> str:
+    """Every TrainingConfig field, grouped as the builder groups them, with defaults."""
+    import dataclasses
+
+    from kiln.config.training import GROUPS
+
+    fields = dataclasses.fields(TrainingConfig)
+    defaults = TrainingConfig()
+    lines = []
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for f in fields:
+            if f.metadata.get("group") != group:
+                continue
+            default = getattr(defaults, f.name)
+            lines.append(f"  {f.name} ({f.type}, default {default!r})")
+            lines.append(f"      {f.metadata.get('help', '')}")
+        lines.append("")
+    lines.append("task: (a mapping of TaskSpec fields: task_type, num_classes, input_column, ...)")
+    return "\n".join(lines)
+
+
 def _origin(error: str, from_set: set[str], source: str) -> str:
     """``--set`` for an error about a field an override set, else the run file."""
     match = re.match(r"'?([A-Za-z_][\w]*)", error)
@@ -125,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     from kiln.cli.runs import run_paths
     from kiln.engine.trainer import Trainer
 
+    if args.help_config:
+        print(config_help())
+        return 0
+    if not args.config:
+        raise ConfigError("kiln train needs a run file, e.g. examples/digits_mlp.yaml")
     config, task = load_run_file(args.config, args.overrides, args.workers)
     precheck(config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
