@@ -44,9 +44,9 @@ def test_readme_quickstart_reaches_97_percent(tmp_path):
     assert "Traceback" not in proc.stderr
     epochs = re.findall(r"^epoch\s+(\d+)/30\b", out, flags=re.M)
     assert [int(e) for e in epochs] == list(range(1, 31)), out[-2000:]
-    match = re.search(r"held-out accuracy: (\d+\.\d+)%", out)
+    match = re.search(r"test accuracy: (\d+\.\d+)% on (\d+) held-out rows", out)
     assert match, out[-2000:]
-    assert float(match.group(1)) >= 97.0
+    assert float(match.group(1)) >= 97.0 and int(match.group(2)) == 180  # digits' test_split
     checkpoint = re.search(r"^best checkpoint: (.+)$", out, flags=re.M)
     assert checkpoint, out[-2000:]
     path = Path(checkpoint.group(1).strip())
@@ -69,6 +69,6 @@ def test_ray_job_entry_point(tmp_path):
         timeout=280,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr}"
-    assert "held-out accuracy:" in proc.stdout
+    assert "test accuracy:" in proc.stdout
     assert re.search(r"final \(epoch 2\)", proc.stdout)
     assert list((home / "runs").glob("digits-mlp-*/checkpoints/epoch_0002"))

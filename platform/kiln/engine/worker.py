@@ -64,7 +64,7 @@ from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.engine.shards import _in_tune, data_for_rank, world
-from kiln.errors import ModelConfigError
+from kiln.errors import CheckpointError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
 
@@ -162,7 +162,15 @@ def _setup(plan: WorkerPlan) -> _Run:
     restored = load_checkpoint_state(resume) if resume else None
     if restored is not None:
         # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
-        model.load_state_dict(restored.model_state, strict=not saves_trainable_only(model))
+        try:
+            model.load_state_dict(restored.model_state, strict=not saves_trainable_only(model))
+        except RuntimeError as exc:  # another architecture: say so, not torch's key dump
+            raise CheckpointError(
+                f"resume checkpoint {resume!r} holds a model of another shape than this "
+                "run's model config (the run it came from used other model settings); "
+                "resume with the same model settings, or pass a checkpoint of this model. "
+                f"torch said: {str(exc).splitlines()[0]}"
+            ) from None
     if cfg.compile_mode:
         model = torch.compile(model, mode=cfg.compile_mode)  # type: ignore[assignment]
     model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
