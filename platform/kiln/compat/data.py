@@ -16,13 +16,13 @@ arrays and loaders directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from kiln.data.collate import DataLoaderConfig, DataLoaderFactory
 from kiln.errors import DatasetError
 
 __all__ = [
@@ -142,62 +142,6 @@ def _as_torch(dataset: Any) -> TensorDataset:
             "DataLoader here; train on it with kiln.Trainer, which streams it through Ray Data"
         )
     return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
-
-
-@dataclass(frozen=True)
-class DataLoaderConfig:
-    """Batch size and order for one loader (evaluation loaders never shuffle or drop)."""
-
-    batch_size: int = 32
-    shuffle: bool = True
-    drop_last: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
-        if self.batch_size < 1:
-            raise DatasetError(f"batch_size={self.batch_size!r} must be an int >= 1")
-
-
-class DataLoaderFactory:
-    """Seeded DataLoaders that batch samples with the task's collator.
-
-    Args:
-        task_spec: picks the collator (``TaskSpec.collator``; the default collate for
-            tasks without one, such as regression).
-        seed: seeds the shuffle order (the same seed, the same order).
-        pin_memory: pin host memory; only takes effect where a GPU is present.
-        num_workers: loader worker processes (0 loads in this process).
-    """
-
-    def __init__(
-        self, task_spec: Any, seed: int = 42, pin_memory: bool = True, num_workers: int = 4
-    ) -> None:
-        from kiln.data import CollatorRegistry
-
-        name = getattr(task_spec, "collator", None)
-        self.task_spec = task_spec
-        self.collate_fn = CollatorRegistry().get(name) if name else None
-        self.seed = seed
-        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        self.num_workers = num_workers
-
-    def create_loader(
-        self, dataset: Dataset, config: DataLoaderConfig | None = None, is_eval: bool = False
-    ) -> DataLoader:
-        """A loader over ``dataset``; ``is_eval`` keeps every row in order."""
-        config = config or DataLoaderConfig()
-        return DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=config.shuffle and not is_eval,
-            drop_last=config.drop_last and not is_eval,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
 
 
 class UniversalDataModule:
