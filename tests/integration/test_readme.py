@@ -122,12 +122,13 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 240.0) -> Non
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's whole process group (the shell and the command it started)."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
 
