@@ -181,9 +181,11 @@ def test_readme_commands_run_as_written(tmp_path):
                 continue
             limit = INTERRUPT_AFTER_S.get(command)
             if limit is not None:
-                proc = subprocess.Popen(command, shell=True, cwd=workdir, env=env)
+                proc = subprocess.Popen(
+                    command, shell=True, cwd=workdir, env=env, start_new_session=True
+                )
                 time.sleep(limit)
-                proc.send_signal(signal.SIGINT)
+                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
                 code = proc.wait(timeout=120)
                 assert code in (0, 130), f"{command!r} exited {code} after Ctrl-C"
                 ran.append(command)
