@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -181,11 +182,10 @@ def test_readme_commands_run_as_written(tmp_path):
                 continue
             limit = INTERRUPT_AFTER_S.get(command)
             if limit is not None:
-                proc = subprocess.Popen(
-                    command, shell=True, cwd=workdir, env=env, start_new_session=True
-                )
+                # no shell in between, so Ctrl-C reaches the command and its exit code is its own
+                proc = subprocess.Popen(shlex.split(command), cwd=workdir, env=env)
                 time.sleep(limit)
-                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
+                proc.send_signal(signal.SIGINT)
                 code = proc.wait(timeout=120)
                 assert code in (0, 130), f"{command!r} exited {code} after Ctrl-C"
                 ran.append(command)
