@@ -677,9 +677,7 @@ def test_a_registered_loss_is_chosen_by_name(tmp_path):
 
 
 def test_resuming_with_another_architecture_says_so(tmp_path):
-    _trainer(tmp_path, epochs=1, run_name="arch", arch={"name": "mlp", "hidden": [8]}).train(
-        "iris"
-    )
+    _trainer(tmp_path, epochs=1, run_name="arch", arch={"name": "mlp", "hidden": [8]}).train("iris")
     other = _trainer(tmp_path, epochs=2, run_name="arch", arch={"name": "mlp", "hidden": [16]})
     with pytest.raises(Exception, match="another shape than this run's model config"):
         other.train("iris", resume_from="latest")
