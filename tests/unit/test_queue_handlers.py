@@ -47,6 +47,7 @@ def test_evaluation_measures_the_registered_model(registered):
         (logits.argmax(-1) == torch.as_tensor(y)).float().mean().item()
     )
     assert metrics["rows"] == len(x) == 1797
+    assert {"precision_macro", "recall_macro", "f1_macro"} <= set(metrics)  # as `kiln eval`
     assert result.startswith("digits:1.0.0 on digits: loss=")
 
 

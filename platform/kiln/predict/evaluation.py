@@ -41,7 +41,14 @@ from kiln.paths import RunPaths
 from kiln.predict._eval_data import resolve_data, to_ray
 from kiln.predict.metrics import TaskMetrics
 
-__all__ = ["EvaluationResult", "evaluate", "evaluate_checkpoint", "SPLITS"]
+__all__ = [
+    "EvaluationResult",
+    "evaluate",
+    "evaluate_checkpoint",
+    "score_arrays",
+    "score_batches",
+    "SPLITS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -217,18 +224,42 @@ class _EvalJob:
         """Score ``batches`` and return ``TaskMetrics.compute()`` (synced when distributed)."""
         model = self.factory()
         model.load_state_dict(self.state)
-        model.eval()
-        task = self.task
-        strategy = get_loss_strategy(self.loss or loss_for_task(task.task_type))
-        if task.task_type == "language_modeling" and task.pad_token_id is not None:
-            strategy = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
-        metrics = TaskMetrics.for_task(task)
-        with torch.inference_mode():
-            for x, y in batches:
-                logits = ModelOutput.from_raw(model(x)).logits
-                loss = strategy.compute_loss(logits, y)
-                metrics.update(logits, y, loss)
-        return metrics.compute()
+        return score_batches(model, self.task, self.loss, batches)
+
+
+def score_batches(
+    model: nn.Module,
+    task: TaskSpec,
+    loss: str | None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, Any]:
+    """Loss and the task's metrics of ``model`` over ``batches`` (``TaskMetrics.compute()``;
+    synchronised over ranks when a process group exists).
+
+    Args:
+        loss: The loss name the model was trained with (None: the task's default).
+    """
+    model.eval()
+    strategy = get_loss_strategy(loss or loss_for_task(task.task_type))
+    if task.task_type == "language_modeling" and task.pad_token_id is not None:
+        strategy = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
+    metrics = TaskMetrics.for_task(task)
+    with torch.inference_mode():
+        for x, y in batches:
+            logits = ModelOutput.from_raw(model(x)).logits
+            metrics.update(logits, y, strategy.compute_loss(logits, y))
+    return metrics.compute()
+
+
+def score_arrays(
+    model: nn.Module, meta: dict[str, Any], x: Any, y: Any, batch_size: int = DEFAULT_BATCH_SIZE
+) -> dict[str, Any]:
+    """``score_batches`` of an in-memory ``(x, y)`` for a model loaded from a checkpoint
+    whose metadata ``meta`` names its task and loss."""
+    user = {**meta, **meta.get("user", {})}
+    task = _task_from(user, Path(str(meta.get("checkpoint_path", "the checkpoint"))))
+    loss = (user.get("training_config") or {}).get("loss")
+    return score_batches(model, task, loss, _local_batches(x, y, task, batch_size))
 
 
 def _local_batches(

@@ -142,30 +142,15 @@ def load_arrays(source: str, paths: RunPaths) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_arrays(
     model: Any, meta: dict[str, Any], x: np.ndarray, y: np.ndarray, batch_size: int = 512
 ) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of ``model`` on ``(x, y)``."""
-    import torch
-    import torch.nn.functional as F
+    """Loss and the task's scalar metrics of ``model`` on ``(x, y)`` (as ``kiln eval``
+    computes them: accuracy and macro P/R/F1, or MAE/RMSE/R²), plus ``rows``."""
+    from kiln.predict.evaluation import score_arrays
 
-    task = (meta.get("task_spec") or {}).get("task_type", "classification")
-    classify = task in ("classification", "image_classification")
-    total_loss, correct, rows = 0.0, 0, len(x)
-    if rows == 0:
+    if len(x) == 0:
         raise DatasetError("cannot evaluate on an empty dataset")
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, rows, batch_size):
-            xb = torch.as_tensor(x[start : start + batch_size])
-            yb = torch.as_tensor(y[start : start + batch_size])
-            out = model(xb)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            if classify:
-                total_loss += float(F.cross_entropy(out, yb.long(), reduction="sum"))
-                correct += int((out.argmax(-1) == yb).sum())
-            else:
-                total_loss += float(F.mse_loss(out.reshape(yb.shape), yb.float(), reduction="sum"))
-    metrics = {"loss": total_loss / rows, "rows": float(rows)}
-    if classify:
-        metrics["accuracy"] = correct / rows
+    values = score_arrays(model, meta, x, y, batch_size=batch_size)
+    metrics = _scalars({k: v for k, v in values.items() if k != "num_rows"})
+    metrics["rows"] = float(values["num_rows"])
     return metrics
 
 
