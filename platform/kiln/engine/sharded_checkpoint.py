@@ -48,7 +48,13 @@ from kiln.engine.checkpoint_reader import (
 from kiln.engine.strategy import full_model_state, load_sharded_state, sharded_state
 from kiln.errors import CheckpointError, CheckpointWriteError
 
-__all__ = ["SHARDS_DIR", "is_sharded_checkpoint", "load_sharded", "read_resume_state", "save_sharded"]
+__all__ = [
+    "SHARDS_DIR",
+    "is_sharded_checkpoint",
+    "load_sharded",
+    "read_resume_state",
+    "save_sharded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +112,9 @@ def save_sharded(
         if on_error == "raise":
             raise CheckpointWriteError(message) from exc
         if manager is not None:
-            manager.failed_saves.append({"epoch": epoch, "name": Path(staged).name, "error": message})
+            manager.failed_saves.append(
+                {"epoch": epoch, "name": Path(staged).name, "error": message}
+            )
             logger.warning("%s", message)
         return None
     full = full_model_state(model, trainable_only=saves_trainable_only(model))

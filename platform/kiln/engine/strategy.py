@@ -112,10 +112,15 @@ def prepare_model(
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's activations in backward (HF: ``gradient_checkpointing_enable``)."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(enable) and getattr(model, "supports_gradient_checkpointing", True):
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each block's activations in backward (Hugging Face: its own switch)."""
+    if getattr(model, "supports_gradient_checkpointing", False):  # Hugging Face
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if callable(enable):
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         return model
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
