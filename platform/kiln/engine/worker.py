@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.config import TaskSpec, TaskType, TrainingConfig
+from kiln.engine import strategy as _strategy  # ddp | fsdp, activation checkpointing
 from kiln.engine.callbacks import (
     CallbackBase,
     CallbackList,
@@ -64,16 +65,13 @@ from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
-from kiln.engine.shards import _in_tune, data_for_rank, world
-
-# strategy (ddp | fsdp): kiln.engine.strategy, kiln.engine.sharded_checkpoint
-from kiln.engine import strategy as _strategy
-from kiln.engine.sharded_checkpoint import (
+from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
     is_sharded_checkpoint,
     load_sharded,
     read_resume_state,
     save_sharded,
 )
+from kiln.engine.shards import _in_tune, data_for_rank, world
 from kiln.errors import CheckpointError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
