@@ -1,8 +1,8 @@
 """strategy="fsdp": FSDP2 over 2 Ray Train worker actors (gloo on CPU) against DDP.
 
 Three fits of the same data and model: DDP for 3 epochs, FSDP for 3 epochs (which
-exports and registers its best checkpoint), and FSDP resumed from the second run's
-epoch-2 sharded checkpoint. They show that FSDP reaches DDP's losses, that each rank
+exports and registers its best checkpoint), and FSDP with activation checkpointing
+resumed from the second run's epoch-2 sharded checkpoint. They show that FSDP reaches DDP's losses, that each rank
 holds about half of DDP's parameter and optimizer-state bytes (measured from the local
 shards in each rank), that resuming from DCP shards continues the curve exactly, and
 that the checkpoint consolidated on rank 0 is the trained model (export parity passes,
@@ -99,7 +99,10 @@ def fits(tmp_path_factory, ray_local):
         tracking=True,
     )
     epoch2 = Path(fsdp["latest_checkpoint_path"]).parent / "epoch_0002"
-    resumed = _fit(root, "resumed", strategy="fsdp", resume_from=str(epoch2))
+    # Activation checkpointing recomputes, it does not change the numbers or the keys.
+    resumed = _fit(
+        root, "resumed", strategy="fsdp", activation_checkpointing=True, resume_from=str(epoch2)
+    )
     return ddp, fsdp, resumed
 
 
