@@ -9,22 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from kiln import TaskSpec, Trainer, TrainingConfig
+from kiln import Trainer, TrainingConfig
 from kiln.engine.sharded_checkpoint import is_sharded_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_gpu, pytest.mark.slow]
-VOCAB, SEQ = 32, 16
-
-
-def _tokens(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counting sequences (t, t+1, ...): next-token prediction a tiny model learns."""
-    start = np.random.default_rng(seed).integers(0, VOCAB, n)
-    ids = (start[:, None] + np.arange(SEQ + 1)) % VOCAB
-    return ids[:, :-1].astype(np.int64), ids[:, 1:].astype(np.int64)
 
 
 def _fit(root: Path, name: str, workers: int, resume_from: str | None = None) -> dict:
@@ -42,14 +33,11 @@ def _fit(root: Path, name: str, workers: int, resume_from: str | None = None) ->
         tracking=False,
         report_interval_s=0,
         run_name=name,
-        model={"name": "tiny_transformer", "vocab_size": VOCAB, "max_seq_len": SEQ},
+        dataset="tiny_tokens",  # token progressions mod 32, built in memory
+        model={"name": "tiny_transformer", "vocab_size": 32, "max_seq_len": 16},
     )
-    return Trainer(
-        training_config=config,
-        task_spec=TaskSpec.language_modeling(name="count", vocab_size=VOCAB),
-        storage_path=root / "runs",
-        verbose=False,
-    ).train(_tokens(256, 0), _tokens(40, 1), resume_from=resume_from)
+    trainer = Trainer(training_config=config, storage_path=root / "runs", verbose=False)
+    return trainer.train(resume_from=resume_from)
 
 
 @pytest.mark.timeout(600)
