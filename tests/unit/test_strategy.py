@@ -23,7 +23,7 @@ from kiln.engine.sharded_checkpoint import (
     read_resume_state,
     save_sharded,
 )
-from kiln.errors import ConfigError
+from kiln.errors import CheckpointError, ConfigError
 from kiln.models import build_model
 
 TINY_LM = {"name": "tiny_transformer", "vocab_size": 16, "d_model": 16, "num_layers": 3}
@@ -139,6 +139,8 @@ def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
     assert all(torch.equal(want[i]["exp_avg_sq"], got[i]["exp_avg_sq"]) for i in want)
     consolidated = torch.load(ckpt / "model.pt", weights_only=True)
     assert all(torch.equal(consolidated[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="is sharded.*shards/"):
+        manager.load_checkpoint(ckpt, _trained()[0], _trained()[1])
 
 
 def test_unpublished_shards_are_never_loaded_and_are_cleaned_up(tmp_path):
@@ -154,6 +156,11 @@ def test_unpublished_shards_are_never_loaded_and_are_cleaned_up(tmp_path):
     assert resolve_checkpoint("latest", tmp_path).name == "epoch_0001"
     CheckpointManager(tmp_path)  # the next run's manager removes the leftover
     assert sorted(os.listdir(tmp_path)) == ["epoch_0001", "manifest.json"]
+
+
+def test_parameter_names_lose_only_the_wrappers_path_parts():
+    name = "_orig_mod.blocks.0._checkpoint_wrapped_module.submodule.weight"
+    assert strategy._clean(name) == "blocks.0.submodule.weight"
 
 
 def test_plain_optimizer_state_loads_by_parameter_name():

@@ -54,6 +54,7 @@ from kiln.engine.checkpoint_reader import (
     MANIFEST_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    SHARDS_DIR,
     TRAIN_STATE_FILE,
     TRAINABLE_ONLY_ATTR,
     CheckpointMetadata,
@@ -62,6 +63,7 @@ from kiln.engine.checkpoint_reader import (
     _metric,
     _rank,
     _read_index,
+    is_sharded_checkpoint,
     load_checkpoint_state,
     model_state_dict,
     read_metadata,
@@ -639,6 +641,12 @@ class CheckpointManager:
             if obj is None:
                 continue
             state = train_state.get(label)
+            if state is None and label == "optimizer" and is_sharded_checkpoint(ckpt):
+                raise CheckpointError(
+                    f"checkpoint {str(ckpt)!r} is sharded (strategy='fsdp'): its optimizer "
+                    f"state is in {SHARDS_DIR}/, one shard per rank; resume the run with "
+                    "resume_from (kiln.engine.sharded_checkpoint.load_sharded reads it)"
+                )
             if state is None:
                 raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {label} state to load")
             obj.load_state_dict(state)

@@ -38,9 +38,11 @@ from torch import nn
 from kiln.engine.checkpoint import CheckpointManager, CheckpointMetadata, saves_trainable_only
 from kiln.engine.checkpoint_reader import (
     METADATA_FILE,
+    SHARDS_DIR,
     TRAIN_STATE_FILE,
     CheckpointState,
     _torch_load,
+    is_sharded_checkpoint,
     load_checkpoint_state,
     read_metadata,
     resolve_checkpoint,
@@ -58,13 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
 _DCP_METADATA = ".metadata"  # written by DCP's coordinator once every rank's shards are in
-
-
-def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True for a checkpoint folder holding DCP shards (a complete ``shards/.metadata``)."""
-    return (Path(path) / SHARDS_DIR / _DCP_METADATA).is_file()
 
 
 def _multi_rank() -> bool:

@@ -49,7 +49,7 @@ __all__ = [
     "sharded_state",
 ]
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod")  # activation ckpt, compile
 
 
 # ---------------------------------------------------------------------- the policy
@@ -230,9 +230,8 @@ def load_full_optimizer_state(
 
 
 def _clean(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """A parameter's name without the wrappers' path parts (the names torch's state dicts use)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 # ---------------------------------------------------------------------- measuring
