@@ -43,6 +43,8 @@ def test_fsdp_in_process_is_a_config_error():
     with pytest.raises(ConfigError, match=r"strategy='fsdp'.*num_workers >= 1.*num_workers=0"):
         TrainingConfig(strategy="fsdp").validate()
     assert TrainingConfig(strategy="fsdp", num_workers=2).validate().strategy == "fsdp"
+    with pytest.raises(ConfigError, match="needs amp_dtype='bf16'; got amp_dtype='auto'"):
+        TrainingConfig(strategy="fsdp", num_workers=2, use_gpu=True, use_amp=True).validate()
     assert TrainingConfig().strategy == "ddp"
 
 

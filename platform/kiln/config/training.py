@@ -480,6 +480,12 @@ def _range_errors(c: TrainingConfig) -> list[str]:
             f"wandb_project={c.wandb_project!r} needs the `wandb` package, which is not "
             "installed; `pip install wandb` or set wandb_project to null",
         )
+    if c.strategy == "fsdp" and c.use_amp and c.use_gpu and c.amp_dtype != "bf16":
+        errors.append(
+            f"strategy='fsdp' with use_amp on CUDA needs amp_dtype='bf16'; got "
+            f"amp_dtype={c.amp_dtype!r} (fp16's GradScaler does not agree on skipped steps "
+            "across shards)"
+        )
     if not c.use_gpu and c.use_amp and c.amp_dtype == "fp16":
         errors.append("amp_dtype='fp16' needs use_gpu=true; on CPU use 'bf16' or 'auto'")
     return errors
