@@ -4,7 +4,8 @@ A checkpoint folder (``epoch_0003/``) holds ``model.pt`` (the model's state dict
 ``train_state.pt`` (optimizer, scheduler, scaler, RNG, epoch, step) and
 ``metadata.json``; its parent holds ``manifest.json``, the index of retained
 checkpoints. A sharded (FSDP) checkpoint also holds ``shards/`` (DCP, read by
-:mod:`kiln.engine.sharded_checkpoint`); :func:`is_sharded_checkpoint` tells them apart. :mod:`kiln.engine.checkpoint` writes them; the trainer, Tune, export
+:mod:`kiln.engine.sharded_checkpoint`); :func:`is_sharded_checkpoint` tells them
+apart. :mod:`kiln.engine.checkpoint` writes them; the trainer, Tune, export
 and evaluation read them only through :func:`resolve_checkpoint`,
 :func:`read_metadata` and :func:`load_checkpoint_state`. Every ``torch.load`` here
 uses ``weights_only=True``: a checkpoint carrying a pickled payload is refused.
