@@ -118,9 +118,8 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
         if callable(enable):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            older = getattr(model, "gradient_checkpointing_enable")  # noqa: B009
+            older(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -220,7 +219,7 @@ def load_full_optimizer_state(
     fqn: dict[int, str] = {}
     for saved, group in zip(groups, optimizer.param_groups, strict=True):
         fqn.update((i, names[id(p)]) for i, p in zip(saved["params"], group["params"], strict=True))
-    converted = {
+    converted: dict[str, Any] = {
         "state": {fqn[i]: s for i, s in state.get("state", {}).items()},
         "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in groups],
     }
