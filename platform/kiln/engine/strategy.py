@@ -135,6 +135,8 @@ def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if dist.get_world_size() == 1:
+        print("kiln: strategy='fsdp' with 1 worker shards nothing (use 2 or more)", flush=True)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh)
