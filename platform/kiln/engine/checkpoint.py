@@ -384,8 +384,9 @@ class CheckpointManager:
         errors surface from :meth:`wait` (also called by the next save, any load,
         and :meth:`close`). A blocking save that failed with
         ``on_error="warn"`` returns None. ``model_state`` stands in for ``model``'s own
-        state dict (a sharded model's, gathered on this rank); ``staged`` is a directory
-        from :meth:`stage` whose files the checkpoint keeps.
+        state dict: a CPU snapshot the caller no longer changes (a sharded model's,
+        gathered on this rank), written as given; ``staged`` is a directory from
+        :meth:`stage` whose files the checkpoint keeps.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
@@ -399,6 +400,7 @@ class CheckpointManager:
                 self.monitor,
                 sorted(clean),
             )
+        snapshot = model_state is not None  # already a CPU copy: no second one
         model_state = model_state_dict(model) if model_state is None else dict(model_state)
         train_state = {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -420,7 +422,11 @@ class CheckpointManager:
         if blocking:
             return self._write(info, model_state, train_state, staged)
         return self._save_in_background(
-            info, _to_cpu(model_state), _to_cpu(train_state), value, staged
+            info,
+            model_state if snapshot else _to_cpu(model_state),
+            _to_cpu(train_state),
+            value,
+            staged,
         )
 
     def _save_in_background(
