@@ -109,7 +109,7 @@ def fits(tmp_path_factory, ray_local):
     return ddp, fsdp, resumed
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the shared fixture runs three 2-worker fits
 def test_fsdp_reaches_ddp_loss_with_half_the_bytes_per_rank(fits):
     ddp, fsdp, _ = fits
     assert fsdp["resumed_from"] == ddp["checkpoints"][0]  # epoch 1 of the DDP run
@@ -132,7 +132,7 @@ def _model() -> torch.nn.Module:
     return build_model(MODEL, input_shape=(FEATURES,), num_outputs=CLASSES)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the shared fixture runs three 2-worker fits
 def test_sharded_checkpoints_consolidate_export_and_register(fits):
     _, fsdp, _ = fits
     kept = [Path(p) for p in fsdp["checkpoints"]]
@@ -154,7 +154,7 @@ def test_sharded_checkpoints_consolidate_export_and_register(fits):
     assert fsdp["registered"].startswith("fsdp-mlp:1")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the shared fixture runs three 2-worker fits
 def test_resume_from_sharded_checkpoint_continues_the_curve(fits):
     _, fsdp, resumed = fits
     assert resumed["resumed_from"].endswith("epoch_0002")
