@@ -28,6 +28,7 @@ SCRIPTS = {
     "tune": ("Tune (issue 5)", "bench_tune.py"),
     "queue": ("Job queue (issue 10)", "bench_queue.py"),
     "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
+    "fsdp": ("Bigger models: FSDP vs DDP (issue 14)", "bench_fsdp.py"),
     "llm": ("LLM fine-tuning (issue 11)", "bench_llm.py"),
 }
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kiln.config import TaskSpec, TrainingConfig, read_mapping
-from kiln.config.training import load_yaml
+from kiln.config.training import STRATEGIES, load_yaml
 from kiln.errors import ConfigError
 
 
@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a field (repeatable)",
     )
     p.add_argument("--workers", type=int, help="Ray Train workers (0: in-process)")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="ddp: a whole model per worker; fsdp: shard it over the workers (FSDP2)",
+    )
     p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument(
@@ -157,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("kiln train needs a run file, e.g. examples/digits_mlp.yaml")
-    config, task = load_run_file(args.config, args.overrides, args.workers)
+    overrides = list(args.overrides)
+    if args.strategy:  # --strategy S is --set strategy=S
+        overrides.append(f"strategy={args.strategy}")
+    config, task = load_run_file(args.config, overrides, args.workers)
     precheck(config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     if args.address or args.dashboard:
@@ -166,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         ensure_ray(args.address, dashboard=args.dashboard)
     print(
         f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs "
-        f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'})",
+        f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'}"
+        f"{', fsdp' if config.strategy == 'fsdp' else ''})",
         flush=True,
     )
     trainer = Trainer(

@@ -32,6 +32,7 @@ MODES = ("min", "max")
 DATA_BACKENDS = ("auto", "ray", "memory")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 EXPORT_FORMATS = ("onnx", "pytorch", "torchscript", "torch_export", "safetensors")
+STRATEGIES = ("ddp", "fsdp")  # how worker actors hold the model (kiln.engine.strategy)
 
 # Groups tie fields to the builder method that sets them (TrainingConfigBuilder.with_*).
 GROUPS = ("training", "optimizer", "hardware", "logging", "model", "checkpoint", "data")
@@ -100,6 +101,19 @@ class TrainingConfig:
     amp_dtype: str = _f("auto", "hardware", "auto (bf16 on CPU, fp16 on CUDA), bf16 or fp16.")
     compile_mode: str | None = _f(None, "hardware", "torch.compile mode; None disables.")
     max_failures: int = _f(0, "hardware", "Worker-group restarts on failure (-1: forever).")
+    strategy: str = _f(
+        "ddp",
+        "hardware",
+        "ddp: every worker holds the whole model and optimizer state; fsdp: FSDP2 shards "
+        "parameters, gradients and optimizer state over the workers (per block), for models "
+        "that do not fit one worker; needs num_workers >= 1.",
+    )
+    activation_checkpointing: bool = _f(
+        False,
+        "hardware",
+        "Recompute each block's activations in backward instead of keeping them (less "
+        "memory, ~30% more compute): transformer layers, Hugging Face gradient checkpointing.",
+    )
     # Checkpoints
     checkpoint_dir: str | None = _f(None, "checkpoint", "Defaults to <runs>/<run_name>.")
     save_every_n_epochs: int = _f(1, "checkpoint", "Checkpoint interval in epochs.")
@@ -412,6 +426,16 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         c.cpus_per_worker is None or c.cpus_per_worker > 0,
         f"cpus_per_worker={c.cpus_per_worker!r} must be > 0",
     )
+    need(
+        c.strategy in STRATEGIES,
+        f"strategy={c.strategy!r} is not one of {', '.join(STRATEGIES)}",
+    )
+    need(
+        c.strategy != "fsdp" or c.num_workers >= 1,
+        f"strategy='fsdp' shards the model over Ray Train worker actors and needs "
+        f"num_workers >= 1 (2 or more to save memory); got num_workers={c.num_workers!r} "
+        "(in-process); set num_workers, or strategy='ddp'",
+    )
     need(c.max_failures >= -1, f"max_failures={c.max_failures!r} must be >= 0, or -1 for unlimited")
     need(c.log_every_n_steps >= 0, f"log_every_n_steps={c.log_every_n_steps!r} must be >= 0")
     need(
@@ -455,6 +479,12 @@ def _range_errors(c: TrainingConfig) -> list[str]:
             importlib.util.find_spec("wandb") is not None,
             f"wandb_project={c.wandb_project!r} needs the `wandb` package, which is not "
             "installed; `pip install wandb` or set wandb_project to null",
+        )
+    if c.strategy == "fsdp" and c.use_amp and c.use_gpu and c.amp_dtype != "bf16":
+        errors.append(
+            f"strategy='fsdp' with use_amp on CUDA needs amp_dtype='bf16'; got "
+            f"amp_dtype={c.amp_dtype!r} (fp16's GradScaler does not agree on skipped steps "
+            "across shards)"
         )
     if not c.use_gpu and c.use_amp and c.amp_dtype == "fp16":
         errors.append("amp_dtype='fp16' needs use_gpu=true; on CPU use 'bf16' or 'auto'")

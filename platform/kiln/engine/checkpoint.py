@@ -54,6 +54,7 @@ from kiln.engine.checkpoint_reader import (
     MANIFEST_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    SHARDS_DIR,
     TRAIN_STATE_FILE,
     TRAINABLE_ONLY_ATTR,
     CheckpointMetadata,
@@ -62,6 +63,7 @@ from kiln.engine.checkpoint_reader import (
     _metric,
     _rank,
     _read_index,
+    is_sharded_checkpoint,
     load_checkpoint_state,
     model_state_dict,
     read_metadata,
@@ -347,6 +349,18 @@ class CheckpointManager:
 
     # -- saving -------------------------------------------------------------------------
 
+    def stage(self, epoch: int) -> Path:
+        """An empty temporary directory for ``epoch``'s checkpoint, for files that other
+        processes write into it first (each rank's shards of a sharded model); hand it to
+        :meth:`save_checkpoint` as ``staged``. Left unpublished, it is removed like any
+        ``*.tmp-*`` leftover."""
+        tmp = self._tmp_dir(f"epoch_{epoch:04d}")
+        tmp.mkdir()
+        return tmp
+
+    def _tmp_dir(self, name: str) -> Path:
+        return self.checkpoint_dir / f"{name}{TMP_MARK}{uuid.uuid4().hex}"
+
     def save_checkpoint(
         self,
         epoch: int,
@@ -359,6 +373,8 @@ class CheckpointManager:
         scaler: Any = None,
         step: int = 0,
         blocking: bool = True,
+        model_state: Mapping[str, Any] | None = None,
+        staged: Path | None = None,
     ) -> CheckpointMetadata | None:
         """Save ``epoch_{epoch:04d}`` (replacing one of the same epoch), then prune.
 
@@ -367,7 +383,10 @@ class CheckpointManager:
         one background thread; the returned sizes are then tensor byte counts, and
         errors surface from :meth:`wait` (also called by the next save, any load,
         and :meth:`close`). A blocking save that failed with
-        ``on_error="warn"`` returns None.
+        ``on_error="warn"`` returns None. ``model_state`` stands in for ``model``'s own
+        state dict: a CPU snapshot the caller no longer changes (a sharded model's,
+        gathered on this rank), written as given; ``staged`` is a directory from
+        :meth:`stage` whose files the checkpoint keeps.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
@@ -381,7 +400,8 @@ class CheckpointManager:
                 self.monitor,
                 sorted(clean),
             )
-        model_state = model_state_dict(model)
+        snapshot = model_state is not None  # already a CPU copy: no second one
+        model_state = model_state_dict(model) if model_state is None else dict(model_state)
         train_state = {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -400,11 +420,22 @@ class CheckpointManager:
         }
         self.wait()  # the previous save (a whole epoch ago) is done, or its error stops the run
         if blocking:
-            return self._write(info, model_state, train_state)
-        return self._save_in_background(info, _to_cpu(model_state), _to_cpu(train_state), value)
+            return self._write(info, model_state, train_state, staged)
+        return self._save_in_background(
+            info,
+            model_state if snapshot else _to_cpu(model_state),
+            _to_cpu(train_state),
+            value,
+            staged,
+        )
 
     def _save_in_background(
-        self, info: dict[str, Any], model_state: Any, train_state: Any, value: float | None
+        self,
+        info: dict[str, Any],
+        model_state: Any,
+        train_state: Any,
+        value: float | None,
+        staged: Path | None = None,
     ) -> CheckpointMetadata:
         """Queue the write of CPU snapshots on the writer thread; describe it now."""
         with self._lock:
@@ -416,7 +447,9 @@ class CheckpointManager:
                 self._pending_values.append(value)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
-        self._pending.append(self._executor.submit(self._write, info, model_state, train_state))
+        self._pending.append(
+            self._executor.submit(self._write, info, model_state, train_state, staged)
+        )
         return CheckpointMetadata(
             path=str(self.checkpoint_dir / info["name"]),
             epoch=info["epoch"],
@@ -430,10 +463,10 @@ class CheckpointManager:
         )
 
     def _write(
-        self, info: dict[str, Any], model_state: Any, train_state: Any
+        self, info: dict[str, Any], model_state: Any, train_state: Any, staged: Path | None = None
     ) -> CheckpointMetadata | None:
         try:
-            return self._write_files(info, model_state, train_state)
+            return self._write_files(info, model_state, train_state, staged)
         except OSError as exc:
             needed = _nbytes(model_state) + _nbytes(train_state)
             try:
@@ -458,17 +491,18 @@ class CheckpointManager:
             return None
 
     def _write_files(
-        self, info: dict[str, Any], model_state: Any, train_state: Any
+        self, info: dict[str, Any], model_state: Any, train_state: Any, staged: Path | None = None
     ) -> CheckpointMetadata:
         import kiln
 
         name = info["name"]
         final = self.checkpoint_dir / name
-        tmp = self.checkpoint_dir / f"{name}{TMP_MARK}{uuid.uuid4().hex}"
+        tmp = staged if staged is not None else self._tmp_dir(name)
         value = _metric(info["metrics"], self.monitor)
         with self._lock:
             is_best = value is not None and _better(value, self._best_seen(), self.mode)
-        tmp.mkdir()
+        staged_files = sorted(p.name for p in tmp.iterdir()) if staged is not None else []
+        tmp.mkdir(exist_ok=staged is not None)
         try:
             model_bytes = write_synced(tmp / MODEL_FILE, lambda f: torch.save(model_state, f))
             train_bytes = write_synced(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
@@ -483,7 +517,7 @@ class CheckpointManager:
                 mode=self.mode,
                 kiln_version=kiln.__version__,
                 torch_version=torch.__version__,
-                files=[MODEL_FILE, TRAIN_STATE_FILE],
+                files=[MODEL_FILE, TRAIN_STATE_FILE, *staged_files],
             )
             meta.pop("name")
             entry.pop(
@@ -613,6 +647,12 @@ class CheckpointManager:
             if obj is None:
                 continue
             state = train_state.get(label)
+            if state is None and label == "optimizer" and is_sharded_checkpoint(ckpt):
+                raise CheckpointError(
+                    f"checkpoint {str(ckpt)!r} is sharded (strategy='fsdp'): its optimizer "
+                    f"state is in {SHARDS_DIR}/, one shard per rank; resume the run with "
+                    "resume_from (kiln.engine.sharded_checkpoint.load_sharded reads it)"
+                )
             if state is None:
                 raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {label} state to load")
             obj.load_state_dict(state)

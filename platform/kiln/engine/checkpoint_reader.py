@@ -3,7 +3,9 @@
 A checkpoint folder (``epoch_0003/``) holds ``model.pt`` (the model's state dict),
 ``train_state.pt`` (optimizer, scheduler, scaler, RNG, epoch, step) and
 ``metadata.json``; its parent holds ``manifest.json``, the index of retained
-checkpoints. :mod:`kiln.engine.checkpoint` writes them; the trainer, Tune, export
+checkpoints. A sharded (FSDP) checkpoint also holds ``shards/`` (DCP, read by
+:mod:`kiln.engine.sharded_checkpoint`); :func:`is_sharded_checkpoint` tells them
+apart. :mod:`kiln.engine.checkpoint` writes them; the trainer, Tune, export
 and evaluation read them only through :func:`resolve_checkpoint`,
 :func:`read_metadata` and :func:`load_checkpoint_state`. Every ``torch.load`` here
 uses ``weights_only=True``: a checkpoint carrying a pickled payload is refused.
@@ -38,6 +40,8 @@ __all__ = [
     "TRAINABLE_ONLY_ATTR",
     "model_state_dict",
     "saves_trainable_only",
+    "is_sharded_checkpoint",
+    "SHARDS_DIR",
     "read_metadata",
     "resolve_checkpoint",
     "run_details",
@@ -50,6 +54,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
+SHARDS_DIR = "shards"  # a sharded checkpoint's DCP folder; its .metadata is written last
 _KEYWORDS = ("latest", "best")
 
 
@@ -120,6 +125,11 @@ def strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
             key = key.split(".", 1)[1]
         out[key] = value
     return out
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True for a checkpoint folder holding DCP shards (a complete ``shards/.metadata``)."""
+    return (Path(path) / SHARDS_DIR / ".metadata").is_file()
 
 
 def _listing(path: Path, limit: int = 10) -> str:

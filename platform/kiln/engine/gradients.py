@@ -224,8 +224,10 @@ def _per_param_norms(model: ParamsLike) -> list[float]:
     grads = _grads(model)
     if not grads:
         return []
-    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-    return norms.cpu().tolist()  # one sync for all parameters
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
+    # FSDP's gradients are DTensor shards: each norm is reduced over the ranks
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    return torch.stack(norms).cpu().tolist()  # one sync for all parameters
 
 
 def _health(norms: list[float], threshold_max: float, threshold_min: float) -> GradientHealth:

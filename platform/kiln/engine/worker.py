@@ -4,14 +4,16 @@
 process when ``num_workers=0`` (Ray Train local mode), or in each of N worker actors
 with DDP otherwise. It reads top to bottom:
 
-    setup:      seed -> model (DDP) -> optimizer/scheduler -> data shards -> resume
+    setup:      seed -> model (DDP, or FSDP: strategy.py) -> optimizer/scheduler
+                -> data shards -> resume
     for epoch:  hooks.on_epoch_start
                 TrainingLoop.run_epoch     (steps: forward, loss, backward, clip, step)
                 ValidationLoop.run_epoch
                 all-reduce sums -> metrics are means over every rank's samples
                 hooks.on_validation_end / on_epoch_end   (every rank, same metrics)
                 early-stop decision (agreed across ranks)
-                rank 0: checkpoint (snapshot now, write in the background)
+                rank 0: checkpoint (snapshot now, write in the background);
+                fsdp: every rank writes its shards (sharded_checkpoint.py)
                 ray.train.report(metrics)  (every rank: it is a barrier; paced, below)
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.config import TaskSpec, TaskType, TrainingConfig
+from kiln.engine import strategy as _strategy  # ddp | fsdp, activation checkpointing
 from kiln.engine.callbacks import (
     CallbackBase,
     CallbackList,
@@ -53,7 +56,6 @@ from kiln.engine.callbacks import (
 from kiln.engine.checkpoint import (
     CheckpointManager,
     CheckpointState,
-    load_checkpoint_state,
     resolve_checkpoint,
     saves_trainable_only,
 )
@@ -63,6 +65,12 @@ from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
 from kiln.engine.seed import set_random_seed, set_rng_state
+from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
+    is_sharded_checkpoint,
+    load_sharded,
+    read_resume_state,
+    save_sharded,
+)
 from kiln.engine.shards import _in_tune, data_for_rank, world
 from kiln.errors import CheckpointError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
@@ -133,6 +141,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     stopped_early: bool = False
+    sharded: bool = False  # strategy="fsdp": each rank holds shards; every rank checkpoints
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -159,8 +168,8 @@ def _setup(plan: WorkerPlan) -> _Run:
     if resume is None and rank == 0:
         resume = _latest_or_none(plan.checkpoint_dir)
     resume = _broadcast(resume, distributed)
-    restored = load_checkpoint_state(resume) if resume else None
-    if restored is not None:
+    restored = read_resume_state(resume) if resume else None  # sharded: no model_state here
+    if restored is not None and restored.model_state:
         # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
         try:
             model.load_state_dict(restored.model_state, strict=not saves_trainable_only(model))
@@ -171,9 +180,8 @@ def _setup(plan: WorkerPlan) -> _Run:
                 "resume with the same model settings, or pass a checkpoint of this model. "
                 f"torch said: {str(exc).splitlines()[0]}"
             ) from None
-    if cfg.compile_mode:
-        model = torch.compile(model, mode=cfg.compile_mode)  # type: ignore[assignment]
-    model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
+    # activation checkpointing, then FSDP (strategy="fsdp") or DDP; torch.compile between
+    model = _strategy.prepare_model(model, cfg, device, distributed)
     train_batches, val_batches, batches_per_epoch = data_for_rank(plan, device, world_size)
 
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -205,6 +213,7 @@ def _setup(plan: WorkerPlan) -> _Run:
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
         resume=resume,
+        sharded=_strategy.is_sharded(model),
     )
     if restored is not None:
         _restore(run, restored)
@@ -264,6 +273,14 @@ def _restore(run: _Run, restored: CheckpointState) -> None:
     """Optimizer, schedule, scaler, RNG, epoch, history and hook state of a checkpoint."""
     train_state, meta = restored.train_state, restored.metadata
     configured = _Hyperparameters.read(run.optimizer, run.scheduler)
+    # strategy: a sharded checkpoint's model + optimizer come from its shards (any layout);
+    # a plain optimizer state goes into a sharded model's optimizer by parameter name.
+    assert run.resume is not None  # restored from it
+    if is_sharded_checkpoint(resolve_checkpoint(run.resume)):
+        load_sharded(run.resume, run.model, run.optimizer)
+    elif run.sharded and train_state.get("optimizer") is not None:
+        full_optimizer = train_state.pop("optimizer")
+        _strategy.load_full_optimizer_state(run.model, run.optimizer, full_optimizer)
     for name, obj in (("optimizer", run.optimizer), ("scheduler", run.scheduler),
                       ("scaler", run.scaler)):  # fmt: skip
         if obj is not None and train_state.get(name) is not None:
@@ -296,7 +313,14 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     metrics.update(_reduce(train.sums, train_loop, "train", run.distributed))
     if run.val_batches is not None:
         model = _for_validation(run.model, run.distributed)
-        val = run.val_loop.run_epoch(epoch, model, run.val_batches(epoch), run.device)
+        val_batches = run.val_batches(epoch)
+        if run.sharded and run.distributed:  # strategy: each FSDP forward is a collective
+            val_batches = _strategy.in_lockstep(
+                val_batches,
+                lambda b: run.val_loop.run_epoch(epoch, model, [b], run.device),
+                run.device,
+            )
+        val = run.val_loop.run_epoch(epoch, model, val_batches, run.device)
         val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
         if (
             run.val_loop.loss_strategy is None
@@ -328,8 +352,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool) -> None:
     """Rank 0 checkpoints (snapshot now, written in the background); every rank reports."""
+    if run.sharded:  # strategy="fsdp": every rank writes its shards, below
+        _save_sharded(run, epoch, metrics, last=last)
     saved = None
-    manager = run.manager
+    manager = None if run.sharded else run.manager
     if manager is not None and (run.to_tune or manager.should_save(epoch) or last):
         extra = {
             **run.plan.checkpoint_metadata,
@@ -351,6 +377,31 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
     if run.to_tune or run.reporter.due(last):
         checkpoint = saved.path if run.to_tune and saved is not None else None
         _report(_scalars(metrics), checkpoint)
+
+
+def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool) -> None:
+    """strategy="fsdp": every rank writes its shards (DCP), rank 0 publishes the checkpoint."""
+    if not (last or epoch % run.cfg.save_every_n_epochs == 0):
+        return
+    extra = {
+        **run.plan.checkpoint_metadata,
+        "history": run.history,
+        "global_step": run.train_loop.global_step,
+        "callbacks": run.hooks.state(),
+        "world_size": run.world_size,
+        "strategy": "fsdp",
+    }
+    save_sharded(
+        run.manager,
+        epoch,
+        _scalars(metrics),
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        extra,
+        scaler=run.scaler,
+        on_error=run.cfg.on_checkpoint_error,
+    )
 
 
 def _finish(run: _Run) -> dict[str, Any] | None:
