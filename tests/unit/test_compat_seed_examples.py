@@ -741,7 +741,7 @@ def test_task_spec_examples_and_factories():
     assert TaskSpec.vision_tiny().input_shape == (1, 28, 28)
     seq = TaskSpec(name="translate", modality="text", task_type="sequence_to_sequence")
     seg = TaskSpec.segmentation(name="masks", num_classes=3)
-    assert seq.collator == "sequence_to_sequence" and seg.collator == "vision"
+    assert seq.collator == "sequence_to_sequence" and seg.collator == "segmentation"
     assert seg.output_dim == 3 and not seg.is_classification
 
 

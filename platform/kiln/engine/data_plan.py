@@ -78,9 +78,9 @@ def plan_data(
         dataset_id = str(train_data)
         train_data = kdata.get_dataset(dataset_id, data_dir=_dir_for(data_dir, dataset_id))
     elif _is_pair(train_data):
-        train_data = kdata.from_arrays(*train_data)
+        train_data = kdata.from_arrays(*train_data, task_type=_array_task_type(task))
     if _is_pair(val_data):
-        val_data = kdata.from_arrays(*val_data)
+        val_data = kdata.from_arrays(*val_data, task_type=_array_task_type(task))
     elif isinstance(val_data, (str, Path)):
         val_data = kdata.get_dataset(str(val_data), data_dir=_dir_for(data_dir, str(val_data)))
 
@@ -137,6 +137,21 @@ def _profile_sample(plan: DataPlan) -> np.ndarray | None:
             return np.asarray(batch[plan.task.input_column])
     except Exception:
         logger.warning("could not sample the training data for its profile", exc_info=True)
+    return None
+
+
+# Task types whose labels are not told apart by dtype alone: arrays are read as the task says.
+_SHAPED_LABELS = (
+    TaskType.LANGUAGE_MODELING,
+    TaskType.SEQUENCE_TO_SEQUENCE,
+    TaskType.SEGMENTATION,
+)
+
+
+def _array_task_type(task: TaskSpec | None) -> str | None:
+    """The task type ``(X, y)`` arrays are validated as; None: inferred from y's dtype."""
+    if task is not None and TaskType(task.task_type) in _SHAPED_LABELS:
+        return task.task_type
     return None
 
 
@@ -267,8 +282,16 @@ def _plan_ray(train, val, task, config) -> DataPlan:
     )
 
 
+_PADDED_BATCHES = (TaskType.SEQUENCE_TO_SEQUENCE, TaskType.SEGMENTATION)
+
+
 def _plan_torch(train, val, task, config) -> DataPlan:
-    loader_kwargs = {"batch_size": config.batch_size}
+    loader_kwargs: dict[str, Any] = {"batch_size": config.batch_size}
+    if task is not None and TaskType(task.task_type) in _PADDED_BATCHES:
+        # Sequences (or images) of unequal size: the task's collator pads them.
+        from kiln.data.collate import DataLoaderFactory
+
+        loader_kwargs["collate_fn"] = DataLoaderFactory(task).collator()
     if isinstance(train, torch.utils.data.DataLoader):
         dataset = train.dataset
         train_loader = train
@@ -330,12 +353,19 @@ def complete_task(
             task = TaskSpec.language_modeling(name=name)
         elif task_type == "regression":
             task = TaskSpec.regression(name=name, num_outputs=num_outputs or 1)
+        elif task_type == "sequence_to_sequence":
+            task = TaskSpec.sequence_to_sequence(name=name)
+        elif task_type == "segmentation":
+            task = TaskSpec.segmentation(name=name)
         else:
             task = TaskSpec.classification(name=name)
     changes: dict[str, Any] = {}
     if task.input_shape is None:
         changes["input_shape"] = tuple(input_shape)
-    if task.is_classification:
+    seq2seq_data = task_type == task.task_type == TaskType.SEQUENCE_TO_SEQUENCE
+    if seq2seq_data and task.vocab_size is None and num_classes is not None:
+        changes["vocab_size"] = num_classes  # the data's vocabulary
+    if task.is_classification or task.task_type == TaskType.SEGMENTATION:
         if task.num_classes is None and num_classes is not None:
             changes["num_classes"] = num_classes
         elif (
