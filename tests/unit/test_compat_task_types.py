@@ -157,6 +157,8 @@ def test_data_plan_reads_arrays_as_the_task_says_and_completes_it():
     plan = plan_data(dataset, None, task, _config(validation_split=0.0, batch_size=2))
     first = next(iter(plan.loaders["train"]))
     assert first["x"].shape[0] == 2 and first["attention_mask"].shape == first["x"].shape
+    with pytest.raises(ConfigError, match="num_classes is needed for segmentation"):
+        plan_data(TensorDataset(x, y), None, TaskSpec.segmentation(), _config())
 
 
 # ----------------------------------------------------------------- the loops' metrics

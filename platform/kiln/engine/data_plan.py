@@ -276,6 +276,7 @@ def _plan_ray(train, val, task, config) -> DataPlan:
     task = complete_task(task, task_type, tuple(x.shape), num_outputs=int(y.size) or 1)
     if task.is_classification and task.num_classes is None:
         task = task.replace(num_classes=int(train.max(label_col)) + 1)
+    _need_segmentation_classes(task, "a ray.data.Dataset")
     datasets = {"train": train} if val is None else {"train": train, "val": val}
     return DataPlan(
         DataKind.RAY, task, tuple(x.shape), train.count(), datasets=datasets, cache_shards=False
@@ -333,8 +334,18 @@ def _plan_torch(train, val, task, config) -> DataPlan:
             "task_spec.num_classes is needed with a torch Dataset (kiln does not scan it); "
             "pass TaskSpec.classification(num_classes=...)"
         )
+    _need_segmentation_classes(task, "a torch Dataset")
     rows = len(dataset)  # type: ignore[arg-type]  # map-style torch Datasets define __len__
     return DataPlan(DataKind.TORCH, task, tuple(x.shape), rows, loaders=loaders)
+
+
+def _need_segmentation_classes(task: TaskSpec, what: str) -> None:
+    """Segmentation's metrics count pixels per class: the number of classes must be known."""
+    if task.task_type == TaskType.SEGMENTATION and task.num_classes is None:
+        raise ConfigError(
+            f"task_spec.num_classes is needed for segmentation with {what} (kiln does not "
+            "scan it); pass TaskSpec.segmentation(num_classes=...)"
+        )
 
 
 def complete_task(
