@@ -5,12 +5,15 @@ One test per example: ``JobManager`` / ``JobExecutor``, ``TrainingScheduler``, t
 ``Job`` fields, ``RetrainingTrigger`` and the scheduled-retraining workflow. The
 examples' ``jobs.db`` is a relative path, so each test runs in its own folder. The
 executor's ``run_worker(max_jobs=10, ...)`` waits for more jobs once the queue is
-empty; the tests add ``idle_exit_s`` so it returns then.
+empty; the tests add ``idle_exit_s`` so it returns then. The first example's job runs
+as the executor's child process; the workflow's runs in this process (the same
+``run_job`` the child runs), which saves the child's start-up of torch and Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -21,6 +24,35 @@ from kiln import TrainingConfigBuilder
 def _in_tmp(kiln_home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # 'jobs.db' lands here; runs go under KILN_HOME
     return tmp_path
+
+
+class InProcessLauncher:
+    """Runs a job's ``python -m kiln.queue.run_job`` command in this process."""
+
+    def start(self, argv, log_path, job_id, attempt):
+        from kiln.queue.run_job import MARKER, paths_from_json, run
+
+        paths = paths_from_json(argv[argv.index("--paths") + 1])
+        outcome = run(job_id, paths)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(MARKER + json.dumps(outcome, default=str) + "\n")
+        return _Finished(log_path)
+
+
+class _Finished:
+    ray_job_id = None
+
+    def __init__(self, log_path):
+        self.log_path = log_path
+
+    def poll(self):
+        return 0
+
+    def stop(self):
+        pass
+
+    def logs(self):
+        return self.log_path.read_text()
 
 
 def _config():
@@ -164,7 +196,7 @@ def test_workflow_scheduled_retraining(tmp_path):
 
     # Worker process (the fire at 2am is triggered by hand here)
     job_id = scheduler.trigger_schedule(schedule_id)
-    executor = JobExecutor(manager, worker_id="worker-1")
+    executor = JobExecutor(manager, worker_id="worker-1", launcher=InProcessLauncher())
     executor.run_worker(max_jobs=10, poll_s=0.1, idle_exit_s=0.2)
 
     job = manager.get_job(job_id)
