@@ -222,3 +222,12 @@ def test_trainer_trains_sequence_to_sequence_end_to_end():
     with torch.no_grad():
         predicted = trainer.trained_model(src[:4]).argmax(-1)
     assert torch.equal(predicted[:, :-1], (src[:4, :-1] + 1) % VOCAB)
+
+
+def test_the_two_task_types_need_a_model():
+    x, y = _segmentation_data(16)
+    trainer = Trainer(training_config=_config(), task_spec=TaskSpec.segmentation(), verbose=False)
+    with pytest.raises(
+        ConfigError, match="'segmentation' has no built-in architecture; pass model="
+    ):
+        trainer.train((x, y))
