@@ -405,6 +405,30 @@ def test_collator_registry():
     assert {"classification", "vision", "sequence_to_sequence"} <= set(registry.names())
 
 
+def test_builtin_collators_as_listed():
+    from kiln.data import CollatorRegistry
+
+    registry = CollatorRegistry()
+    # 'language_modeling': pads to seq_len, excludes padding from loss
+    lm = registry.get("language_modeling")(
+        [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}], seq_len=5
+    )
+    assert lm["x"].tolist() == [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]]
+    assert lm["y"][1].tolist() == [4, -100, -100, -100, -100]
+    # 'classification': pads to max in batch, right-pads
+    cls = registry.get("classification")([([1, 2, 3], 0), ([4], 1)])
+    assert cls["x"].tolist() == [[1, 2, 3], [4, 0, 0]] and cls["y"].tolist() == [0, 1]
+    # 'vision': normalizes images, handles variable sizes
+    images = [(torch.full((1, 2, 2), 255, dtype=torch.uint8), 0), (torch.zeros(1, 3, 3), 1)]
+    vision = registry.get("vision")(images, mean=0.5, std=0.5)
+    assert vision["x"].shape == (2, 1, 3, 3) and vision["x"][0, 0, 0, 0] == 1.0
+    assert vision["x"][1].min() == -1.0
+    # 'sequence_to_sequence': pads input/output independently
+    s2s = registry.get("sequence_to_sequence")([([1, 2, 3], [7]), ([4], [8, 9])])
+    assert s2s["x"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert s2s["y"].tolist() == [[7, -100], [8, 9]]
+
+
 def test_training_loop_and_validation_loop():
     from kiln.engine import (
         ClassificationLoss,
@@ -741,7 +765,7 @@ def test_task_spec_examples_and_factories():
     assert TaskSpec.vision_tiny().input_shape == (1, 28, 28)
     seq = TaskSpec(name="translate", modality="text", task_type="sequence_to_sequence")
     seg = TaskSpec.segmentation(name="masks", num_classes=3)
-    assert seq.collator == "sequence_to_sequence" and seg.collator == "vision"
+    assert seq.collator == "sequence_to_sequence" and seg.collator == "segmentation"
     assert seg.output_dim == 3 and not seg.is_classification
 
 

@@ -234,7 +234,7 @@ def test_task_spec_types_and_errors():
     spec = TaskSpec.sequence_to_sequence(name="t", vocab_size=100, pad_token_id=0)
     assert spec.output_dim == 100 and spec.modality == "text"
     assert TaskSpec.from_dict(spec.to_dict()) == spec
-    assert TaskSpec.regression().collator is None
+    assert TaskSpec.regression().collator == "regression"
 
 
 def test_data_manager_errors_and_file_rows(tmp_path):

@@ -46,7 +46,7 @@ _EXPORTS = {
     "TrainingResult": "kiln.compat.trainer",
     "TrainingSession": "kiln.compat.engine",
     "TrainingStep": "kiln.compat.steps",
-    "UniversalDataModule": "kiln.compat.data",
+    "UniversalDataModule": "kiln.data.module",
     "adapt_callback": "kiln.compat.callbacks",
 }
 

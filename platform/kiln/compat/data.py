@@ -7,8 +7,8 @@
   dataset id, for in-process loops such as :class:`~kiln.compat.trainer.ModelTrainer`.
 - :class:`DataLoaderFactory` / :class:`DataLoaderConfig`: seeded loaders whose collator
   is the task's (``TaskSpec.collator``, from :class:`kiln.data.CollatorRegistry`).
-- :class:`UniversalDataModule`: ``(train_loader, val_loader)`` from a local file or a
-  Hugging Face dataset, through the factory.
+- :class:`UniversalDataModule` (kiln.data's own): ``(train_loader, val_loader)`` from a
+  local file or a Hugging Face dataset, through the factory.
 
 kiln's :class:`~kiln.Trainer` does not need any of these: it takes dataset ids, files,
 arrays and loaders directly.
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from kiln.data.collate import DataLoaderConfig, DataLoaderFactory
+from kiln.data.module import UniversalDataModule
 from kiln.errors import DatasetError
 
 __all__ = [
@@ -142,83 +143,3 @@ def _as_torch(dataset: Any) -> TensorDataset:
             "DataLoader here; train on it with kiln.Trainer, which streams it through Ray Data"
         )
     return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
-
-
-class UniversalDataModule:
-    """Training and validation loaders from a local file or a Hugging Face dataset.
-
-    Args:
-        task_spec: the task; its ``input_column``/``label_column`` name the columns of
-            Hugging Face datasets, and its collator batches the rows.
-        batch_size, num_workers, seed: for the loaders (see :class:`DataLoaderFactory`).
-    """
-
-    def __init__(
-        self, task_spec: Any, batch_size: int = 32, num_workers: int = 4, seed: int = 42
-    ) -> None:
-        self.task_spec = task_spec
-        self.factory = DataLoaderFactory(task_spec, seed=seed, num_workers=num_workers)
-        self.config = DataLoaderConfig(batch_size=batch_size)
-        self.seed = seed
-
-    def load_from_file(
-        self, file_path: str | Path, validation_split: float = 0.1
-    ) -> tuple[DataLoader, DataLoader | None]:
-        """Loaders over a local parquet/CSV/JSONL file, split by a seeded row hash."""
-        from kiln.data import get_dataset
-
-        train, val = get_dataset(file_path).split(validation_split, self.seed)
-        return self._loaders(_as_torch(train), None if val is None else _as_torch(val))
-
-    def load_huggingface(
-        self,
-        dataset_name: str,
-        dataset_config: str | None = None,
-        train_split: str = "train",
-        validation_split: str | None = "validation",
-        max_samples: int | None = None,
-        **load_kwargs: Any,
-    ) -> tuple[DataLoader, DataLoader | None]:
-        """Loaders over a dataset ``datasets.load_dataset`` finds (a hub name or a local
-        folder); ``max_samples`` caps each split. ``load_kwargs`` go to ``load_dataset``."""
-
-        def split_of(name: str) -> Dataset:
-            return self._hf_split(dataset_name, dataset_config, name, max_samples, load_kwargs)
-
-        val = None if validation_split is None else split_of(validation_split)
-        return self._loaders(split_of(train_split), val)
-
-    def _hf_split(
-        self, name: str, config: str | None, split: str, max_samples: int | None, kwargs: Any
-    ) -> Dataset:
-        import datasets
-
-        columns = [self.task_spec.input_column, self.task_spec.label_column]
-        ds = datasets.load_dataset(name, config, split=split, **kwargs)
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise DatasetError(
-                f"split {split!r} of {name!r} has columns {ds.column_names}, not {missing}; "
-                "set TaskSpec(input_column=..., label_column=...)"
-            )
-        if max_samples is not None:
-            ds = ds.select(range(min(max_samples, len(ds))))
-        return _Columns(ds.with_format("torch", columns=columns), *columns)
-
-    def _loaders(self, train: Dataset, val: Dataset | None) -> tuple[DataLoader, DataLoader | None]:
-        val_loader = None if val is None else self.factory.create_loader(val, self.config, True)
-        return self.factory.create_loader(train, self.config), val_loader
-
-
-class _Columns(Dataset):
-    """``(input, label)`` samples from a dataset of column dicts."""
-
-    def __init__(self, rows: Any, input_column: str, label_column: str) -> None:
-        self.rows, self.columns = rows, (input_column, label_column)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        row = self.rows[index]
-        return row[self.columns[0]], row[self.columns[1]]

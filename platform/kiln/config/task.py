@@ -35,24 +35,24 @@ class TaskType(str, enum.Enum):
         return "classification" if self.is_classification else self.value
 
     @property
-    def collator(self) -> str | None:
-        """The collator (``kiln.data`` collator registry) that batches plain-DataLoader
-        samples; None: the default collate stacks them (regression)."""
+    def collator(self) -> str:
+        """The name of the collator (``kiln.data.CollatorRegistry``) that batches this
+        task's samples in plain torch DataLoaders: the one table of task -> collator."""
         return _COLLATORS[self]
 
 
-_COLLATORS: dict[TaskType, str | None] = {
+_COLLATORS: dict[TaskType, str] = {
     TaskType.CLASSIFICATION: "classification",
     TaskType.IMAGE_CLASSIFICATION: "vision",
-    TaskType.REGRESSION: None,
+    TaskType.REGRESSION: "regression",
     TaskType.LANGUAGE_MODELING: "language_modeling",
     TaskType.SEQUENCE_TO_SEQUENCE: "sequence_to_sequence",
-    TaskType.SEGMENTATION: "vision",
+    TaskType.SEGMENTATION: "segmentation",
 }
 TASK_TYPES = tuple(t.value for t in TaskType)
 MODALITIES = ("tabular", "text", "vision", "audio", "tokens")
-# The collator name per task type, as plain strings (kept for callers of the old table).
-COLLATORS: dict[str, str | None] = {t.value: t.collator for t in TaskType}
+# The collator name per task type, as plain strings (a view of TaskType.collator).
+COLLATORS: dict[str, str] = {t.value: t.collator for t in TaskType}
 
 
 @dataclass
@@ -201,7 +201,7 @@ class TaskSpec:
         return TaskType(self.task_type).is_classification
 
     @property
-    def collator(self) -> str | None:
+    def collator(self) -> str:
         """The name of the collator for this task in ``kiln.data.CollatorRegistry``."""
         return TaskType(self.task_type).collator
 

@@ -3,8 +3,10 @@
 Every dataset is a ``KilnDataset``: ``info`` (a ``DatasetInfo``), ``len``,
 ``split(validation_split, seed)`` and ``to_ray()``, which yields a
 ``ray.data.Dataset`` with columns ``"x"`` (float32 features of shape
-``info.input_shape``; int64 token ids for language modeling) and ``"y"`` (int64
-class ids; float32 regression targets; token ids again for language modeling).
+``info.input_shape``; int64 token ids for language modeling and sequence to
+sequence) and ``"y"`` (int64 class ids; float32 regression targets; token ids again
+for language modeling; target token ids for sequence to sequence; a class per pixel
+``[H, W]`` for segmentation, -100 where the loss skips).
 
     >>> from kiln.data import get_dataset
     >>> train, val = get_dataset("iris").split(0.2, seed=0)

@@ -47,8 +47,12 @@ class ArrayDataset(KilnDataset):
     """Features and labels held in memory.
 
     Args:
-        x: Features ``[N, *input_shape]`` (token ids ``[N, seq_len]`` for language modeling).
-        y: Labels ``[N]`` (int class ids) or ``[N]``/``[N, k]`` floats for regression.
+        x: Features ``[N, *input_shape]`` (token ids ``[N, seq_len]`` for language modeling
+            and sequence to sequence; images ``[N, C, H, W]`` or ``[N, H, W]`` for
+            segmentation).
+        y: Labels ``[N]`` (int class ids) or ``[N]``/``[N, k]`` floats for regression;
+            target token ids ``[N, target_len]`` (sequence to sequence) or a class per
+            pixel ``[N, H, W]`` (segmentation), where -100 marks what the loss skips.
             For language modeling ``y`` may be None (it defaults to ``x``).
         info: Description to use instead of the inferred one (``num_rows`` is reset).
         task_type: Overrides the task inferred from the label dtype.
@@ -85,9 +89,9 @@ class ArrayDataset(KilnDataset):
         if info is not None:
             return info.replace(num_rows=n, task_type=task)
         num_classes = num_outputs = None
-        if task == "classification":
-            num_classes = int(self._y.max()) + 1
-        elif task == "language_modeling":
+        if task in ("classification", "segmentation"):
+            num_classes = max(2, int(self._y.max()) + 1)
+        elif task in ("language_modeling", "sequence_to_sequence"):
             num_classes = int(max(self._x.max(), self._y.max())) + 1
         else:
             num_outputs = 1 if self._y.ndim == 1 else int(np.prod(self._y.shape[1:]))
@@ -172,6 +176,10 @@ def _validate(x: np.ndarray, y: np.ndarray, task: str) -> tuple[np.ndarray, np.n
         raise DatasetError(f"x and y have different numbers of rows ({shapes}); they must match")
     if x.dtype.kind not in "iufb":
         raise DatasetError(f"x has dtype {x.dtype} ({shapes}); expected numbers")
+    if task == "sequence_to_sequence":
+        return _validate_seq2seq(x, y, shapes)
+    if task == "segmentation":
+        return _validate_segmentation(x, y, shapes)
     if task == "language_modeling":
         if x.ndim != 2 or x.dtype.kind not in "iu":
             raise DatasetError(
@@ -208,6 +216,45 @@ def _validate(x: np.ndarray, y: np.ndarray, task: str) -> tuple[np.ndarray, np.n
     if not np.isfinite(y).all():
         raise DatasetError(f"y contains NaN or infinite values ({shapes})")
     return x, y
+
+
+def _validate_seq2seq(x: np.ndarray, y: np.ndarray, shapes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source ids ``[N, S]`` >= 0; target ids ``[N, T]`` >= 0 or -100 (left out of the loss)."""
+    if x.ndim != 2 or x.dtype.kind not in "iu" or y.ndim != 2 or y.dtype.kind not in "iu":
+        raise DatasetError(
+            "sequence to sequence needs int token ids: x [N, source_len] and y "
+            f"[N, target_len]; got x dtype {x.dtype}, y dtype {y.dtype} ({shapes})"
+        )
+    if x.min() < 0 or ((y < 0) & (y != _IGNORE)).any():
+        raise DatasetError(
+            f"token ids must be >= 0 (targets may also be {_IGNORE} for padding) ({shapes})"
+        )
+    return x.astype(np.int64, copy=False), y.astype(np.int64, copy=False)
+
+
+def _validate_segmentation(
+    x: np.ndarray, y: np.ndarray, shapes: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, C, H, W]`` (``[N, H, W]`` gains C=1); masks ``[N, H, W]`` of class ids."""
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or y.ndim != 3 or tuple(x.shape[2:]) != tuple(y.shape[1:]):
+        raise DatasetError(
+            "segmentation needs images x [N, C, H, W] (or [N, H, W]) and masks y [N, H, W] "
+            f"of the same height and width ({shapes})"
+        )
+    if y.dtype.kind not in "iu" or ((y < 0) & (y != _IGNORE)).any():
+        raise DatasetError(
+            f"segmentation masks must be int class ids >= 0 (or {_IGNORE} for pixels the loss "
+            f"skips); got dtype {y.dtype} ({shapes})"
+        )
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise DatasetError(f"x contains NaN or infinite values ({shapes})")
+    return x, y.astype(np.int64, copy=False)
+
+
+_IGNORE = -100  # the label value cross-entropy skips
 
 
 def from_arrays(

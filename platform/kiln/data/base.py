@@ -17,9 +17,17 @@ from kiln.errors import DatasetError
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DatasetInfo", "KilnDataset", "TASK_TYPES", "SOURCES"]
+__all__ = ["DatasetInfo", "KilnDataset", "TASK_TYPES", "TABULAR_TASK_TYPES", "SOURCES"]
 
-TASK_TYPES = ("classification", "regression", "language_modeling")
+TASK_TYPES = (
+    "classification",
+    "regression",
+    "language_modeling",
+    "sequence_to_sequence",
+    "segmentation",
+)
+# What a table of feature columns (a parquet/CSV/JSONL file) can hold.
+TABULAR_TASK_TYPES = ("classification", "regression", "language_modeling")
 SOURCES = ("bundled", "synthetic", "mnist", "file", "arrays")
 
 
@@ -32,8 +40,8 @@ class DatasetInfo:
         description: One line for humans.
         task_type: One of ``TASK_TYPES``.
         input_shape: Shape of one row of ``"x"`` (``(seq_len,)`` for token ids).
-        num_classes: Number of classes (classification), vocabulary size (language
-            modeling), else None.
+        num_classes: Number of classes (classification, segmentation), vocabulary size
+            (language modeling, sequence to sequence), else None.
         class_names: Names of the classes, index = class id, or None.
         num_outputs: Width of the regression target, else None.
         num_rows: Number of rows, or None where unknown without a scan.

@@ -5,7 +5,8 @@ dict with ``"x"``/``"y"`` (or ``"input_ids"``/``"labels"``) or an ``(x, y)`` tup
 One module-level table maps the collator names that configs use to these functions
 (``get_collator`` / ``register_collator``; ``CollatorRegistry`` is a view of it), and
 ``DataLoaderFactory`` picks a task's collator from it by name: the TaskSpec's
-``preprocessing_config["collator"]``, else the one for its task type.
+``preprocessing_config["collator"]``, else :attr:`kiln.config.TaskType.collator`, the
+one table of task type -> collator name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kiln.errors import ConfigError, NotFoundError
 
@@ -26,11 +28,14 @@ __all__ = [
     "DataLoaderFactory",
     "get_collator",
     "register_collator",
+    "task_collator",
     "Collator",
     "collate_classification",
     "collate_language_modeling",
     "collate_vision",
     "collate_seq2seq",
+    "collate_regression",
+    "collate_segmentation",
     "IGNORE_INDEX",
 ]
 
@@ -131,11 +136,44 @@ def collate_seq2seq(batch: Sequence[Any], pad_token_id: int = 0) -> dict[str, to
     }
 
 
+def collate_regression(batch: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Stack float32 features and float32 targets (``[B]`` or ``[B, K]``)."""
+    xs, ys = zip(*(_xy(s) for s in batch), strict=True)
+    x = torch.stack([_tensor(x) for x in xs]).float()
+    return {"x": x, "y": torch.stack([_tensor(y) for y in ys]).float()}
+
+
+def collate_segmentation(batch: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Images as float32 ``[B, C, H, W]`` (uint8 scaled to [0, 1]), masks as int64 ``[B, H, W]``.
+
+    Images of unequal size are zero-padded at the bottom/right to the largest, and their
+    masks padded with IGNORE_INDEX, so padding is left out of the loss and the metrics.
+    A mask given as ``[1, H, W]`` is squeezed.
+    """
+    xs, ys = zip(*(_xy(s) for s in batch), strict=True)
+    images, masks = [], []
+    for x, y in zip(xs, ys, strict=True):
+        t = _tensor(x)
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        images.append(t.unsqueeze(0) if t.ndim == 2 else t)
+        m = _tensor(y).long()
+        masks.append(m.squeeze(0) if m.ndim == 3 and m.shape[0] == 1 else m)
+    h = max(t.shape[-2] for t in images)
+    w = max(t.shape[-1] for t in images)
+    x = torch.stack([F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) for t in images])
+    y = torch.stack(
+        [F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2]), value=IGNORE_INDEX) for m in masks]
+    )
+    return {"x": x, "y": y}
+
+
 _BUILTIN_COLLATORS: dict[str, Collator] = {
     "classification": collate_classification,
     "language_modeling": collate_language_modeling,
     "vision": collate_vision,
     "sequence_to_sequence": collate_seq2seq,
+    "regression": collate_regression,
+    "segmentation": collate_segmentation,
 }
 
 
@@ -182,12 +220,16 @@ class CollatorRegistry:
         return name in _COLLATORS
 
 
-_TASK_COLLATOR = {
-    "classification": "classification",
-    "image_classification": "vision",
-    "regression": "classification",
-    "language_modeling": "language_modeling",
-}
+def task_collator(task_type: str) -> str:
+    """The collator name for ``task_type``, from :attr:`kiln.config.TaskType.collator`."""
+    from kiln.config.task import TASK_TYPES, TaskType
+
+    try:
+        return TaskType(task_type).collator
+    except ValueError:
+        raise ConfigError(
+            f"task_type={task_type!r} has no collator; known task types: {', '.join(TASK_TYPES)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -226,15 +268,15 @@ class DataLoaderFactory:
     def collator(self) -> Collator:
         """The task's collator, with its padding id and column names bound."""
         task = self.task_spec
-        name = (task.preprocessing_config or {}).get("collator") or _TASK_COLLATOR.get(
-            task.task_type, "classification"
-        )
+        name = (task.preprocessing_config or {}).get("collator") or task_collator(task.task_type)
         fn = get_collator(name)
+        pad = task.pad_token_id if task.pad_token_id is not None else 0
         if fn is collate_language_modeling:
-            pad = task.pad_token_id if task.pad_token_id is not None else 0
             return functools.partial(
                 fn, pad_token_id=pad, input_key=task.input_column, label_key=task.label_column
             )
+        if fn is collate_seq2seq:
+            return functools.partial(fn, pad_token_id=pad)
         return fn
 
     def create_loader(

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.data.base import TASK_TYPES, DatasetInfo, KilnDataset, check_validation_split
+from kiln.data.base import (
+    TABULAR_TASK_TYPES,
+    DatasetInfo,
+    KilnDataset,
+    check_validation_split,
+)
 from kiln.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -198,8 +203,10 @@ class FileDataset(KilnDataset):
         if _info is not None:
             self.features, self.label, self._info = tuple(features or ()), str(label), _info
             return
-        if task_type is not None and task_type not in TASK_TYPES:
-            raise DatasetError(f"task_type={task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+        if task_type is not None and task_type not in TABULAR_TASK_TYPES:
+            raise DatasetError(
+                f"task_type={task_type!r}; allowed for files: {', '.join(TABULAR_TASK_TYPES)}"
+            )
         schema = _schema(self.format, self._files)
         columns = list(schema.names)
         self.label = self._pick_label(label, columns)

@@ -5,11 +5,14 @@
     train_loader, val_loader = module.load_huggingface("data/my_saved_dataset")
 
 Rows are read with ``datasets`` (JSONL/JSON/CSV/parquet files, ``save_to_disk``
-folders, Hub names that are cached or reachable) and become samples keyed by the
-task's columns (``x``/``y`` by default). A language-modeling task given a
-``tokenizer`` tokenizes a ``text`` column. Loaders come from
-:class:`~kiln.data.collate.DataLoaderFactory`, so collation follows the task and
-the order follows the seed.
+folders, folders of data files, Hub names that are cached or reachable) and become
+samples keyed by the task's columns (``x``/``y`` by default). A file whose rows lack
+the task's input column is a table of feature columns: kiln's
+:class:`~kiln.data.FileDataset` packs them into ``x`` (the label is the task's
+``label_column`` when present, else a column named like a label). A language-modeling
+task given a ``tokenizer`` tokenizes a ``text`` column. Loaders come from
+:class:`~kiln.data.collate.DataLoaderFactory`, so collation follows the task and the
+order follows the seed.
 """
 
 from __future__ import annotations
@@ -64,20 +67,23 @@ class UniversalDataModule:
         train_split: str = "train",
         validation_split: str | None = "validation",
         max_samples: int | None = None,
+        **load_kwargs: Any,
     ) -> tuple[Any, Any]:
-        """(train_loader, val_loader or None) from a ``save_to_disk`` folder or a Hub name."""
+        """(train_loader, val_loader or None) from a ``save_to_disk`` folder, a folder of
+        data files (splits named by file, e.g. ``train.parquet``) or a Hub name;
+        ``load_kwargs`` (``cache_dir=...``) go to ``datasets.load_dataset``."""
         import datasets
 
-        if Path(dataset_name).is_dir():
+        if _is_saved_dataset(Path(dataset_name)):
             try:
                 data = datasets.load_from_disk(dataset_name)
             except Exception as exc:
                 raise DatasetError(
-                    f"dataset_name={dataset_name!r} is a folder but not a datasets "
-                    f"save_to_disk folder: {exc}"
+                    f"dataset_name={dataset_name!r} is a datasets save_to_disk folder that "
+                    f"could not be read: {exc}"
                 ) from None
         else:
-            data = _load_hub(dataset_name, dataset_config)
+            data = _load_hub(dataset_name, dataset_config, **load_kwargs)
         if isinstance(data, datasets.Dataset):
             data = datasets.DatasetDict({train_split: data})
         if train_split not in data:
@@ -112,10 +118,42 @@ class UniversalDataModule:
         if not 0 <= validation_split < 1:
             raise DatasetError(f"validation_split={validation_split!r} must be in [0, 1)")
         rows = list(datasets.load_dataset(builder, data_files=str(path), split="train"))
+        if rows and self._is_table(rows[0]):
+            return self._tabular(path, validation_split, list(rows[0]))
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
         rows = [rows[i] for i in order.tolist()]
         n_val = int(len(rows) * validation_split)
         return self._loaders(rows[n_val:], rows[:n_val] or None)
+
+    def _is_table(self, row: dict[str, Any]) -> bool:
+        """Feature columns rather than an input column (nor text to tokenize)."""
+        task = self.task_spec
+        if task.input_column in row or task.task_type == "language_modeling":
+            return False
+        return not ("text" in row and self.tokenizer is not None)
+
+    def _tabular(self, path: Path, validation_split: float, columns: list[str]) -> tuple[Any, Any]:
+        """Loaders over a table of feature columns, split by kiln's seeded row hash."""
+        from kiln.data.files import FileDataset
+
+        label = self.task_spec.label_column
+        table = FileDataset(path, label=label if label in columns else None)
+        train, val = table.split(validation_split, self.seed) if validation_split else (table, None)
+
+        def rows(part: FileDataset) -> list[dict[str, Any]]:
+            x, y = part.local_arrays()
+            return [{"x": xi, "y": yi} for xi, yi in zip(x, y, strict=True)]
+
+        train_rows = rows(train)
+        if not train_rows:
+            raise DatasetError(f"file_path={str(path)!r}: the training split has no rows")
+        config = DataLoaderConfig(self.batch_size, shuffle=True)
+        train_loader = self.factory.create_loader(_Rows(train_rows), config)
+        val_rows = rows(val) if val is not None else []
+        val_loader = None
+        if val_rows:
+            val_loader = self.factory.create_loader(_Rows(val_rows), config, is_eval=True)
+        return train_loader, val_loader
 
     # ------------------------------------------------------------------ samples
     def _loaders(self, train: list[dict], val: list[dict] | None) -> tuple[Any, Any]:
@@ -156,11 +194,16 @@ def _take(split: Any, max_samples: int | None) -> Any:
     return split
 
 
-def _load_hub(name: str, config: str | None) -> Any:
+def _is_saved_dataset(path: Path) -> bool:
+    """A ``save_to_disk`` folder (a Dataset's or a DatasetDict's)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_hub(name: str, config: str | None, **kwargs: Any) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(name, config)
+        return datasets.load_dataset(name, config, **kwargs)
     except Exception as exc:  # offline/unreachable/unknown: several exception types
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         why = "offline mode is on" if offline else f"{type(exc).__name__}: {exc}"

@@ -78,9 +78,9 @@ def plan_data(
         dataset_id = str(train_data)
         train_data = kdata.get_dataset(dataset_id, data_dir=_dir_for(data_dir, dataset_id))
     elif _is_pair(train_data):
-        train_data = kdata.from_arrays(*train_data)
+        train_data = kdata.from_arrays(*train_data, task_type=_array_task_type(task))
     if _is_pair(val_data):
-        val_data = kdata.from_arrays(*val_data)
+        val_data = kdata.from_arrays(*val_data, task_type=_array_task_type(task))
     elif isinstance(val_data, (str, Path)):
         val_data = kdata.get_dataset(str(val_data), data_dir=_dir_for(data_dir, str(val_data)))
 
@@ -137,6 +137,21 @@ def _profile_sample(plan: DataPlan) -> np.ndarray | None:
             return np.asarray(batch[plan.task.input_column])
     except Exception:
         logger.warning("could not sample the training data for its profile", exc_info=True)
+    return None
+
+
+# Task types whose labels are not told apart by dtype alone: arrays are read as the task says.
+_SHAPED_LABELS = (
+    TaskType.LANGUAGE_MODELING,
+    TaskType.SEQUENCE_TO_SEQUENCE,
+    TaskType.SEGMENTATION,
+)
+
+
+def _array_task_type(task: TaskSpec | None) -> str | None:
+    """The task type ``(X, y)`` arrays are validated as; None: inferred from y's dtype."""
+    if task is not None and TaskType(task.task_type) in _SHAPED_LABELS:
+        return task.task_type
     return None
 
 
@@ -261,14 +276,23 @@ def _plan_ray(train, val, task, config) -> DataPlan:
     task = complete_task(task, task_type, tuple(x.shape), num_outputs=int(y.size) or 1)
     if task.is_classification and task.num_classes is None:
         task = task.replace(num_classes=int(train.max(label_col)) + 1)
+    _need_segmentation_classes(task, "a ray.data.Dataset")
     datasets = {"train": train} if val is None else {"train": train, "val": val}
     return DataPlan(
         DataKind.RAY, task, tuple(x.shape), train.count(), datasets=datasets, cache_shards=False
     )
 
 
+_PADDED_BATCHES = (TaskType.SEQUENCE_TO_SEQUENCE, TaskType.SEGMENTATION)
+
+
 def _plan_torch(train, val, task, config) -> DataPlan:
-    loader_kwargs = {"batch_size": config.batch_size}
+    loader_kwargs: dict[str, Any] = {"batch_size": config.batch_size}
+    if task is not None and TaskType(task.task_type) in _PADDED_BATCHES:
+        # Sequences (or images) of unequal size: the task's collator pads them.
+        from kiln.data.collate import DataLoaderFactory
+
+        loader_kwargs["collate_fn"] = DataLoaderFactory(task).collator()
     if isinstance(train, torch.utils.data.DataLoader):
         dataset = train.dataset
         train_loader = train
@@ -310,8 +334,18 @@ def _plan_torch(train, val, task, config) -> DataPlan:
             "task_spec.num_classes is needed with a torch Dataset (kiln does not scan it); "
             "pass TaskSpec.classification(num_classes=...)"
         )
+    _need_segmentation_classes(task, "a torch Dataset")
     rows = len(dataset)  # type: ignore[arg-type]  # map-style torch Datasets define __len__
     return DataPlan(DataKind.TORCH, task, tuple(x.shape), rows, loaders=loaders)
+
+
+def _need_segmentation_classes(task: TaskSpec, what: str) -> None:
+    """Segmentation's metrics count pixels per class: the number of classes must be known."""
+    if task.task_type == TaskType.SEGMENTATION and task.num_classes is None:
+        raise ConfigError(
+            f"task_spec.num_classes is needed for segmentation with {what} (kiln does not "
+            "scan it); pass TaskSpec.segmentation(num_classes=...)"
+        )
 
 
 def complete_task(
@@ -330,12 +364,19 @@ def complete_task(
             task = TaskSpec.language_modeling(name=name)
         elif task_type == "regression":
             task = TaskSpec.regression(name=name, num_outputs=num_outputs or 1)
+        elif task_type == "sequence_to_sequence":
+            task = TaskSpec.sequence_to_sequence(name=name)
+        elif task_type == "segmentation":
+            task = TaskSpec.segmentation(name=name)
         else:
             task = TaskSpec.classification(name=name)
     changes: dict[str, Any] = {}
     if task.input_shape is None:
         changes["input_shape"] = tuple(input_shape)
-    if task.is_classification:
+    seq2seq_data = task_type == task.task_type == TaskType.SEQUENCE_TO_SEQUENCE
+    if seq2seq_data and task.vocab_size is None and num_classes is not None:
+        changes["vocab_size"] = num_classes  # the data's vocabulary
+    if task.is_classification or task.task_type == TaskType.SEGMENTATION:
         if task.num_classes is None and num_classes is not None:
             changes["num_classes"] = num_classes
         elif (

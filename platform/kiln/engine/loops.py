@@ -11,11 +11,16 @@ Batches come in two kinds. With a loss strategy, a batch is a dict of columns or
 a dict batch is passed as keyword arguments (``input_ids``, ``attention_mask``,
 ``labels``, ...) and ``model(**batch).loss`` is used; losses are then averaged over
 the label tokens that count (labels other than -100), and tokens/s is measured.
+
+Metrics beside the loss follow the task: accuracy (classification), MAE (regression),
+per-pixel accuracy and mean IoU (segmentation, from a confusion matrix summed over the
+epoch and across ranks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,9 +77,12 @@ class _Sums:
     tensors on the device, so the loop never waits for the device inside an epoch.
     """
 
-    def __init__(self, classification: bool, regression: bool) -> None:
+    def __init__(
+        self, classification: bool, regression: bool, confusion: _Confusion | None = None
+    ) -> None:
         self.classification = classification
         self.regression = regression
+        self.confusion = confusion  # segmentation: class-by-class pixel counts
         # Python floats on CPU, 0-d tensors on an accelerator (see the class docstring).
         self.loss_sum: Any = 0.0
         self.correct: Any = 0.0
@@ -101,6 +109,8 @@ class _Sums:
                 self.loss_sum, self.correct, self.abs_err = zero, zero.clone(), zero.clone()
         loss = loss.detach()
         logits = logits.detach() if logits is not None else None
+        if self.confusion is not None and logits is not None:
+            self.confusion.add(logits, labels)
         if self.classification:
             assert logits is not None  # only models that compute their own loss give none
             correct = (logits.argmax(dim=-1) == labels).sum()
@@ -122,25 +132,79 @@ class _Sums:
             self.abs_err += abs_err.item()
 
     def as_tensor(self) -> torch.Tensor:
-        """[loss_sum, correct, abs_err, samples] on the CPU, for an all-reduce across ranks."""
+        """[loss_sum, correct, abs_err, samples] on the CPU, for an all-reduce across ranks;
+        for segmentation the flattened confusion matrix follows."""
         if self._on_device:
             acc = torch.stack([self.loss_sum, self.correct, self.abs_err]).cpu()
-            return torch.cat([acc, torch.tensor([float(self.samples)], dtype=torch.float64)])
-        values = [self.loss_sum, self.correct, self.abs_err, float(self.samples)]
-        return torch.tensor(values, dtype=torch.float64)
+            out = torch.cat([acc, torch.tensor([float(self.samples)], dtype=torch.float64)])
+        else:
+            values = [self.loss_sum, self.correct, self.abs_err, float(self.samples)]
+            out = torch.tensor(values, dtype=torch.float64)
+        if self.confusion is not None:
+            out = torch.cat([out, self.confusion.flat()])
+        return out
+
+
+class _Confusion:
+    """Pixel counts per (true class, predicted class), summed over an epoch's batches.
+
+    Each batch's matrix comes from torchmetrics (``multiclass_confusion_matrix``, pixels
+    labelled -100 left out). Summed matrices all-reduce across ranks like the other sums,
+    and give per-pixel accuracy and mean IoU over the whole epoch (:func:`metrics_from_sums`),
+    the values torchmetrics' ``MulticlassAccuracy(average="micro")`` and
+    ``MulticlassJaccardIndex(average="macro")`` give over the same pixels.
+    """
+
+    def __init__(self, num_classes: int | None) -> None:
+        self.num_classes = num_classes  # None: read off the first batch's logits
+        self.matrix: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+        if self.num_classes is None:
+            self.num_classes = int(logits.shape[1])
+        batch = multiclass_confusion_matrix(
+            logits.argmax(dim=1),
+            labels,
+            self.num_classes,
+            ignore_index=IGNORE_INDEX,
+            validate_args=False,
+        )
+        self.matrix = batch if self.matrix is None else self.matrix + batch
+
+    def flat(self) -> torch.Tensor:
+        if self.matrix is None:  # no batch on this rank: zeros keep the all-reduce aligned
+            n = self.num_classes or 0
+            return torch.zeros(n * n, dtype=torch.float64)
+        return self.matrix.flatten().to("cpu", torch.float64)
+
+
+def _segmentation_metrics(matrix: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Per-pixel accuracy and mean IoU (over classes present in labels or predictions)."""
+    true_pos = matrix.diagonal()
+    union = matrix.sum(0) + matrix.sum(1) - true_pos
+    present = union > 0
+    total = float(matrix.sum())
+    accuracy = float(true_pos.sum()) / total if total else 0.0
+    iou = (true_pos[present] / union[present]).mean() if bool(present.any()) else 0.0
+    return {f"{prefix}_pixel_accuracy": accuracy, f"{prefix}_mean_iou": float(iou)}
 
 
 def metrics_from_sums(
     sums: torch.Tensor, classification: bool, regression: bool, prefix: str
 ) -> dict[str, float]:
     """Turn (possibly all-reduced) sums into mean metrics named ``<prefix>_loss`` etc."""
-    loss_sum, correct, abs_err, samples = (float(v) for v in sums)
+    loss_sum, correct, abs_err, samples = (float(v) for v in sums[:4])
     samples = max(samples, 1.0)
     out = {f"{prefix}_loss": loss_sum / samples}
     if classification:
         out[f"{prefix}_accuracy"] = correct / samples
     elif regression:
         out[f"{prefix}_mae"] = abs_err / samples
+    if len(sums) > 4:  # segmentation: a confusion matrix follows
+        n = math.isqrt(len(sums) - 4)
+        out.update(_segmentation_metrics(sums[4:].reshape(n, n), prefix))
     return out
 
 
@@ -160,6 +224,7 @@ class TrainingLoop:
         label_column: str = "y",
         log_every_n_steps: int = 0,
         max_steps: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.accumulator = gradient_accumulator
         self.monitor = gradient_monitor
@@ -168,6 +233,8 @@ class TrainingLoop:
         self.precision = precision
         self.classification = task_type in ("classification", "image_classification")
         self.regression = task_type == "regression"
+        self.segmentation = task_type == "segmentation"
+        self.num_classes = num_classes  # segmentation's confusion matrix; None: from logits
         self.columns = (input_column, label_column)
         self.log_every_n_steps = log_every_n_steps
         self.global_step = 0  # batches seen over the whole run (restored on resume)
@@ -195,7 +262,7 @@ class TrainingLoop:
         device = torch.device(device)
         precision = self.precision or Precision(False, device.type)
         model.train()
-        sums = _Sums(self.classification, self.regression)
+        sums = _new_sums(self)
         step_log: list[dict[str, Any]] = []
         start = time.perf_counter()
         n_accum = self.accumulator.accumulation_steps
@@ -274,11 +341,14 @@ class ValidationLoop:
         task_type: str = "classification",
         input_column: str = "x",
         label_column: str = "y",
+        num_classes: int | None = None,
     ) -> None:
         self.loss_strategy = loss_strategy
         self.precision = precision
         self.classification = task_type in ("classification", "image_classification")
         self.regression = task_type == "regression"
+        self.segmentation = task_type == "segmentation"
+        self.num_classes = num_classes
         self.columns = (input_column, label_column)
 
     @torch.no_grad()
@@ -294,7 +364,7 @@ class ValidationLoop:
         device = torch.device(device)
         precision = self.precision or Precision(False, device.type)
         model.eval()
-        sums = _Sums(self.classification, self.regression)
+        sums = _new_sums(self)
         start = time.perf_counter()
         for batch_idx, batch in enumerate(val_loader):
             batch, labels = _to_device(batch, self.columns, device, self.loss_strategy is None)
@@ -315,6 +385,11 @@ class ValidationLoop:
             learning_rate=0.0,
             sums=totals,
         )
+
+
+def _new_sums(loop: TrainingLoop | ValidationLoop) -> _Sums:
+    confusion = _Confusion(loop.num_classes) if loop.segmentation else None
+    return _Sums(loop.classification, loop.regression, confusion)
 
 
 def _to_device(

@@ -592,6 +592,12 @@ class _SpecFactory:
 
 
 def _default_architecture(plan: DataPlan) -> dict[str, Any]:
+    if plan.task.task_type in (TaskType.SEQUENCE_TO_SEQUENCE, TaskType.SEGMENTATION):
+        raise ConfigError(
+            f"task_type={plan.task.task_type!r} has no built-in architecture; pass model= "
+            "(an nn.Module or a factory) giving logits [B, T, V] for sequence_to_sequence "
+            "or [B, classes, H, W] for segmentation"
+        )
     if plan.task.task_type == TaskType.LANGUAGE_MODELING:
         return {"name": "tiny_transformer", "vocab_size": plan.task.vocab_size or 32}
     if len(plan.input_shape) == 3:

@@ -250,9 +250,12 @@ def _step_loops(
         task_type=task.task_type,
         log_every_n_steps=cfg.log_every_n_steps,
         max_steps=cfg.max_steps,
+        num_classes=task.num_classes,
         **columns,
     )
-    val_loop = ValidationLoop(loss, precision=precision, task_type=task.task_type, **columns)
+    val_loop = ValidationLoop(
+        loss, precision=precision, task_type=task.task_type, num_classes=task.num_classes, **columns
+    )
     return train_loop, val_loop, grad_monitor
 
 

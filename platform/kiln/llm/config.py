@@ -264,6 +264,28 @@ class ConfigLoader:
             raise ConfigError(errors)
         return config
 
+    @staticmethod
+    def from_args_and_json(args: Any) -> TrainerConfig:
+        """A config from command-line arguments (an ``argparse.Namespace``): the YAML/JSON
+        file named by ``args.config`` (if any), then the flags that are set on top.
+
+        ``--dataset``, ``--model`` and ``--output`` set ``data.dataset_path``,
+        ``model.model_path`` and ``output.output_dir``; a flag named like a field of any
+        section (``--learning_rate``, ``--num_epochs``) sets that field. Other attributes
+        (the parser's own, such as ``func``) are not config and are left alone.
+        """
+        values = {k: v for k, v in vars(args).items() if v is not None}
+        path = values.pop("config", None)
+        data = ConfigLoader.load(path).to_dict() if path else {}
+        owners = {f.name: n for n, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+        flags = {"dataset": ("data", "dataset_path"), "model": ("model", "model_path")}
+        flags["output"] = ("output", "output_dir")
+        for key, value in values.items():
+            section, name = flags.get(key) or (owners.get(key), key)
+            if section is not None:
+                data.setdefault(section, {})[name] = value
+        return ConfigLoader.from_dict(data)
+
 
 # ---------------------------------------------------------------------- building
 def _unknown(key: str, known: list[str], what: str) -> str:

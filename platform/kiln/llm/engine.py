@@ -111,7 +111,7 @@ class TrainerEngine:
         self, config: TrainerConfig, prepared: _Prepared, status: Any, resume_from: str | None
     ) -> TrainingResult:
         from kiln.engine import Trainer
-        from kiln.llm.modeling import CausalLMFactory, save_output
+        from kiln.llm.modeling import save_output
 
         m, h, env = config.model, config.hyperparams, config.environment
         task = _task(prepared.tokenizer, Path(config.output.output_dir).name)
@@ -120,13 +120,7 @@ class TrainerEngine:
         total_steps = batches * h.num_epochs
         if h.max_steps is not None:
             total_steps = min(total_steps, h.max_steps)
-        factory = CausalLMFactory(
-            model_path=m.model_path,
-            lora=None if m.lora is None else _lora_dict(m.lora),
-            vocab_size=len(prepared.tokenizer),
-            gradient_checkpointing=m.gradient_checkpointing,
-            load_in_4bit=m.load_in_4bit,
-        )
+        factory = _model_factory(config, prepared.tokenizer)
         tokens_per_batch = prepared.stats["train"]["tokens"] / max(1, len(prepared.train))
         tokens_per_batch *= h.batch_size
         hook = _StatusHook(
@@ -171,6 +165,24 @@ class TrainerEngine:
             final_loss=final.get("train_loss"),
             summary=summary,
         )
+
+    def load_model_and_tokenizer(self, config: TrainerConfig) -> tuple[Any, Any]:
+        """The model a job trains (LoRA applied when configured, KV cache off) and its
+        tokenizer (pad token: eos when it has none), loaded without training."""
+        from kiln.llm.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model.model_path)
+        return _model_factory(config, tokenizer)(), tokenizer
+
+    def prepare_dataset(
+        self, config: TrainerConfig, profile: Any = None, tokenizer: Any = None
+    ) -> tuple[Any, Any]:
+        """``(train, validation or None)``: the job's rows through ``profile`` (default:
+        ``config.profile``), tokenized with labels on the answers only. Samples are
+        ``{"input_ids", "labels"}``; the validation rows are
+        ``min(validation_max_samples, int(rows * validation_split))`` of the shuffled rows."""
+        prepared = _prepare_data(config, profile, tokenizer)
+        return prepared.train, prepared.val
 
     def _paths(self) -> Any:
         if self.paths is None:
@@ -217,13 +229,14 @@ def system_prompt(config: TrainerConfig) -> str:
     return base.replace("{date}", date.today().isoformat()) if base else ""
 
 
-def _prepare_data(config: TrainerConfig) -> _Prepared:
+def _prepare_data(config: TrainerConfig, profile: Any = None, tokenizer: Any = None) -> _Prepared:
     from kiln.llm.chat import ensure_chat_template
     from kiln.llm.encoding import TokenDataset, encode_examples
     from kiln.llm.modeling import load_tokenizer
     from kiln.llm.profiles import get_profile, prepare_examples, read_rows
 
-    profile = get_profile(config.profile.name, **config.profile.options)
+    if profile is None:
+        profile = get_profile(config.profile.name, **config.profile.options)
     rows = read_rows(config.data.dataset_path)
     if config.data.max_samples:
         rows = rows[: config.data.max_samples]
@@ -234,7 +247,8 @@ def _prepare_data(config: TrainerConfig) -> _Prepared:
         skip_invalid=config.data.skip_invalid,
         source=f"data.dataset_path={config.data.dataset_path!r}",
     )
-    tokenizer = load_tokenizer(config.model.model_path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model.model_path)
     chat = any("messages" in e for e in prepared.examples)
     if chat and ensure_chat_template(tokenizer) and config.model.lora is not None:
         raise ConfigError(
@@ -288,6 +302,20 @@ def _loaders(config: TrainerConfig, task: Any, prepared: _Prepared) -> tuple[Any
     if prepared.val is not None:
         val = factory.create_loader(prepared.val, DataLoaderConfig(bs, shuffle=False), is_eval=True)
     return train, val
+
+
+def _model_factory(config: TrainerConfig, tokenizer: Any) -> Any:
+    """The picklable factory each worker builds the job's model with."""
+    from kiln.llm.modeling import CausalLMFactory
+
+    m = config.model
+    return CausalLMFactory(
+        model_path=m.model_path,
+        lora=None if m.lora is None else _lora_dict(m.lora),
+        vocab_size=len(tokenizer),
+        gradient_checkpointing=m.gradient_checkpointing,
+        load_in_4bit=m.load_in_4bit,
+    )
 
 
 def _lora_dict(lora: Any) -> dict[str, Any]:

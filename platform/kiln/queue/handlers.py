@@ -9,7 +9,8 @@ name, a bundle path, a model reference), ``details`` a JSON-able dict.
 - ``evaluation``: loss and accuracy of a registered model on a dataset, the model
   rebuilt from its registered checkpoint.
 - ``export``: an export bundle of a registered model.
-- ``retraining``: the closed loop (:mod:`kiln.queue.retraining`).
+- ``retraining``: the closed loop (:mod:`kiln.queue.retraining`); given a training
+  config instead of a registered model, a training run of it.
 - ``noop``: sleeps ``seconds`` and succeeds (or fails when ``fail`` is set).
 """
 
@@ -79,7 +80,10 @@ def run_export(config: dict[str, Any], paths: RunPaths, job_id: int) -> tuple[st
 
 def run_retraining(config: dict[str, Any], paths: RunPaths, job_id: int) -> tuple[str, dict]:
     from kiln.queue.retraining import retrain
+    from kiln.queue.validation import retrains_registered_model
 
+    if not retrains_registered_model(config):  # a training config: a fresh run of it
+        return run_training(config, paths, job_id)
     return retrain(config, paths, job_id)
 
 

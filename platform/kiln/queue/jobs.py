@@ -31,6 +31,9 @@ class JobType(str, enum.Enum):
     RETRAINING = "retraining"
     NOOP = "noop"
 
+    def __str__(self) -> str:
+        return self.value
+
     @property
     def needs_model(self) -> bool:
         """True when the config names a registered model (``model: NAME@TAG``)."""
@@ -56,6 +59,9 @@ class JobStatus(str, enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # f"{job.status}" prints "pending", not "JobStatus.PENDING"
+        return self.value
 
     @property
     def is_terminal(self) -> bool:

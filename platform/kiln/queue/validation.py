@@ -10,7 +10,9 @@ whole: every problem is collected into one :class:`~kiln.errors.ConfigError`.
 - ``export``: ``{"model": "NAME@TAG", "formats": "onnx,pytorch", "output": DIR}``.
 - ``retraining``: ``{"model": "NAME@TAG", "data": GLOB, "holdout": PATH, "trigger": {...},
   "margin": 0.0, "epochs": N, "warm_start": false}``. The data need not exist yet (a schedule names tomorrow's files);
-  the job checks it when it runs.
+  the job checks it when it runs. Or ``{"training_config": {...}}`` (a training job's
+  config): the run is trained afresh from it, e.g. on a dataset file that is refreshed
+  between fires.
 - ``noop``: ``{"seconds": 0, "fail": false}``.
 
 Model references must exist in the registry at submit time.
@@ -56,7 +58,7 @@ def validate_priority(priority: Any) -> list[str]:
 
 def validate_job_config(job_type: JobType, config: Any, paths: RunPaths) -> dict[str, Any]:
     """The config a job of ``job_type`` runs from; raises ConfigError listing every problem."""
-    if job_type is JobType.TRAINING:
+    if job_type is JobType.TRAINING or _retrains_from_config(job_type, config):
         return _training(config)
     if not isinstance(config, dict):
         raise ConfigError(
@@ -84,6 +86,19 @@ def validate_job_config(job_type: JobType, config: Any, paths: RunPaths) -> dict
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _retrains_from_config(job_type: JobType, config: Any) -> bool:
+    """A retraining job given a training job's config (no registered model to gate)."""
+    return (
+        job_type is JobType.RETRAINING and isinstance(config, dict) and "training_config" in config
+    )
+
+
+def retrains_registered_model(config: dict[str, Any]) -> bool:
+    """True for the closed loop's config (``model: NAME@TAG``), False for a run mapping
+    (whose ``model``, if any, is an architecture)."""
+    return isinstance(config.get("model"), str)
 
 
 def _training(config: Any) -> dict[str, Any]:
