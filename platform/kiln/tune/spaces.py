@@ -64,7 +64,7 @@ KEPT_FROM_BASE = frozenset(
         "dataset", "data_backend", "validation_split", "random_seed", "deterministic", "loss",
         "model", "model_name", "run_name", "notes", "tracking", "tracking_db", "register_as",
         "checkpoint_dir", "monitor", "mode", "log_every_n_steps", "report_interval_s",
-        "wandb_project",
+        "wandb_project", "report_to", "tensorboard",
     }
 )  # fmt: skip
 
