@@ -636,13 +636,20 @@ def _report_elsewhere(
     if "mlflow" in cfg.report_to:
         from kiln.tracking.mlflow_export import log_run_to_mlflow
 
-        log_run_to_mlflow(
-            name,
-            config=cfg.to_dict(),
-            history=results["history"],
-            tags={"kiln.run_id": run_id, "kiln.status": _status(results)},
-            checkpoint=results.get("checkpoint_path"),
-        )
+        try:  # the run is trained and recorded: a tracker that fails loses none of it
+            results["mlflow_run_id"] = log_run_to_mlflow(
+                name,
+                config=cfg.to_dict(),
+                history=results["history"],
+                tags={"kiln.run_id": run_id, "kiln.task": results["task"].get("task_type")},
+                checkpoint=results.get("checkpoint_path"),
+                status=_status(results),
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, and the run can be sent again
+            again = f"`kiln runs export {run_id} --to mlflow`" if run_id else "a new run"
+            logger.warning("report_to mlflow failed (%s: %s); send it with %s",
+                           type(exc).__name__, exc, again)  # fmt: skip
+            results["report_errors"] = {"mlflow": f"{type(exc).__name__}: {exc}"}
 
 
 def _status(results: dict[str, Any]) -> str:
