@@ -77,7 +77,8 @@ class MetricSet:
         collected into one :class:`~kiln.errors.ConfigError`."""
         if metrics is None:
             return None
-        out, errors = cls(), []
+        out = cls()
+        errors: list[str] = []
         for name, value in _named_items(metrics, errors):
             out._add(name, value, errors)
         if errors:
@@ -137,7 +138,7 @@ class MetricSet:
 
 def _named_items(metrics: Any, errors: list[str]) -> list[tuple[str | None, Any]]:
     if isinstance(metrics, Mapping):
-        items = []
+        items: list[tuple[str | None, Any]] = []
         for name, value in metrics.items():
             if not isinstance(name, str):
                 errors.append(f"metrics has key {name!r}; metric names must be strings")
