@@ -146,7 +146,7 @@ def _named_items(metrics: Any, errors: list[str]) -> list[tuple[str | None, Any]
                 items.append((name, value))
         return items
     if isinstance(metrics, (list, tuple)):
-        return [(None, value) for value in metrics]
+        return [item for value in metrics for item in _named_items(value, errors)]
     return [(None, metrics)]
 
 
@@ -250,7 +250,9 @@ def added_metrics(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[s
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, str)):
+            continue
+        if not isinstance(value, (int, float)):
             try:  # numpy scalars
                 value = float(value)
             except (TypeError, ValueError):
