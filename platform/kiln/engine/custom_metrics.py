@@ -75,8 +75,8 @@ class MetricSet:
     def from_user(cls, metrics: Any) -> MetricSet | None:
         """Validate ``Trainer(metrics=...)``; None when there are none. Every problem is
         collected into one :class:`~kiln.errors.ConfigError`."""
-        if metrics is None:
-            return None
+        if metrics is None or isinstance(metrics, MetricSet):
+            return metrics
         out = cls()
         errors: list[str] = []
         for name, value in _named_items(metrics, errors):
