@@ -27,7 +27,7 @@ from kiln.tracking.tensorboard import read_scalars
 
 pytestmark = [pytest.mark.integration]
 
-FEATURES, CLASSES, N_TRAIN, N_VAL, BATCH, EPOCHS, LR = 6, 3, 96, 41, 16, 3, 0.05
+FEATURES, CLASSES, N_TRAIN, N_VAL, BATCH, EPOCHS, LR = 6, 3, 96, 41, 16, 2, 0.05
 
 
 def _data(n: int, seed: int, noisy_odd_rows: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +174,7 @@ def test_report_to_mlflow_sends_the_run_with_its_custom_metric(tmp_path, monkeyp
     assert "best_checkpoint/model.pt" in names
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_tune_search_ranks_trials_by_a_custom_metric(tmp_path, ray_local):
     from ray import tune

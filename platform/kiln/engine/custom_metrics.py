@@ -23,6 +23,7 @@ Hooks may also add numbers to an epoch's record (:func:`added_metrics`).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,15 +45,14 @@ _ALLOWED = (
 
 
 def _is_metric(value: Any) -> bool:
-    from torchmetrics import Metric
-
-    return isinstance(value, Metric)
+    # A torchmetrics object exists only once torchmetrics is imported: no import here.
+    tm = sys.modules.get("torchmetrics")
+    return tm is not None and isinstance(value, tm.Metric)
 
 
 def _is_collection(value: Any) -> bool:
-    from torchmetrics import MetricCollection
-
-    return isinstance(value, MetricCollection)
+    tm = sys.modules.get("torchmetrics")
+    return tm is not None and isinstance(value, tm.MetricCollection)
 
 
 def _snake(name: str) -> str:
