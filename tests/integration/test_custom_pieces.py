@@ -73,18 +73,27 @@ def test_custom_metrics_sync_record_and_rank_checkpoints_over_two_workers(tmp_pa
     results = Trainer(
         model=nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, CLASSES)),
         training_config=TrainingConfig(
-            epochs=EPOCHS, batch_size=BATCH, num_workers=2, random_seed=3,
-            monitor="val_error_rate", mode="min", keep_best_k=1, keep_last_n=1,
-            early_stopping_patience=EPOCHS, report_interval_s=0.0,
-        ),  # fmt: skip
+            epochs=EPOCHS,
+            batch_size=BATCH,
+            num_workers=2,
+            random_seed=3,
+            monitor="val_error_rate",
+            mode="min",
+            keep_best_k=1,
+            keep_last_n=1,
+            early_stopping_patience=EPOCHS,
+            report_interval_s=0.0,
+        ),
         task_spec=TaskSpec.classification(name="custom", num_classes=CLASSES),
         hooks=[RankLogs(tmp_path)],
         optimizer=lambda params, cfg: torch.optim.SGD(params, lr=LR, momentum=0.5, nesterov=True),
         lr_scheduler=lambda opt, cfg, total: torch.optim.lr_scheduler.StepLR(
             opt, step_size=total // cfg.epochs, gamma=0.5
         ),
-        metrics={"tm_acc": MulticlassAccuracy(num_classes=CLASSES, average="micro"),
-                 "error_rate": error_rate},  # fmt: skip
+        metrics={
+            "tm_acc": MulticlassAccuracy(num_classes=CLASSES, average="micro"),
+            "error_rate": error_rate,
+        },
         storage_path=tmp_path / "runs",
         db_path=tmp_path / "kiln.db",
         artifacts_dir=tmp_path / "artifacts",
@@ -137,13 +146,15 @@ def test_custom_metrics_sync_record_and_rank_checkpoints_over_two_workers(tmp_pa
     assert params["custom_metrics"] == {"tm_acc": "MulticlassAccuracy", "error_rate": "error_rate"}
     assert params["optimizer_factory"].startswith("<factory ")
     scalars = read_scalars(Path(results["run_dir"]) / "tensorboard")
-    assert scalars["val_error_rate"] == [(h["epoch"], pytest.approx(h["val_error_rate"]))
-                                         for h in history]  # fmt: skip
+    assert scalars["val_error_rate"] == [
+        (h["epoch"], pytest.approx(h["val_error_rate"])) for h in history
+    ]
     assert [v for _, v in scalars["val_gap"]] == pytest.approx([h["val_gap"] for h in history])
 
 
 def test_report_to_mlflow_sends_the_run_with_its_custom_metric(tmp_path, monkeypatch):
-    """In-process run (no Ray) with ``report_to: [mlflow]`` to a local file store."""
+    """In-process run (no Ray) with ``report_to: [mlflow]`` to a local file store; the
+    held-out test rows are scored with the custom metric too."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -152,9 +163,14 @@ def test_report_to_mlflow_sends_the_run_with_its_custom_metric(tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     results = Trainer(
         training_config=TrainingConfig(
-            epochs=2, batch_size=16, report_to=["mlflow"], monitor="val_tm_acc", mode="max",
+            epochs=2,
+            batch_size=16,
+            report_to=["mlflow"],
+            monitor="val_tm_acc",
+            mode="max",
             model={"name": "mlp", "hidden": [8]},
-        ),  # fmt: skip
+            test_split=0.25,
+        ),
         task_spec=TaskSpec.classification(name="mlflow", num_classes=CLASSES),
         metrics={"tm_acc": MulticlassAccuracy(num_classes=CLASSES, average="micro")},
         storage_path=tmp_path / "runs",
@@ -162,6 +178,8 @@ def test_report_to_mlflow_sends_the_run_with_its_custom_metric(tmp_path, monkeyp
         artifacts_dir=tmp_path / "artifacts",
         verbose=False,
     ).train(_data(64, 0, False), _data(32, 1, False))
+    test = results["test_metrics"]  # the held-out rows get the custom metrics too
+    assert test["test_tm_acc"] == pytest.approx(test["test_accuracy"]) and test["test_rows"] == 16
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(results["mlflow_run_id"])
     steps = client.get_metric_history(run.info.run_id, "val_tm_acc")
@@ -182,8 +200,14 @@ def test_a_tune_search_ranks_trials_by_a_custom_metric(tmp_path, ray_local):
     from kiln.tune import search
 
     result = search(
-        TrainingConfig(epochs=2, batch_size=16, lr_scheduler="constant", warmup_ratio=0.0,
-                       model={"name": "mlp", "hidden": [8]}, tracking=False),  # fmt: skip
+        TrainingConfig(
+            epochs=2,
+            batch_size=16,
+            lr_scheduler="constant",
+            warmup_ratio=0.0,
+            model={"name": "mlp", "hidden": [8]},
+            tracking=False,
+        ),
         TaskSpec.classification(name="tuned", num_classes=CLASSES),
         _data(64, 0, False),
         _data(32, 1, False),

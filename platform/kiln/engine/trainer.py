@@ -197,7 +197,8 @@ class Trainer:
         self.trained_model = self._final_model(run.factory, summary.get("latest_checkpoint"))
         best = results["checkpoint_path"]
         if plan.test is not None and best:
-            results["test_metrics"] = _score_test(run.factory, best, plan, cfg)
+            custom = self.custom.metrics
+            results["test_metrics"] = _score_test(run.factory, best, plan, cfg, custom)
         if cfg.export_formats and best:
             bundle = _export_best(run.factory, best, run.model_config, plan, cfg, run.dir)
             results["bundle_path"] = str(bundle)
@@ -383,9 +384,14 @@ class Trainer:
 
 
 def _score_test(
-    factory: Callable[[], nn.Module], checkpoint: str, plan: DataPlan, cfg: TrainingConfig
+    factory: Callable[[], nn.Module],
+    checkpoint: str,
+    plan: DataPlan,
+    cfg: TrainingConfig,
+    custom: Any = None,
 ) -> dict[str, float]:
-    """The best checkpoint's loss and accuracy (or MAE) on the held-out test rows.
+    """The best checkpoint's loss and accuracy (or MAE), and ``test_<name>`` of the
+    custom metrics (a MetricSet or None), on the held-out test rows.
 
     Scored once, in this process, after the run: no epoch or checkpoint was chosen by it.
     """
@@ -401,9 +407,13 @@ def _score_test(
     loop = ValidationLoop(
         get_loss_strategy(cfg.loss or loss_for_task(task.task_type)), task_type=task.task_type
     )
-    sums = loop.run_epoch(0, model, batches).sums
+    extra = custom.for_epoch("test", "cpu") if custom is not None else None
+    on_outputs = extra.update if extra is not None else None
+    sums = loop.run_epoch(0, model, batches, on_outputs=on_outputs).sums
     assert sums is not None  # a validation epoch always returns its sums
     metrics = metrics_from_sums(sums, loop.classification, loop.regression, "test")
+    if extra is not None:
+        metrics.update(extra.compute(distributed=False))
     metrics["test_rows"] = float(len(x))
     return metrics
 
