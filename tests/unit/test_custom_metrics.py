@@ -192,6 +192,11 @@ def test_factories_that_return_the_wrong_thing_fail_before_training():
 
     with pytest.raises(ConfigError, match="a schedule on another optimizer"):
         check_factories(None, elsewhere, cfg)
+    def needs_two(params, cfg):  # fails on the one-element stand-in: left to the workers
+        first, second = params
+        return torch.optim.SGD([first, second], lr=0.1)
+
+    check_factories(needs_two, None, cfg)
     # Trainer checks them at construction, before any data or Ray
     with pytest.raises(ConfigError, match="lr_scheduler=<factory"):
         Trainer(training_config=cfg, lr_scheduler=plateau, verbose=False)
