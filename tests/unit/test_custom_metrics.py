@@ -192,6 +192,7 @@ def test_factories_that_return_the_wrong_thing_fail_before_training():
 
     with pytest.raises(ConfigError, match="a schedule on another optimizer"):
         check_factories(None, elsewhere, cfg)
+
     def needs_two(params, cfg):  # fails on the one-element stand-in: left to the workers
         first, second = params
         return torch.optim.SGD([first, second], lr=0.1)

@@ -110,3 +110,16 @@ def test_without_mlflow_the_error_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # import fails as if absent
     with pytest.raises(ConfigError, match=r"pip install 'kiln\[mlflow\]'"):
         log_run_to_mlflow("r", config={}, history=HISTORY, tracking_uri=f"file://{tmp_path}")
+
+
+def test_a_failing_tracker_is_a_warning_and_the_run_keeps_its_results(tmp_path, monkeypatch):
+    from kiln.config import TrainingConfig
+    from kiln.engine.trainer import _report_elsewhere
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchstore://anywhere")  # no such tracking store
+    results = {"history": HISTORY, "task": {"task_type": "classification"}}
+    cfg = TrainingConfig(report_to=["mlflow"])
+    _report_elsewhere(cfg, "r", tmp_path / "run", results, 5, {})
+    assert "nosuchstore://anywhere" in results["report_errors"]["mlflow"]
+    assert "mlflow_run_id" not in results
+    assert (tmp_path / "run" / "tensorboard").is_dir()  # the other writer still ran

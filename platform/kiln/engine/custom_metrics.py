@@ -17,6 +17,8 @@ Over ranks (Ray Train worker actors with DDP):
   same mean.
 
 Every rank calls :meth:`EpochMetrics.compute` (it is a collective), in the same order.
+A callable's value is read with ``float()`` after each batch, which on a GPU waits for
+the device; a torchmetrics metric keeps its states on the device until the epoch ends.
 Hooks may also add numbers to an epoch's record (:func:`added_metrics`).
 """
 

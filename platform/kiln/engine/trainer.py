@@ -288,7 +288,7 @@ class Trainer:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
             log_run_to_wandb(cfg.wandb_project, run.name, cfg.to_dict(), results["history"])
-        _report_elsewhere(cfg, run.name, run.dir, results, run_id)
+        _report_elsewhere(cfg, run.name, run.dir, results, run_id, self.custom.params())
         if recorder is not None or cfg.register_as:
             entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = entry.model_id if entry is not None else None
@@ -636,21 +636,35 @@ def _custom_pieces(
 
 
 def _report_elsewhere(
-    cfg: TrainingConfig, name: str, run_dir: Path, results: dict[str, Any], run_id: Any
+    cfg: TrainingConfig,
+    name: str,
+    run_dir: Path,
+    results: dict[str, Any],
+    run_id: Any,
+    params: dict[str, Any],
 ) -> None:
-    """TensorBoard event files in the run's folder, and the run to MLflow (report_to)."""
+    """TensorBoard event files in the run's folder, and the run to MLflow (report_to).
+
+    The run is trained and recorded by now: a writer that fails is a warning (and
+    ``results["report_errors"]``), and loses none of it.
+    """
     if cfg.tensorboard:
         from kiln.tracking.tensorboard import write_history
 
-        write_history(run_dir / "tensorboard", results["history"])
+        try:
+            write_history(run_dir / "tensorboard", results["history"])
+        except OSError as exc:
+            logger.warning("TensorBoard event files not written: %s", exc)
+            results.setdefault("report_errors", {})["tensorboard"] = str(exc)
     if "mlflow" in cfg.report_to:
         from kiln.tracking.mlflow_export import log_run_to_mlflow
 
-        try:  # the run is trained and recorded: a tracker that fails loses none of it
+        try:
             results["mlflow_run_id"] = log_run_to_mlflow(
                 name,
                 config=cfg.to_dict(),
                 history=results["history"],
+                params=params,
                 tags={"kiln.run_id": run_id, "kiln.task": results["task"].get("task_type")},
                 checkpoint=results.get("checkpoint_path"),
                 status=_status(results),
@@ -659,7 +673,7 @@ def _report_elsewhere(
             again = f"`kiln runs export {run_id} --to mlflow`" if run_id else "a new run"
             logger.warning("report_to mlflow failed (%s: %s); send it with %s",
                            type(exc).__name__, exc, again)  # fmt: skip
-            results["report_errors"] = {"mlflow": f"{type(exc).__name__}: {exc}"}
+            results.setdefault("report_errors", {})["mlflow"] = f"{type(exc).__name__}: {exc}"
 
 
 def _status(results: dict[str, Any]) -> str:
