@@ -157,7 +157,7 @@ def _describe(factory: Callable) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, also for tensors
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} ({type(value).__name__})"
