@@ -73,6 +73,8 @@ def test_metric_set_collects_every_problem_with_the_value():
     assert "torchmetrics.Metric" in errors[3]
     with pytest.raises(ConfigError, match="a lambda has no usable name; pass a dict"):
         MetricSet.from_user(lambda o, t: 0.0)
+    with pytest.raises(ConfigError, match=r"metrics='f1' \(str\) is not a metric; allowed: a "):
+        MetricSet.from_user(["f1"])
 
 
 def test_a_metric_set_pickles_with_a_lambda_as_the_worker_plan_ships_it():

@@ -93,11 +93,17 @@ class MetricSet:
                 self._add(key if name is None else f"{name}_{key}", metric, errors)
             return
         if name is None:  # an unnamed entry of a list, or the single value given
+            if not _is_metric(value) and not callable(value):
+                errors.append(
+                    f"metrics={value!r} ({type(value).__name__}) is not a metric; "
+                    f"allowed: {_ALLOWED}"
+                )
+                return
             if _is_metric(value):
                 name = _snake(type(value).__name__)
             else:
                 name = getattr(value, "__name__", None)
-                if not callable(value) or name is None or not _NAME.fullmatch(name):
+                if name is None or not _NAME.fullmatch(name):
                     shown = "a lambda" if name == "<lambda>" else f"{value!r}"
                     errors.append(
                         f"metrics={shown} has no usable name; pass a dict such as "
