@@ -118,6 +118,15 @@ def test_epoch_metrics_cast_low_precision_outputs_and_skip_missing_outputs():
     assert epoch.samples == len(targets)
 
 
+def test_one_output_per_row_is_shaped_like_its_targets():
+    from torchmetrics.regression import MeanAbsoluteError
+
+    metrics = MetricSet.from_user({"l1": MeanAbsoluteError()})
+    epoch = metrics.for_epoch("val", "cpu")
+    epoch.update(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1.5, 2.0, 3.0]))
+    assert epoch.compute(distributed=False)["val_l1"] == pytest.approx(0.5)
+
+
 def test_a_metric_that_is_not_one_number_names_itself():
     metrics = MetricSet.from_user({"per_class": MulticlassF1Score(num_classes=3, average=None)})
     epoch = metrics.for_epoch("val", "cpu")
@@ -252,3 +261,16 @@ def test_tune_accepts_a_custom_metric_as_the_search_metric():
     assert check_metric("val_f1", "max", "classification", True, ["f1"]) == []
     errors = check_metric("val_f1", "max", "classification", True)
     assert errors and "trials report: train_loss" in errors[0]
+
+
+def test_run_plots_draw_the_custom_metrics_by_default():
+    import pandas as pd
+
+    from kiln.cli.runs import _plot_names
+
+    table = pd.DataFrame(
+        columns=["epoch", "train_loss", "val_accuracy", "learning_rate", "val_f1", "train_f1"]
+    )
+    custom = {"f1": "MulticlassF1Score"}  # the run's custom_metrics parameter
+    assert _plot_names(table, None, custom) == ["train_loss", "val_accuracy", "val_f1", "train_f1"]
+    assert "val_f1" not in _plot_names(table, None)  # another run's metric of that name

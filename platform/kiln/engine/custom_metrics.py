@@ -198,12 +198,15 @@ class EpochMetrics:
         self.samples = 0
 
     def update(self, outputs: torch.Tensor | None, targets: torch.Tensor) -> None:
-        """Add one batch (``outputs``: the model's logits or predictions)."""
+        """Add one batch (``outputs``: the model's logits or predictions; a single output
+        per row, shape ``(n, 1)``, is given as ``(n,)`` like its targets)."""
         if outputs is None:  # a model that computes its own loss gives no outputs here
             return
         outputs = outputs.detach()
         if outputs.is_floating_point():
             outputs = outputs.float()  # autocast outputs (bf16/fp16) as the metric expects
+        if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
+            outputs = outputs.squeeze(-1)  # one output per row (regression): targets' shape
         for module in self.modules.values():
             module.update(outputs, targets)
         if self.callables:
