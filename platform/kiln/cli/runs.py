@@ -290,7 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``runs`` command and its subcommands to the kiln CLI."""
-    runs = subparsers.add_parser("runs", help="list, show, compare and plot training runs")
+    runs = subparsers.add_parser("runs", help="list, show, compare, plot and export training runs")
     sub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="recorded runs, newest first")
