@@ -146,6 +146,8 @@ def _check_output(command: str, out: str, workdir: Path) -> None:
         assert "status:" in out, out
     if " -o run1.png" in command:
         assert (workdir / "run1.png").stat().st_size > 0
+    if "kiln runs export 1 --to mlflow" in command:
+        assert "exported run 1 to MLflow run" in out and (workdir / "mlruns").is_dir(), out
 
 
 @pytest.mark.slow

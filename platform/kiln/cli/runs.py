@@ -1,9 +1,10 @@
-"""`kiln runs`: list, show, compare and plot recorded training runs.
+"""`kiln runs`: list, show, compare, plot and export recorded training runs.
 
     kiln runs list [--group G] [--status S] [--limit N]
     kiln runs show RUN
     kiln runs compare RUN RUN... [--metric NAME ...] [--agg last|min|max|mean]
     kiln runs plot RUN [--metric NAME ...] [-o out.png]
+    kiln runs export RUN --to mlflow [--tracking-uri URI] [--experiment NAME]
 
 RUN is a run id or a run name (the newest run of that name). The database is
 ``--db`` or ``$KILN_HOME/kiln.db``. Unknown runs print a message and exit with 2.
@@ -214,14 +215,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot_names(table: pd.DataFrame, wanted: list[str] | None) -> list[str]:
+def _plot_names(
+    table: pd.DataFrame, wanted: list[str] | None, custom: Sequence[str] = ()
+) -> list[str]:
+    """The metrics asked for; by default losses, accuracies and the run's custom metrics."""
     names = [c for c in table.columns if c not in ("epoch", "step")]
     if wanted:
         missing = [m for m in wanted if m not in names]
         if missing:
             raise KilnError(f"metrics {missing!r} were not logged per epoch; logged: {names}")
         return list(wanted)
-    return [n for n in names if "loss" in n.lower() or "acc" in n.lower()]
+    ours = {f"{split}_{name}" for split in ("train", "val") for name in custom}
+    return [n for n in names if "loss" in n.lower() or "acc" in n.lower() or n in ours]
 
 
 @handles_errors
@@ -236,16 +241,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     table = _epoch_table(db.get_metrics(run["run_id"]))
     if table.empty:
         raise KilnError(f"run {run['run_id']} ({run['run_name']}) has no per-epoch metrics to plot")
-    names = _plot_names(table, args.metric)
+    names = _plot_names(table, args.metric, run["params"].get("custom_metrics") or ())
     if not names:
         raise KilnError(
             f"run {run['run_id']} has no loss or accuracy metrics; pick some with --metric "
             f"from: {[c for c in table.columns if c != 'epoch']}"
         )
-    panels = {"loss": [n for n in names if "loss" in n.lower()]}
-    panels["accuracy" if not args.metric else "other"] = [
-        n for n in names if n not in panels["loss"]
-    ]
+    loss = [n for n in names if "loss" in n.lower()]
+    rest = [n for n in names if n not in loss]
+    acc = [n for n in rest if "acc" in n.lower()]
+    panels = (
+        {"loss": loss, "other": rest}
+        if args.metric
+        else {"loss": loss, "accuracy": acc, "custom metrics": [n for n in rest if n not in acc]}
+    )
     panels = {k: v for k, v in panels.items() if v}
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (title, cols) in zip(axes[0], panels.items(), strict=True):
@@ -265,9 +274,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+@handles_errors
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from kiln.tracking.mlflow_export import export_recorded_run
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # read once, here
+    mlflow_id = export_recorded_run(
+        db_path(args), args.run, tracking_uri=uri, experiment=args.experiment
+    )
+    print(f"exported run {args.run} to MLflow run {mlflow_id} ({uri or 'MLflow default'})")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``runs`` command and its subcommands to the kiln CLI."""
-    runs = subparsers.add_parser("runs", help="list, show, compare and plot training runs")
+    runs = subparsers.add_parser("runs", help="list, show, compare, plot and export training runs")
     sub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="recorded runs, newest first")
@@ -297,3 +320,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", action="extend", nargs="+", help="metrics to plot")
     p.add_argument("-o", "--output", help="PNG path (default run-<id>.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "export", help="send a run (params, metrics, tags, best checkpoint) to MLflow"
+    )
+    p.add_argument("run", help="run id or name")
+    p.add_argument("--to", required=True, choices=["mlflow"], help="where to send it")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", default="kiln", help="MLflow experiment name")
+    p.set_defaults(func=cmd_export)

@@ -33,6 +33,7 @@ DATA_BACKENDS = ("auto", "ray", "memory")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 EXPORT_FORMATS = ("onnx", "pytorch", "torchscript", "torch_export", "safetensors")
 STRATEGIES = ("ddp", "fsdp")  # how worker actors hold the model (kiln.engine.strategy)
+REPORT_TO = ("mlflow",)
 
 # Groups tie fields to the builder method that sets them (TrainingConfigBuilder.with_*).
 GROUPS = ("training", "optimizer", "hardware", "logging", "model", "checkpoint", "data")
@@ -145,6 +146,19 @@ class TrainingConfig:
         "logging",
         "Also log the run's per-epoch metrics to this Weights & Biases project, from the "
         "driver once the run ends (needs `pip install wandb`).",
+    )
+    report_to: list[str] = _f(
+        list,
+        "logging",
+        "Also send each finished run (params, per-epoch metrics, tags, the best checkpoint) "
+        "to these trackers, from the driver: 'mlflow' (to MLFLOW_TRACKING_URI; needs "
+        "`pip install 'kiln[mlflow]'`).",
+    )
+    tensorboard: bool = _f(
+        True,
+        "logging",
+        "Write TensorBoard event files (scalars per epoch and per logged step) to "
+        "<runs>/<run_name>/tensorboard, so `tensorboard --logdir $KILN_HOME/runs` shows them.",
     )
     # Data
     dataset: str | None = _f(None, "data", "Dataset id or local parquet/csv/jsonl path.")
@@ -485,6 +499,19 @@ def _range_errors(c: TrainingConfig) -> list[str]:
             f"strategy='fsdp' with use_amp on CUDA needs amp_dtype='bf16'; got "
             f"amp_dtype={c.amp_dtype!r} (fp16's GradScaler does not agree on skipped steps "
             "across shards)"
+        )
+    bad_trackers = [t for t in c.report_to if t not in REPORT_TO]
+    need(
+        not bad_trackers,
+        f"report_to={list(c.report_to)!r} has unknown trackers {bad_trackers!r}; allowed: "
+        f"{', '.join(REPORT_TO)} (W&B: set wandb_project)",
+    )
+    if "mlflow" in c.report_to:
+        need(
+            importlib.util.find_spec("mlflow") is not None,
+            f"report_to={list(c.report_to)!r} needs the `mlflow` package, which is not "
+            "installed; `pip install 'kiln[mlflow]'` (or `pip install mlflow-skinny`), or "
+            "remove 'mlflow' from report_to",
         )
     if not c.use_gpu and c.use_amp and c.amp_dtype == "fp16":
         errors.append("amp_dtype='fp16' needs use_gpu=true; on CPU use 'bf16' or 'auto'")

@@ -23,6 +23,7 @@ _EXPORTS = {
     "LossInputs": "kiln.engine.loss",
     "LossStrategy": "kiln.engine.loss",
     "LossStrategyRegistry": "kiln.engine.loss",
+    "MetricSet": "kiln.engine.custom_metrics",
     "ModelCheckpointCallback": "kiln.engine.callbacks",
     "ModelOutput": "kiln.engine.loss",
     "PEFTAwareLoss": "kiln.compat.losses",

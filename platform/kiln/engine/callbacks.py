@@ -23,13 +23,15 @@ Where they fire. Hooks and callbacks run inside each Ray Train worker process
             on_batch_end(batch_idx, loss)                     # every rank, LOCAL loss
         validate; metrics averaged over ranks
         on_validation_end(val_metrics)                        # every rank, same values
-        on_epoch_end(epoch, metrics)                          # every rank, same values
+        on_epoch_end(epoch, metrics)                          # every rank, same values;
+                                                              # new numeric keys join the record
         if any rank's stop_training: stop (ranks agree)       # early stopping
         rank 0: checkpoint; every rank: ray.train.report(metrics)
     on_training_end / on_train_end                            # every rank
 
 Epoch-level hooks get metrics already averaged over ranks, so decisions made
-from them (early stopping) agree on every rank. Batch-level hooks get the local
+from them (early stopping) agree on every rank; a number a hook adds is kept as
+rank 0 has it, so derive it from those metrics. Batch-level hooks get the local
 rank's loss. Callbacks that print or write files (:class:`LoggingCallback`,
 :class:`ModelCheckpointCallback`) act on rank 0 only. Everything here pickles
 (the objects are shipped to workers); the model and optimizer given by
@@ -94,7 +96,9 @@ class TrainingHooks:
         """After validation, with validation metrics averaged over ranks."""
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        """At the end of each epoch, with train and validation metrics."""
+        """At the end of each epoch, with train and validation metrics. Numbers stored
+        under new keys of ``metrics`` join the epoch's record (history, checkpoint
+        ranking, ``monitor``); the loop's own values cannot be overwritten."""
 
     def on_training_end(self) -> None:
         """Once, after the last epoch (also after an early stop)."""
@@ -178,7 +182,8 @@ class CallbackBase:
         """At the start of each epoch."""
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        """At the end of each epoch; ``logs`` holds the epoch's metrics."""
+        """At the end of each epoch; ``logs`` holds the epoch's metrics. Numbers stored
+        under new keys of ``logs`` join the epoch's record (as for TrainingHooks)."""
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """After each training batch; ``logs["loss"]`` is this rank's loss."""

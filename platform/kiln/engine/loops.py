@@ -257,8 +257,10 @@ class TrainingLoop:
         metrics_callback: Callable[[float, int], None] | None = None,
         *,
         scaler: torch.amp.GradScaler | None = None,
+        on_outputs: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
     ) -> EpochResult:
-        """Train for one epoch; ``metrics_callback(loss, batch_idx)`` fires per batch."""
+        """Train for one epoch; ``metrics_callback(loss, batch_idx)`` fires per batch, and
+        ``on_outputs(outputs, labels)`` (custom metrics) gets each batch's model outputs."""
         device = torch.device(device)
         precision = self.precision or Precision(False, device.type)
         model.train()
@@ -286,6 +288,8 @@ class TrainingLoop:
             if update:
                 self._optimizer_step(model, optimizer, scheduler, scaler)
             sums.add(loss, logits, labels, weight)
+            if on_outputs is not None:
+                on_outputs(logits, labels)
             if weight is not None:
                 tokens += _token_count(batch)
             self.global_step += 1
@@ -359,8 +363,10 @@ class ValidationLoop:
         val_loader: Iterable[Any],
         device: torch.device | str = "cpu",
         metrics_callback: Callable[[float, int], None] | None = None,
+        *,
+        on_outputs: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
     ) -> EpochResult:
-        """Evaluate once over ``val_loader``."""
+        """Evaluate once over ``val_loader``; ``on_outputs(outputs, labels)`` per batch."""
         device = torch.device(device)
         precision = self.precision or Precision(False, device.type)
         model.eval()
@@ -371,6 +377,8 @@ class ValidationLoop:
             with precision.autocast():
                 loss, logits, weight = _forward(model, batch, labels, self.loss_strategy)
             sums.add(loss, logits, labels, weight)
+            if on_outputs is not None:
+                on_outputs(logits, labels)
             if metrics_callback is not None:
                 metrics_callback(float(loss), batch_idx)
         totals = sums.as_tensor()

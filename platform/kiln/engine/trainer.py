@@ -86,6 +86,13 @@ class Trainer:
         model_config: optional architecture config (dict or SimpleNamespace, e.g.
             ``{"name": "mlp", "hidden": [64]}``) merged into ``training_config.model``.
         verbose: log one line per epoch through the ``kiln.progress`` logger (rank 0).
+        optimizer: a name (as ``TrainingConfig.optimizer``) or a factory
+            ``(params, cfg) -> torch.optim.Optimizer`` (:mod:`kiln.engine.custom_optim`).
+        lr_scheduler: a name (as ``TrainingConfig.lr_scheduler``) or a factory
+            ``(optimizer, cfg, total_steps) -> LRScheduler``, stepped per optimizer step.
+        metrics: ``torchmetrics`` metrics or callables ``(outputs, targets) -> float``
+            (one, a list, or a dict by name), reported per epoch as ``train_<name>`` and
+            ``val_<name>`` and usable as ``monitor`` (:mod:`kiln.engine.custom_metrics`).
         paths: every location at once (:class:`kiln.paths.RunPaths`), as an entry point
             resolved them; ``storage_path``, ``db_path``, ``artifacts_dir`` and
             ``data_dir`` override single ones. Artifacts sit next to the database.
@@ -109,8 +116,12 @@ class Trainer:
         paths: RunPaths | None = None,
         model_config: dict[str, Any] | SimpleNamespace | None = None,
         verbose: bool = True,
+        optimizer: str | Callable[..., Any] | None = None,
+        lr_scheduler: str | Callable[..., Any] | None = None,
+        metrics: Any = None,
     ) -> None:
         cfg = training_config or TrainingConfig()
+        cfg, self.custom = _custom_pieces(cfg, optimizer, lr_scheduler, metrics)
         if config is not None and model_config is not None:
             raise ConfigError(
                 "pass the architecture as model_config= or as config= (its older name), not both"
@@ -168,6 +179,7 @@ class Trainer:
         run_id = None
         if recorder is not None:
             params = {**_run_params(cfg, plan, run.resume), "checkpoint_dir": run.checkpoint_dir}
+            params.update(self.custom.params())
             run_id = recorder.start(run.name, cfg.to_dict(), params, notes=cfg.notes)
         started = time.perf_counter()
         try:
@@ -185,7 +197,8 @@ class Trainer:
         self.trained_model = self._final_model(run.factory, summary.get("latest_checkpoint"))
         best = results["checkpoint_path"]
         if plan.test is not None and best:
-            results["test_metrics"] = _score_test(run.factory, best, plan, cfg)
+            custom = self.custom.metrics
+            results["test_metrics"] = _score_test(run.factory, best, plan, cfg, custom)
         if cfg.export_formats and best:
             bundle = _export_best(run.factory, best, run.model_config, plan, cfg, run.dir)
             results["bundle_path"] = str(bundle)
@@ -200,6 +213,12 @@ class Trainer:
             raise ConfigError(
                 f"loss={cfg.loss!r} is not a registered loss; known: {', '.join(LOSSES.names())} "
                 "(kiln.engine.loss.register_loss adds yours)"
+            )
+        if cfg.loss == "model" and self.custom.metrics is not None:
+            raise ConfigError(
+                f"metrics={self.custom.metrics.names!r} need the model's outputs, but with "
+                "loss='model' the model computes its own loss and kiln sees no outputs; use a "
+                "loss strategy, or add the numbers from a hook's on_epoch_end"
             )
         plan = plan_data(train_data, val_data, self.task_spec, cfg, data_dir=self.paths.datasets)
         has_val = "val" in (plan.datasets or plan.arrays or plan.loaders or {})
@@ -227,6 +246,9 @@ class Trainer:
             resume_from=resume,
             report_checkpoints=self.report_checkpoints,
             losses=LOSSES.user_entries(),
+            optimizer_factory=self.custom.optimizer_factory,
+            lr_scheduler_factory=self.custom.lr_scheduler_factory,
+            metrics=self.custom.metrics,
             checkpoint_metadata={
                 "model_config": model_config,
                 "input_shape": list(plan.input_shape),
@@ -266,6 +288,7 @@ class Trainer:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
             log_run_to_wandb(cfg.wandb_project, run.name, cfg.to_dict(), results["history"])
+        _report_elsewhere(cfg, run.name, run.dir, results, run_id, self.custom.params())
         if recorder is not None or cfg.register_as:
             entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = entry.model_id if entry is not None else None
@@ -361,9 +384,14 @@ class Trainer:
 
 
 def _score_test(
-    factory: Callable[[], nn.Module], checkpoint: str, plan: DataPlan, cfg: TrainingConfig
+    factory: Callable[[], nn.Module],
+    checkpoint: str,
+    plan: DataPlan,
+    cfg: TrainingConfig,
+    custom: Any = None,
 ) -> dict[str, float]:
-    """The best checkpoint's loss and accuracy (or MAE) on the held-out test rows.
+    """The best checkpoint's loss and accuracy (or MAE), and ``test_<name>`` of the
+    custom metrics (a MetricSet or None), on the held-out test rows.
 
     Scored once, in this process, after the run: no epoch or checkpoint was chosen by it.
     """
@@ -379,9 +407,13 @@ def _score_test(
     loop = ValidationLoop(
         get_loss_strategy(cfg.loss or loss_for_task(task.task_type)), task_type=task.task_type
     )
-    sums = loop.run_epoch(0, model, batches).sums
+    extra = custom.for_epoch("test", "cpu") if custom is not None else None
+    on_outputs = extra.update if extra is not None else None
+    sums = loop.run_epoch(0, model, batches, on_outputs=on_outputs).sums
     assert sums is not None  # a validation epoch always returns its sums
     metrics = metrics_from_sums(sums, loop.classification, loop.regression, "test")
+    if extra is not None:
+        metrics.update(extra.compute(distributed=False))
     metrics["test_rows"] = float(len(x))
     return metrics
 
@@ -567,6 +599,87 @@ def _results(
 
 
 # ---------------------------------------------------------------------- small pieces
+class _CustomPieces(NamedTuple):
+    """``Trainer(optimizer=, lr_scheduler=, metrics=)`` beyond names: the user's own."""
+
+    optimizer_factory: Callable[..., Any] | None
+    lr_scheduler_factory: Callable[..., Any] | None
+    metrics: Any  # kiln.engine.custom_metrics.MetricSet | None
+
+    def params(self) -> dict[str, Any]:
+        """What the run record says about them."""
+        from kiln.engine.custom_optim import factory_name
+
+        out: dict[str, Any] = {}
+        if self.optimizer_factory is not None:
+            out["optimizer_factory"] = factory_name(self.optimizer_factory)
+        if self.lr_scheduler_factory is not None:
+            out["lr_scheduler_factory"] = factory_name(self.lr_scheduler_factory)
+        if self.metrics is not None:
+            out["custom_metrics"] = self.metrics.describe()
+        return out
+
+
+def _custom_pieces(
+    cfg: TrainingConfig, optimizer: Any, lr_scheduler: Any, metrics: Any
+) -> tuple[TrainingConfig, _CustomPieces]:
+    """Names go into the config; factories are checked once here and travel to workers."""
+    from kiln.engine.custom_metrics import MetricSet
+    from kiln.engine.custom_optim import check_factories, resolve_choice
+
+    opt_name, opt_factory = resolve_choice("optimizer", optimizer)
+    sched_name, sched_factory = resolve_choice("lr_scheduler", lr_scheduler)
+    names = {"optimizer": opt_name, "lr_scheduler": sched_name}
+    cfg = cfg.replace(**{k: v for k, v in names.items() if v is not None})
+    check_factories(opt_factory, sched_factory, cfg)
+    return cfg, _CustomPieces(opt_factory, sched_factory, MetricSet.from_user(metrics))
+
+
+def _report_elsewhere(
+    cfg: TrainingConfig,
+    name: str,
+    run_dir: Path,
+    results: dict[str, Any],
+    run_id: Any,
+    params: dict[str, Any],
+) -> None:
+    """TensorBoard event files in the run's folder, and the run to MLflow (report_to).
+
+    The run is trained and recorded by now: a writer that fails is a warning (and
+    ``results["report_errors"]``), and loses none of it.
+    """
+    if cfg.tensorboard:
+        from kiln.tracking.tensorboard import write_history
+
+        try:
+            write_history(run_dir / "tensorboard", results["history"])
+        except OSError as exc:
+            logger.warning("TensorBoard event files not written: %s", exc)
+            results.setdefault("report_errors", {})["tensorboard"] = str(exc)
+    if "mlflow" in cfg.report_to:
+        from kiln.tracking.mlflow_export import log_run_to_mlflow
+
+        try:
+            results["mlflow_run_id"] = log_run_to_mlflow(
+                name,
+                config=cfg.to_dict(),
+                history=results["history"],
+                params=params,
+                tags={"kiln.run_id": run_id, "kiln.task": results["task"].get("task_type")},
+                checkpoint=results.get("checkpoint_path"),
+                status=_status(results),
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, and the run can be sent again
+            again = f"`kiln runs export {run_id} --to mlflow`" if run_id else "a new run"
+            logger.warning("report_to mlflow failed (%s: %s); send it with %s",
+                           type(exc).__name__, exc, again)  # fmt: skip
+            results.setdefault("report_errors", {})["mlflow"] = f"{type(exc).__name__}: {exc}"
+
+
+def _status(results: dict[str, Any]) -> str:
+    return "stopped" if results.get("stopped_early") else "completed"
+
+
 class _ModuleFactory:
     """Ships a user's module to workers; each call returns an independent copy."""
 

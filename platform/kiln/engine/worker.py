@@ -5,12 +5,14 @@ process when ``num_workers=0`` (Ray Train local mode), or in each of N worker ac
 with DDP otherwise. It reads top to bottom:
 
     setup:      seed -> model (DDP, or FSDP: strategy.py) -> optimizer/scheduler
-                -> data shards -> resume
+                (names or the user's factories) -> data shards -> resume
     for epoch:  hooks.on_epoch_start
                 TrainingLoop.run_epoch     (steps: forward, loss, backward, clip, step)
                 ValidationLoop.run_epoch
                 all-reduce sums -> metrics are means over every rank's samples
-                hooks.on_validation_end / on_epoch_end   (every rank, same metrics)
+                custom metrics (Trainer(metrics=)): synchronised over ranks the same way
+                hooks.on_validation_end / on_epoch_end   (every rank, same metrics;
+                                                          numbers they add join the record)
                 early-stop decision (agreed across ranks)
                 rank 0: checkpoint (snapshot now, write in the background);
                 fsdp: every rank writes its shards (sharded_checkpoint.py)
@@ -59,11 +61,13 @@ from kiln.engine.checkpoint import (
     resolve_checkpoint,
     saves_trainable_only,
 )
+from kiln.engine.custom_metrics import EpochMetrics, MetricSet, added_metrics
+from kiln.engine.custom_optim import make_optimizer, make_scheduler
 from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
-from kiln.engine.optim import Precision, build_optimizer, build_scheduler
+from kiln.engine.optim import Precision
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
     is_sharded_checkpoint,
@@ -94,6 +98,10 @@ class WorkerPlan:
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
     report_checkpoints: bool = False  # in a Tune trial: every epoch's checkpoint goes to Tune
     losses: dict[str, Any] = field(default_factory=dict)  # losses the user registered by name
+    # Trainer(optimizer=, lr_scheduler=, metrics=): the user's own pieces (kiln.engine.custom_*)
+    optimizer_factory: Callable[..., Any] | None = None
+    lr_scheduler_factory: Callable[..., Any] | None = None
+    metrics: MetricSet | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -188,8 +196,8 @@ def _setup(plan: WorkerPlan) -> _Run:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, math.ceil(cfg.max_steps / cfg.gradient_accumulation_steps))
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    optimizer = make_optimizer(model, cfg, plan.optimizer_factory)
+    scheduler = make_scheduler(optimizer, cfg, total_steps, plan.lr_scheduler_factory)
     precision = Precision.from_config(cfg, device)
     train_loop, val_loop, grad_monitor = _step_loops(plan, precision)
     run = _Run(
@@ -288,7 +296,8 @@ def _restore(run: _Run, restored: CheckpointState) -> None:
                       ("scaler", run.scaler)):  # fmt: skip
         if obj is not None and train_state.get(name) is not None:
             obj.load_state_dict(train_state[name])
-    configured.apply(run.optimizer, run.scheduler)
+    if run.plan.lr_scheduler_factory is None:  # a custom schedule keeps its own restored state
+        configured.apply(run.optimizer, run.scheduler)
     set_rng_state(train_state["rng"])
     extra = meta.get("user", {})
     run.start_epoch = int(meta["epoch"])
@@ -302,6 +311,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     hooks, train_loop, monitor = run.hooks, run.train_loop, run.grad_monitor
     hooks.epoch_start(epoch)
     checks_before = monitor.check_count if monitor is not None else 0
+    train_custom = _custom_metrics(run, "train")
     train = train_loop.run_epoch(
         epoch,
         run.model,
@@ -311,9 +321,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         run.device,
         metrics_callback=hooks.batch_end if hooks.wants_batch_end else None,
         scaler=run.scaler,
+        on_outputs=train_custom.update if train_custom is not None else None,
     )
     metrics: dict[str, Any] = {"epoch": epoch}
     metrics.update(_reduce(train.sums, train_loop, "train", run.distributed))
+    if train_custom is not None:  # a collective: every rank computes, in the same order
+        metrics.update(train_custom.compute(run.distributed))
     if run.val_batches is not None:
         model = _for_validation(run.model, run.distributed)
         val_batches = run.val_batches(epoch)
@@ -323,8 +336,17 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
                 lambda b: run.val_loop.run_epoch(epoch, model, [b], run.device),
                 run.device,
             )
-        val = run.val_loop.run_epoch(epoch, model, val_batches, run.device)
+        val_custom = _custom_metrics(run, "val")
+        val = run.val_loop.run_epoch(
+            epoch,
+            model,
+            val_batches,
+            run.device,
+            on_outputs=val_custom.update if val_custom is not None else None,
+        )
         val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
+        if val_custom is not None:
+            val_metrics.update(val_custom.compute(run.distributed))
         if (
             run.val_loop.loss_strategy is None
             and run.plan.task.task_type == TaskType.LANGUAGE_MODELING
@@ -438,6 +460,13 @@ def _reduce(
         sums = sums.clone()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return metrics_from_sums(sums, loop.classification, loop.regression, prefix)
+
+
+def _custom_metrics(run: _Run, split: str) -> EpochMetrics | None:
+    """Fresh accumulators of the user's metrics for one pass over ``split``, or None."""
+    if run.plan.metrics is None:
+        return None
+    return run.plan.metrics.for_epoch(split, run.device)
 
 
 def _agree(flag: bool, distributed: bool) -> bool:
@@ -653,8 +682,12 @@ class _Hooks:
         self.hooks.on_validation_end(dict(metrics))
 
     def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self.hooks.on_epoch_end(epoch, _scalars(metrics))
-        self.callbacks.on_epoch_end(epoch, _scalars(metrics))
+        """Hooks, then callbacks, see one copy of the epoch's scalars; the numbers they
+        add to it land in ``metrics`` (history, checkpoint ranking, reports)."""
+        logs = _scalars(metrics)
+        self.hooks.on_epoch_end(epoch, logs)
+        self.callbacks.on_epoch_end(epoch, logs)
+        metrics.update(added_metrics(metrics, logs))
 
     def training_end(self) -> None:
         self.hooks.on_training_end()

@@ -177,6 +177,7 @@ def search(
     db_path: str | os.PathLike[str] | None = None,
     artifacts_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    metrics: Any = None,
     **options: Any,
 ) -> SearchResult:
     """Search hyperparameters with Ray Tune; every trial is one kiln Trainer run.
@@ -191,6 +192,8 @@ def search(
             fields of it (``num_samples=8, scheduler="asha", metric="val_accuracy"``).
         model: an nn.Module or factory shared by all trials (None: built from config).
         hooks: kiln hooks/callbacks run inside every trial's loop.
+        metrics: custom metrics every trial computes, as ``Trainer(metrics=...)``; their
+            ``train_<name>`` / ``val_<name>`` can be the search ``metric``.
         callbacks: Ray Tune callbacks (e.g. a reporter) for the driver.
         paths: every location at once, as an entry point resolved them; ``storage_path``
             (where searches live, default ``<home>/tune``), ``db_path``, ``artifacts_dir``
@@ -206,7 +209,10 @@ def search(
         datasets=data_dir,
     )
     plan = _plan(train_data, val_data, task_spec, base, home.datasets)
-    _check_search(space, base, plan, opts, model)
+    from kiln.engine.custom_metrics import MetricSet
+
+    custom = MetricSet.from_user(metrics)
+    _check_search(space, base, plan, opts, model, custom.names if custom else ())
 
     from kiln._ray import ensure_ray
 
@@ -223,6 +229,7 @@ def search(
         data_dir=str(home.datasets),
         hooks=list(hooks),
         report_checkpoints=_sched.is_pbt(opts.scheduler),
+        metrics=custom,
     )
     progress = _sample_counter()
     tuner = _tuner(
@@ -306,11 +313,12 @@ def _plan(train_data, val_data, task_spec, base, data_dir):
     return plan_data(train_data, val_data, task_spec, probe, data_dir=data_dir)
 
 
-def _check_search(space, base, plan, opts: SearchConfig, model) -> None:
+def _check_search(space, base, plan, opts: SearchConfig, model, custom=()) -> None:
     """Every problem with the space, metric, scheduler and data, before any trial runs."""
     errors = _check_inputs(
-        space, base, plan, opts.metric, opts.mode, opts.scheduler, opts.num_samples, model
-    )
+        space, base, plan, opts.metric, opts.mode, opts.scheduler, opts.num_samples, model,
+        custom,
+    )  # fmt: skip
     if _sched.is_pbt(opts.scheduler):
         samples = opts.num_samples if isinstance(opts.num_samples, int) else 2
         errors += _sched.check_pbt(
@@ -324,7 +332,9 @@ def _check_search(space, base, plan, opts: SearchConfig, model) -> None:
         raise ConfigError(errors)
 
 
-def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model) -> list[str]:
+def _check_inputs(
+    space, base, plan, metric, mode, scheduler, num_samples, model, custom=()
+) -> list[str]:
     from kiln.engine.data_plan import DataKind
 
     errors = []
@@ -334,7 +344,7 @@ def _check_inputs(space, base, plan, metric, mode, scheduler, num_samples, model
     errors += spaces.check_space(space, base, model_check=model_check)
     has_val = plan.data_kind == DataKind.MEMORY and "val" in (plan.arrays or {})
     has_val = has_val or "val" in (plan.datasets or {}) or "val" in (plan.loaders or {})
-    errors += spaces.check_metric(metric, mode, plan.task.task_type, has_val)
+    errors += spaces.check_metric(metric, mode, plan.task.task_type, has_val, custom)
     errors += _sched.check_scheduler(scheduler)
     if plan.data_kind == DataKind.RAY and any(
         c.num_workers == 0 for c in _safe_candidates(space, base)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ KEPT_FROM_BASE = frozenset(
         "dataset", "data_backend", "validation_split", "random_seed", "deterministic", "loss",
         "model", "model_name", "run_name", "notes", "tracking", "tracking_db", "register_as",
         "checkpoint_dir", "monitor", "mode", "log_every_n_steps", "report_interval_s",
-        "wandb_project",
+        "wandb_project", "report_to", "tensorboard",
     }
 )  # fmt: skip
 
@@ -288,8 +288,9 @@ def check_space(
     return errors
 
 
-def reportable_metrics(task_type: str, has_val: bool) -> list[str]:
-    """Names every trial of this task reports each epoch."""
+def reportable_metrics(task_type: str, has_val: bool, custom: Sequence[str] = ()) -> list[str]:
+    """Names every trial of this task reports each epoch (``custom``: the names of
+    ``metrics=``, reported as ``<split>_<name>``)."""
     score = {"classification": "accuracy", "image_classification": "accuracy"}.get(
         task_type, "mae" if task_type == "regression" else None
     )
@@ -298,13 +299,16 @@ def reportable_metrics(task_type: str, has_val: bool) -> list[str]:
         out.append(f"{split}_loss")
         if score:
             out.append(f"{split}_{score}")
+        out += [f"{split}_{name}" for name in custom]
     return out + list(_ALWAYS_REPORTED)
 
 
-def check_metric(metric: str, mode: str, task_type: str, has_val: bool) -> list[str]:
+def check_metric(
+    metric: str, mode: str, task_type: str, has_val: bool, custom: Sequence[str] = ()
+) -> list[str]:
     """Problems with the search metric/mode for this task (no trial would report it...)."""
     errors = []
-    allowed = reportable_metrics(task_type, has_val)
+    allowed = reportable_metrics(task_type, has_val, custom)
     if metric not in allowed:
         why = ""
         if metric.startswith("val_") and not has_val:

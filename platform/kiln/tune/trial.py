@@ -43,6 +43,7 @@ class TrialSetup:
     data_dir: str | None = None
     hooks: list[Any] = field(default_factory=list)
     report_checkpoints: bool = False  # PBT: trials hand Tune every epoch's checkpoint
+    metrics: Any = None  # search(metrics=...): a kiln.engine.custom_metrics.MetricSet
 
     def config_for(self, params: Mapping[str, Any], trial_id: str) -> TrainingConfig:
         """The trial's config: sampled params on the base, plus kiln's per-trial settings."""
@@ -53,6 +54,7 @@ class TrialSetup:
             register_as=None,
             export_formats=[],
             run_name=trial_id,
+            report_to=[],  # the driver records trials after the search
             checkpoint_dir=str(Path(self.trials_dir) / trial_id / "checkpoints"),
             monitor=self.metric if ranked else cfg.monitor,
             mode=self.mode if ranked else cfg.mode,
@@ -91,6 +93,7 @@ def run_trial(
         ray_callbacks=callbacks,
         report_checkpoints=setup.report_checkpoints,
         verbose=False,  # Tune's own reporter shows trials; a line per epoch per trial is noise
+        metrics=setup.metrics,
     )
     checkpoint = tune.get_checkpoint() if setup.report_checkpoints else None
     if checkpoint is None:  # without one the Trainer resumes from this trial's own latest
