@@ -95,9 +95,10 @@ class ProfileSection:
 class HyperparamSection:
     """Optimisation. ``max_steps`` (batches) stops early; ``fp_precision`` sets autocast.
 
-    Checkpoints and validation happen at epoch ends: ``save_steps`` is rounded up to
-    whole epochs (the last epoch is always saved); ``eval_steps`` is accepted and
-    validation runs every epoch.
+    ``save_steps``: a checkpoint every N optimizer steps, inside epochs too (a resume
+    continues at the exact next batch); the end of the run is always saved.
+    ``eval_steps``: validation loss and perplexity every N optimizer steps (with a
+    validation split), besides the validation at each epoch end.
     """
 
     batch_size: int = 4

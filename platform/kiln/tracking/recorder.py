@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunRecorder", "log_history", "numeric_metrics"]
 
 # History keys that are bookkeeping, not metrics.
-_NOT_METRICS = ("epoch", "steps", "timestamp", "global_step")
+_NOT_METRICS = ("epoch", "steps", "evals", "timestamp", "global_step")
 
 
 class RunRecorder:
@@ -162,6 +162,13 @@ def log_history(db: ExperimentDB, run_id: int, history: list[dict[str, Any]]) ->
                 {"step_loss": step["loss"], "step_lr": step["lr"]},
                 epoch=int(row["epoch"]),
                 step=step["step"],
+            )
+        for ev in row.get("evals", []):  # validations every eval_every_n_steps steps
+            db.log_metrics(
+                run_id,
+                {f"step_{k}": float(v) for k, v in ev.items() if k.startswith("val_")},
+                epoch=int(row["epoch"]),
+                step=int(ev["step"]),
             )
 
 
