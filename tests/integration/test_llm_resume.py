@@ -145,7 +145,8 @@ def test_generic_run_resumes_mid_epoch_with_gradient_accumulation(tmp_path):
         random_seed=3,
         tracking=False,
         gradient_accumulation_steps=2,
-        save_every_n_steps=2,  # optimizer steps: batches 4, 7 (epoch end), 11, ...
+        save_every_n_steps=2,  # every 2 optimizer steps (4 batches), epoch ends too
+        keep_last_n=4,
         eval_every_n_steps=1,
         model={"name": "mlp", "hidden": [16], "dropout": 0.2},
     )
@@ -155,12 +156,16 @@ def test_generic_run_resumes_mid_epoch_with_gradient_accumulation(tmp_path):
         return Trainer(training_config=cfg, hooks=hooks, paths=RunPaths.resolve(tmp_path))
 
     straight = trainer("a").train("iris")
+    per_epoch = straight["history"][0]["global_step"]  # batches (8: 4 optimizer steps)
     assert [e["optimizer_step"] for e in straight["history"][0]["evals"]] == [1, 2, 3]
+    saved = [Path(p).name for p in straight["checkpoints"]]
+    mid = f"epoch_0002_step_{per_epoch + 4:07d}"  # optimizer step 6: 4 batches into epoch 2
+    assert mid in saved, saved
     runs = RunPaths.resolve(tmp_path).runs
     with pytest.raises(Exception, match="stopped on purpose"):
-        trainer("b", [_StopAfter(12, runs, "epoch_0002_step_0000011")]).train("iris")
+        trainer("b", [_StopAfter(per_epoch + 5, runs, mid)]).train("iris")
     resumed = trainer("b").train("iris", resume_from="latest")
-    assert Path(resumed["resumed_from"]).name == "epoch_0002_step_0000011"
+    assert Path(resumed["resumed_from"]).name == mid
     final_a = load_checkpoint_state(straight["latest_checkpoint_path"]).model_state
     final_b = load_checkpoint_state(resumed["latest_checkpoint_path"]).model_state
     for key in final_a:

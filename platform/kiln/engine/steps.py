@@ -144,22 +144,21 @@ def epoch_batches(
     if position is not None and position.epoch_data is not None:
         restore_data_state(batches, position.epoch_data)
     record["state"] = capture_data_state(batches)
-    it = iter(batches)
     if position is None:
-        yield from it
+        yield from batches  # one iter(): a loader draws its seeds once, as without this
         return
+    it = iter(batches)  # below only next(): iter() again restarts some loaders
     for _ in range(position.batches):
         if next(it, _END) is _END:
             return
     if not lookahead and position.rng is not None:
         set_rng_state(position.rng)
-    upcoming = next(it, _END)
-    if upcoming is _END:
-        return
-    if lookahead and position.rng is not None:
+    batch = next(it, _END)
+    if batch is not _END and lookahead and position.rng is not None:
         set_rng_state(position.rng)
-    yield upcoming
-    yield from it
+    while batch is not _END:
+        yield batch
+        batch = next(it, _END)
 
 
 _END = object()
