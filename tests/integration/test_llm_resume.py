@@ -119,7 +119,9 @@ def test_llm_step_evals_checkpoints_and_exact_mid_epoch_resume(llm):
     ckpt = next(paths.runs.glob("again-*/checkpoints/epoch_0001_step_0000007"))
     meta = read_metadata(ckpt)
     assert meta["epoch"] == 1 and meta["step"] == 7
-    assert meta["user"]["mid_epoch"]["batches"] == 7 and len(meta["user"]["mid_epoch"]["evals"]) == 2
+    assert (
+        meta["user"]["mid_epoch"]["batches"] == 7 and len(meta["user"]["mid_epoch"]["evals"]) == 2
+    )
 
     resumed = TrainerEngine(paths=paths).run_job(_llm_config(llm, "again"), resume_from="latest")
     assert resumed.success, resumed.error

@@ -91,7 +91,12 @@ def test_epoch_position_round_trips_through_checkpoint_metadata():
     position = EpochPosition(3, 130, [1.0, 0.0, 0.0, 8.0, 4.0], [{"step": 2, "val_loss": 1.5}])
     meta = json.loads(json.dumps({"mid_epoch": position.metadata()}))
     back = EpochPosition.from_checkpoint(meta, {"epoch_data": {"x": 1}, "rng": {"y": 2}})
-    assert (back.epoch, back.batches, back.sums, back.evals) == (3, 130, position.sums, position.evals)
+    assert (back.epoch, back.batches, back.sums, back.evals) == (
+        3,
+        130,
+        position.sums,
+        position.evals,
+    )
     assert back.epoch_data == {"x": 1} and back.rng == {"y": 2}
     assert EpochPosition.from_checkpoint({}, {}) is None  # an epoch-end checkpoint
 
@@ -157,9 +162,7 @@ def test_generate_needs_the_api_key_when_one_is_set():
     assert deployment._authorized(request(None))
 
 
-def test_kiln_tune_routes_a_fine_tuning_config_and_refuses_flags_it_cannot_use(
-    tmp_path, capsys
-):
+def test_kiln_tune_routes_a_fine_tuning_config_and_refuses_flags_it_cannot_use(tmp_path, capsys):
     config = tmp_path / "job.yaml"
     config.write_text(
         f"model: {{model_path: {tmp_path / 'missing'}}}\n"

@@ -438,7 +438,9 @@ def _range_errors(c: TrainingConfig) -> list[str]:
     need(c.save_every_n_epochs >= 1, f"save_every_n_epochs={c.save_every_n_epochs!r} must be >= 1")
     for name in ("save_every_n_steps", "eval_every_n_steps"):
         value = getattr(c, name)
-        need(value is None or value >= 1, f"{name}={value!r} must be >= 1, or null (epoch ends only)")
+        need(
+            value is None or value >= 1, f"{name}={value!r} must be >= 1, or null (epoch ends only)"
+        )
     need(c.keep_best_k >= 0, f"keep_best_k={c.keep_best_k!r} must be >= 0")
     need(
         c.keep_last_n >= 1,
