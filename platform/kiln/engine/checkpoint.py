@@ -380,7 +380,7 @@ class CheckpointManager:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
         clean = _clean_metrics(metrics)
         value = _metric(clean, self.monitor)
-        if value is None and not self._warned_missing:
+        if value is None and not self._warned_missing and not within_epoch:
             self._warned_missing = True
             logger.warning(
                 "checkpoint metrics have no finite %r (got keys %s); such checkpoints are kept "

@@ -580,10 +580,22 @@ def _step_end(run: _Run, epoch: int) -> Callable[[int, Callable[[], list[float]]
         if run.steps.saves(n):
             if ending:
                 run.save_due = True  # the epoch-end checkpoint is this one
-            elif run.manager is not None:
-                _save_within_epoch(run, epoch, batches_done, running())
+                return
+            sums = _rank_share(running(), run)  # every rank: an all-reduce
+            if run.manager is not None:
+                _save_within_epoch(run, epoch, batches_done, sums)
 
     return step_end
+
+
+def _rank_share(sums: list[float], run: _Run) -> list[float]:
+    """Running sums averaged over ranks: every rank of a resumed run starts from its share,
+    so the epoch's all-reduced metrics count every rank's batches once."""
+    if not run.distributed:
+        return sums
+    t = torch.tensor(sums, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) / run.world_size for v in t]
 
 
 def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[float]) -> None:
