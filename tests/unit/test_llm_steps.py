@@ -182,3 +182,32 @@ def test_kiln_tune_routes_a_fine_tuning_config_and_refuses_flags_it_cannot_use(t
     bad.write_text("hyperparams.learning_rat: [0.1]\n")
     assert main([*home, "tune", str(config), "--space", str(bad)]) == 2
     assert "did you mean 'hyperparams.learning_rate'" in capsys.readouterr().err.lower()
+
+
+def test_gpu_only_settings_fail_before_any_model_load_on_cpu(tmp_path):
+    """What tests/integration/test_llm_gpu.py runs on CUDA is refused here, naming the field."""
+    from kiln.llm import TrainerEngine
+    from kiln.paths import RunPaths
+
+    assert not torch.cuda.is_available()  # this suite runs on CPU machines
+    model = tmp_path / "model"
+    model.mkdir()  # config.json only: a model load would fail, so errors come first
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+
+    def run(**overrides):
+        config = create_default_config(
+            model_path=str(model), dataset_path=str(data), output_dir=str(tmp_path / "out"),
+            profile={"name": "completion"}, **overrides,
+        )  # fmt: skip
+        result = TrainerEngine(paths=RunPaths.resolve(tmp_path / "home")).run_job(config)
+        assert not result.success
+        return result.error
+
+    assert "hyperparams.fp_precision='fp16' needs a CUDA GPU" in run(fp_precision="fp16")
+    error = run(load_in_4bit=True, lora={"r": 4}, fp_precision="bf16")
+    assert "model.load_in_4bit=true needs a CUDA GPU" in error
+    with pytest.raises(ConfigError, match="model.load_in_4bit=true needs model.lora"):
+        run(load_in_4bit=True)  # refused when the config is built
+    assert "environment.use_gpu=true, but this machine has no CUDA device" in run(use_gpu=True)
