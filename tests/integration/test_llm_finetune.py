@@ -270,7 +270,14 @@ def test_generate_on_ray_serve(trained, ray_local):
         name="llm",
         route_prefix="/",
     )
-    serve.run(build_generate_app(adapter, num_cpus=0.25), name="adapter", route_prefix="/adapter")
+    # The adapter app as `kiln serve ADAPTER_DIR` builds it, with an API key.
+    from kiln.cli import build_parser
+    from kiln.cli.serve import _build, _options
+
+    args = build_parser().parse_args(["serve", str(adapter), "--num-cpus", "0.25"])
+    options = {**_options(args, {}), "api_key_sha256": hashlib.sha256(b"k" * 16).hexdigest()}
+    serve.run(_build(adapter, options, args), name="adapter", route_prefix="/adapter")
+    auth = {"Authorization": "Bearer " + "k" * 16}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             question, answer = QA[3]
@@ -291,14 +298,14 @@ def test_generate_on_ray_serve(trained, ray_local):
             assert client.post("/generate", content=b"x" * 5000).status_code == 413
             assert client.get("/generate").status_code == 405
             assert client.get("/nope").status_code == 404
-            meta = client.get("/adapter/metadata").json()
+            meta = client.get("/adapter/metadata", headers=auth).json()
             assert meta["kind"] == "lora_adapter" and meta["base_model"] == str(
                 trained["full"].resolve()
             )
-            via_adapter = client.post(
-                "/adapter/generate",
-                json={"messages": [{"role": "user", "content": question}], "max_new_tokens": 8},
-            )
+            body = {"messages": [{"role": "user", "content": question}], "max_new_tokens": 8}
+            assert client.post("/adapter/generate", json=body).status_code == 401
+            assert client.get("/adapter/healthz").status_code == 200  # no key needed
+            via_adapter = client.post("/adapter/generate", json=body, headers=auth)
             assert via_adapter.status_code == 200 and via_adapter.json()["text"] == answer
     finally:
         serve.shutdown()

@@ -24,18 +24,20 @@ pytestmark = pytest.mark.integration
 
 
 class _StopAfter(CallbackBase):
-    """Raises once ``stop_at`` batches are done, after the checkpoint ``wait_for`` exists."""
+    """Raises once ``stop_at`` batches are done, after run ``name``'s checkpoint ``wait_for``
+    is on disk."""
 
-    def __init__(self, stop_at: int, runs: Path, wait_for: str) -> None:
-        self.stop_at, self.runs, self.wait_for, self.seen = stop_at, runs, wait_for, 0
+    def __init__(self, stop_at: int, runs: Path, name: str, wait_for: str) -> None:
+        self.stop_at, self.seen = stop_at, 0
+        self.runs, self.pattern = runs, f"{name}-*/checkpoints/{wait_for}/metadata.json"
 
     def on_batch_end(self, batch, logs=None) -> None:
         self.seen += 1
         if self.seen < self.stop_at:
             return
         deadline = time.monotonic() + 30  # the step checkpoint is written in the background
-        while not list(self.runs.glob(f"*/checkpoints/{self.wait_for}/metadata.json")):
-            assert time.monotonic() < deadline, f"no checkpoint {self.wait_for} under {self.runs}"
+        while not list(self.runs.glob(self.pattern)):
+            assert time.monotonic() < deadline, f"no {self.pattern} under {self.runs}"
             time.sleep(0.05)
         raise RuntimeError("stopped on purpose")
 
@@ -113,7 +115,7 @@ def test_llm_step_evals_checkpoints_and_exact_mid_epoch_resume(llm):
     assert at_3[0]["state"] == "evaluating"
     assert at_3[-1]["eval_loss"] == pytest.approx(history[0]["evals"][0]["val_loss"])
 
-    killer = _StopAfter(9, paths.runs, "epoch_0001_step_0000007")
+    killer = _StopAfter(9, paths.runs, "again", "epoch_0001_step_0000007")
     stopped = TrainerEngine(paths=paths, hooks=[killer]).run_job(_llm_config(llm, "again"))
     assert not stopped.success and "stopped on purpose" in stopped.error
     ckpt = next(paths.runs.glob("again-*/checkpoints/epoch_0001_step_0000007"))
@@ -125,6 +127,7 @@ def test_llm_step_evals_checkpoints_and_exact_mid_epoch_resume(llm):
 
     resumed = TrainerEngine(paths=paths).run_job(_llm_config(llm, "again"), resume_from="latest")
     assert resumed.success, resumed.error
+    assert Path(resumed.summary["resumed_from"]) == ckpt
     assert resumed.global_step == straight.global_step == 16
     a, b = _adapter(root / "straight"), _adapter(root / "again")
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
@@ -165,7 +168,7 @@ def test_generic_run_resumes_mid_epoch_with_gradient_accumulation(tmp_path):
     assert mid in saved, saved
     runs = RunPaths.resolve(tmp_path).runs
     with pytest.raises(Exception, match="stopped on purpose"):
-        trainer("b", [_StopAfter(per_epoch + 5, runs, mid)]).train("iris")
+        trainer("b", [_StopAfter(per_epoch + 5, runs, "b", mid)]).train("iris")
     resumed = trainer("b").train("iris", resume_from="latest")
     assert Path(resumed["resumed_from"]).name == mid
     final_a = load_checkpoint_state(straight["latest_checkpoint_path"]).model_state

@@ -313,10 +313,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     hooks, train_loop, monitor = run.hooks, run.train_loop, run.grad_monitor
     hooks.epoch_start(epoch)
     checks_before = monitor.check_count if monitor is not None else 0
-    position, run.position = run.position, None
-    if position is not None and position.epoch != epoch:
-        position = None
-    run.step_evals = list(position.evals) if position is not None else []
+    position = _resume_position(run, epoch)
     train = train_loop.run_epoch(
         epoch,
         run.model,
@@ -560,6 +557,15 @@ def _validate(run: _Run, epoch: int) -> dict[str, float]:
     if run.val_loop.loss_strategy is None and run.plan.task.task_type == TaskType.LANGUAGE_MODELING:
         val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
     return val_metrics
+
+
+def _resume_position(run: _Run, epoch: int) -> EpochPosition | None:
+    """Where ``epoch`` resumes (a mid-epoch checkpoint of it), or None: from its start."""
+    position, run.position = run.position, None
+    if position is not None and position.epoch != epoch:
+        position = None
+    run.step_evals = list(position.evals) if position is not None else []
+    return position
 
 
 def _step_end(run: _Run, epoch: int) -> Callable[[int, Callable[[], list[float]]], None]:

@@ -453,4 +453,5 @@ def _summary(
         "total_params": total,
         "lora": config.model.lora is not None,
         "world_size": results.get("world_size"),
+        "resumed_from": results.get("resumed_from"),
     }
