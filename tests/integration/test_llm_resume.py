@@ -110,6 +110,9 @@ def test_llm_step_evals_checkpoints_and_exact_mid_epoch_resume(llm):
     history = straight.summary["history"]
     assert [[e["step"] for e in h.get("evals", [])] for h in history] == [[3, 6], [9, 12, 15]]
     assert all(e["val_perplexity"] > 1 for h in history for e in h["evals"])
+    steps = straight.summary["steps"]  # every logging_steps=1 batch: loss, lr, tokens/s
+    assert [s["step"] for s in steps] == list(range(1, 17))
+    assert all(s["tokens_per_s"] > 0 and s["lr"] > 0 for s in steps[:-1])
     # The status file showed each step evaluation: evaluating, then its eval loss.
     at_3 = [s for s in status.seen if s["step"] == 3]
     assert at_3[0]["state"] == "evaluating"

@@ -247,9 +247,10 @@ class TrainingLoop:
                 tokens += _token_count(batch)
             self.global_step += 1
             if self.log_every_n_steps and self.global_step % self.log_every_n_steps == 0:
-                step_log.append(
-                    {"step": self.global_step, "loss": loss.detach(), "lr": _lr(optimizer)}
-                )
+                row = {"step": self.global_step, "loss": loss.detach(), "lr": _lr(optimizer)}
+                if tokens:  # models computing their own loss: tokens/s since the epoch began
+                    row["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+                step_log.append(row)
             if metrics_callback is not None:
                 metrics_callback(float(loss.detach()), batch_idx)
             if update and step_end is not None:

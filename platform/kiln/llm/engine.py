@@ -444,6 +444,7 @@ def _summary(
         "val_perplexity": final.get("val_perplexity"),
         "tokens_per_s": final.get("train_tokens_per_s"),
         "history": [{k: v for k, v in h.items() if k != "steps"} for h in results["history"]],
+        "steps": [row for h in results["history"] for row in h.get("steps", [])],  # log steps
         "skipped_rows": len(prepared.invalid),
         "invalid_rows": prepared.invalid[:20],
         "truncated": prepared.stats["train"]["truncated"]

@@ -157,9 +157,12 @@ def log_history(db: ExperimentDB, run_id: int, history: list[dict[str, Any]]) ->
     for row in history:
         db.log_metrics(run_id, numeric_metrics(row), epoch=int(row["epoch"]))
         for step in row.get("steps", []):
+            values = {"step_loss": step["loss"], "step_lr": step["lr"]}
+            if "tokens_per_s" in step:
+                values["step_tokens_per_s"] = step["tokens_per_s"]
             db.log_metrics(
                 run_id,
-                {"step_loss": step["loss"], "step_lr": step["lr"]},
+                values,
                 epoch=int(row["epoch"]),
                 step=step["step"],
             )
