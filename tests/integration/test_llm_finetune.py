@@ -236,9 +236,18 @@ def test_ddp_two_workers_keep_lora_adapters_identical(trained, ray_local):
     dump = trained["root"] / "ranks"
     dump.mkdir()
     engine = TrainerEngine(paths=trained["paths"], hooks=[_DumpTrainable(str(dump))])
-    result = engine.run_job(_lora_config(trained, "lora-ddp", 3, num_workers=2, tracking=False))
+    # Step evaluations and a mid-epoch checkpoint too: both are collectives across ranks.
+    config = _lora_config(
+        trained, "lora-ddp", 3, num_workers=2, tracking=False, validation_split=0.25,
+        eval_steps=1, save_steps=2,
+    )  # fmt: skip
+    result = engine.run_job(config)
     assert result.success, result.error
     assert result.summary["world_size"] == 2
+    first = result.summary["history"][0]
+    assert [e["step"] for e in first["evals"]] == list(range(1, first["global_step"]))
+    manifest = json.loads((Path(result.last_checkpoint_path).parent / "manifest.json").read_text())
+    assert any("_step_" in save["name"] for save in manifest["history"])
     rank0, rank1 = (torch.load(dump / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any("lora_A" in k for k in rank0)
     for name in rank0:

@@ -111,7 +111,7 @@ class TrainingConfig:
     )
     eval_every_n_steps: int | None = _f(
         None,
-        "checkpoint",
+        "training",
         "Also validate every N optimizer steps inside an epoch (each epoch's history row "
         "lists them under 'evals'). None: at epoch ends only.",
     )
