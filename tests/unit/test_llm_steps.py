@@ -211,3 +211,23 @@ def test_gpu_only_settings_fail_before_any_model_load_on_cpu(tmp_path):
     with pytest.raises(ConfigError, match="model.load_in_4bit=true needs model.lora"):
         run(load_in_4bit=True)  # refused when the config is built
     assert "environment.use_gpu=true, but this machine has no CUDA device" in run(use_gpu=True)
+
+
+def test_kiln_llm_serve_is_kiln_serve(tmp_path, monkeypatch):
+    """One server code path: ``kiln llm serve`` runs ``kiln serve`` with the same options."""
+    import kiln.cli
+    from kiln.cli import build_parser
+    from kiln.cli.llm import cmd_serve
+
+    seen = []
+    monkeypatch.setattr(kiln.cli, "main", lambda argv: seen.append(argv) or 0)
+    args = build_parser().parse_args(
+        ["--home", str(tmp_path), "llm", "serve", "out/tiny", "--port", "8123", "--base", "b"]
+    )
+    assert cmd_serve(args) == 0
+    assert seen == [
+        [f"--home={tmp_path}", "serve", "out/tiny", "--host", "127.0.0.1", "--port", "8123",
+         "--replicas", "1", "--base", "b"]
+    ]  # fmt: skip
+    served = build_parser().parse_args(seen[0])  # and `kiln serve` accepts every one of them
+    assert (served.source, served.port, served.base) == ("out/tiny", 8123, "b")
