@@ -247,7 +247,11 @@ class TrainingLoop:
                 tokens += _token_count(batch)
             self.global_step += 1
             if self.log_every_n_steps and self.global_step % self.log_every_n_steps == 0:
-                row = {"step": self.global_step, "loss": loss.detach(), "lr": _lr(optimizer)}
+                row: dict[str, Any] = {
+                    "step": self.global_step,
+                    "loss": loss.detach(),
+                    "lr": _lr(optimizer),
+                }
                 if tokens:  # models computing their own loss: tokens/s since the epoch began
                     row["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
                 step_log.append(row)

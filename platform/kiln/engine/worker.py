@@ -551,6 +551,7 @@ def _report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
 # ---------------------------------------------------------------------- steps in an epoch
 def _validate(run: _Run, epoch: int) -> dict[str, float]:
     """One pass over the validation batches, all-reduced (every rank gets the same)."""
+    assert run.val_batches is not None  # called only for runs with validation data
     model = _for_validation(run.model, run.distributed)
     val = run.val_loop.run_epoch(epoch, model, run.val_batches(epoch), run.device)
     val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
