@@ -189,7 +189,7 @@ def test_llm_tune_runs_one_job_per_trial(tmp_path, capsys, ray_local):
     )
     capsys.readouterr()
     # `kiln tune` takes a fine-tuning config as it is (`kiln llm tune` is the same search).
-    assert main([*home, "tune", str(config), "--space", str(space)]) == 0
+    assert main([*home, "tune", str(config), "--space", str(space), "--scheduler", "asha"]) == 0
     out = capsys.readouterr().out
     assert out.count("train_loss=") == 3  # two trials and the best line
     best = out.splitlines()[-1]

@@ -174,6 +174,8 @@ def test_kiln_tune_routes_a_fine_tuning_config_and_refuses_flags_it_cannot_use(t
     home = ["--home", str(tmp_path / "home")]
     assert main([*home, "tune", str(config), "--space", str(space), "--resume"]) == 2
     assert "--resume: not supported when tuning a fine-tuning config" in capsys.readouterr().err
+    assert main([*home, "tune", str(config), "--space", str(space), "--scheduler", "pbt"]) == 2
+    assert "scheduler='pbt' is not one of fifo, asha, median" in capsys.readouterr().err
     # Routed to the fine-tuning search: its pre-load checks run before Ray starts.
     assert main([*home, "tune", str(config), "--space", str(space)]) == 2
     err = capsys.readouterr().err

@@ -85,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--samples", type=int, help="trials (default: tune.num_samples or 4)")
     u.add_argument("--metric", help="default: val_loss with a validation split, else train_loss")
     u.add_argument("--mode", choices=("min", "max"), help="min or max of --metric is better")
+    u.add_argument("--scheduler", help="fifo (default: every trial ends), asha or median")
     u.set_defaults(func=cmd_tune)
 
     v = sub.add_parser("serve", help="serve POST /generate on Ray Serve (as kiln serve does)")
@@ -222,9 +223,9 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-_TUNE_SETTINGS = {"num_samples", "metric", "mode", "max_concurrent_trials"}
-# `kiln tune` flags that have no meaning for fine-tuning trials (one job each, FIFO)
-_UNUSED_TUNE_FLAGS = ("scheduler", "time_budget_s", "name", "register_as", "resume")
+_TUNE_SETTINGS = {"num_samples", "metric", "mode", "max_concurrent_trials", "scheduler"}
+# `kiln tune` flags that have no meaning for fine-tuning trials (one job each)
+_UNUSED_TUNE_FLAGS = ("time_budget_s", "name", "register_as", "resume")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -237,8 +238,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if unused:
         raise ConfigError(
             f"{', '.join(unused)}: not supported when tuning a fine-tuning config "
-            f"({args.config}); its trials run one job each, in order (use --samples, "
-            "--metric, --mode, --max-concurrent, --set)"
+            f"({args.config}); its trials run one job each (use --samples, --metric, "
+            "--mode, --scheduler, --max-concurrent, --set)"
         )
     config = ConfigLoader.load(args.config)
     overrides = _parse_overrides(getattr(args, "overrides", None) or [])
@@ -260,6 +261,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         mode=args.mode or settings.get("mode", "min"),
         paths=args.paths,
         max_concurrent_trials=concurrent or settings.get("max_concurrent_trials", 1),
+        scheduler=getattr(args, "scheduler", None) or settings.get("scheduler", "fifo"),
     )
     for trial in result.trials:
         value = trial[result.metric]
