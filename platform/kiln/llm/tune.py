@@ -113,7 +113,9 @@ def tune_llm(
             num_samples=num_samples,
             search_alg=BasicVariantGenerator(random_state=seed) if seed is not None else None,
             max_concurrent_trials=max_concurrent_trials,
-            scheduler=create_scheduler(scheduler, max_t=config.hyperparams.num_epochs),
+            # max_t past the last epoch: a scheduler stops a trial for losing, never for
+            # reaching max_t, which would end it before its job saves the model
+            scheduler=create_scheduler(scheduler, max_t=config.hyperparams.num_epochs + 1),
         ),
         run_config=tune.RunConfig(storage_path=str(paths.tune), verbose=0),
     )
