@@ -21,6 +21,8 @@ gradient accumulation (the loop fetches a batch ahead), a dataset whose
 ``__getitem__`` draws from the global RNGs (random augmentation) may give the first
 resumed batch other random draws.
 
+In a DDP run rank 0 writes the checkpoint and every rank restores its states, as
+epoch-end resumes do; a ``DistributedSampler``'s order depends on the epoch alone.
 Streaming Ray Data shards (``cache_shards=False``) resume by skipping the same
 number of batches; their order is Ray Data's and need not repeat.
 """
@@ -53,10 +55,14 @@ class StepSchedule:
         return bool(self.eval_every or self.save_every)
 
     def evaluates(self, optimizer_step: int) -> bool:
-        return bool(self.eval_every) and optimizer_step % self.eval_every == 0  # type: ignore[operator]
+        return _due(self.eval_every, optimizer_step)
 
     def saves(self, optimizer_step: int) -> bool:
-        return bool(self.save_every) and optimizer_step % self.save_every == 0  # type: ignore[operator]
+        return _due(self.save_every, optimizer_step)
+
+
+def _due(every: int | None, step: int) -> bool:
+    return every is not None and every > 0 and step % every == 0
 
 
 @dataclass
