@@ -236,9 +236,18 @@ def test_ddp_two_workers_keep_lora_adapters_identical(trained, ray_local):
     dump = trained["root"] / "ranks"
     dump.mkdir()
     engine = TrainerEngine(paths=trained["paths"], hooks=[_DumpTrainable(str(dump))])
-    result = engine.run_job(_lora_config(trained, "lora-ddp", 3, num_workers=2, tracking=False))
+    # Step evaluations and a mid-epoch checkpoint too: both are collectives across ranks.
+    config = _lora_config(
+        trained, "lora-ddp", 3, num_workers=2, tracking=False, validation_split=0.25,
+        eval_steps=1, save_steps=2,
+    )  # fmt: skip
+    result = engine.run_job(config)
     assert result.success, result.error
     assert result.summary["world_size"] == 2
+    first = result.summary["history"][0]
+    assert [e["step"] for e in first["evals"]] == list(range(1, first["global_step"]))
+    manifest = json.loads((Path(result.last_checkpoint_path).parent / "manifest.json").read_text())
+    assert any("_step_" in save["name"] for save in manifest["history"])
     rank0, rank1 = (torch.load(dump / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any("lora_A" in k for k in rank0)
     for name in rank0:
@@ -270,7 +279,14 @@ def test_generate_on_ray_serve(trained, ray_local):
         name="llm",
         route_prefix="/",
     )
-    serve.run(build_generate_app(adapter, num_cpus=0.25), name="adapter", route_prefix="/adapter")
+    # The adapter app as `kiln serve ADAPTER_DIR` builds it, with an API key.
+    from kiln.cli import build_parser
+    from kiln.cli.serve import _build, _options
+
+    args = build_parser().parse_args(["serve", str(adapter), "--num-cpus", "0.25"])
+    options = {**_options(args, {}), "api_key_sha256": hashlib.sha256(b"k" * 16).hexdigest()}
+    serve.run(_build(adapter, options, args), name="adapter", route_prefix="/adapter")
+    auth = {"Authorization": "Bearer " + "k" * 16}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             question, answer = QA[3]
@@ -291,14 +307,14 @@ def test_generate_on_ray_serve(trained, ray_local):
             assert client.post("/generate", content=b"x" * 5000).status_code == 413
             assert client.get("/generate").status_code == 405
             assert client.get("/nope").status_code == 404
-            meta = client.get("/adapter/metadata").json()
+            meta = client.get("/adapter/metadata", headers=auth).json()
             assert meta["kind"] == "lora_adapter" and meta["base_model"] == str(
                 trained["full"].resolve()
             )
-            via_adapter = client.post(
-                "/adapter/generate",
-                json={"messages": [{"role": "user", "content": question}], "max_new_tokens": 8},
-            )
+            body = {"messages": [{"role": "user", "content": question}], "max_new_tokens": 8}
+            assert client.post("/adapter/generate", json=body).status_code == 401
+            assert client.get("/adapter/healthz").status_code == 200  # no key needed
+            via_adapter = client.post("/adapter/generate", json=body, headers=auth)
             assert via_adapter.status_code == 200 and via_adapter.json()["text"] == answer
     finally:
         serve.shutdown()

@@ -46,12 +46,16 @@ def _run(setup, name, **overrides):
         learning_rate=3e-3,
         use_gpu=True,
         tracking=False,
+        validation_split=0.25,  # 24 training rows: 3 steps an epoch
+        eval_steps=2,  # step evaluations and mid-epoch checkpoints on the device too
+        save_steps=2,
         **overrides,
     )
     result = TrainerEngine(paths=RunPaths.resolve(root / "home")).run_job(config)
     assert result.success, result.error
     history = result.summary["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [e["step"] for e in history[0]["evals"]] == [2]
     return result
 
 

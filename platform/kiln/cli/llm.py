@@ -5,7 +5,7 @@
     kiln llm status STATUS.json [--watch]
     kiln llm generate MODEL_DIR --prompt "What is 2+2?" [--raw] [--max-new-tokens N]
     kiln llm merge ADAPTER_DIR -o MERGED_DIR [--base BASE_DIR]
-    kiln llm serve MODEL_DIR [--port 8000]           POST /generate on Ray Serve
+    kiln llm serve MODEL_DIR [--port 8000]           POST /generate (= kiln serve MODEL_DIR)
     kiln llm tune CONFIG --space SPACE.yaml [--samples N]   Ray Tune, one job per trial
 
 ``train`` exits 1 when the job fails, with the error that says what to fix.
@@ -85,10 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--samples", type=int, help="trials (default: tune.num_samples or 4)")
     u.add_argument("--metric", help="default: val_loss with a validation split, else train_loss")
     u.add_argument("--mode", choices=("min", "max"), help="min or max of --metric is better")
+    u.add_argument("--scheduler", help="fifo (default: every trial ends), asha or median")
     u.set_defaults(func=cmd_tune)
 
-    v = sub.add_parser("serve", help="serve POST /generate on Ray Serve")
-    v.add_argument("model_dir")
+    v = sub.add_parser("serve", help="serve POST /generate on Ray Serve (as kiln serve does)")
+    v.add_argument("model_dir", help="model or adapter folder, or NAME@TAG of a registered LLM")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind")
     v.add_argument("--port", type=int, default=8000, help="HTTP port")
     v.add_argument("--base", help="base model folder for an adapter")
@@ -222,16 +223,36 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+_TUNE_SETTINGS = {"num_samples", "metric", "mode", "max_concurrent_trials", "scheduler"}
+# `kiln tune` flags that have no meaning for fine-tuning trials (one job each)
+_UNUSED_TUNE_FLAGS = ("time_budget_s", "name", "register_as", "resume")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    """``kiln llm tune``, and ``kiln tune`` given a fine-tuning config."""
     from kiln.llm.config import ConfigLoader
     from kiln.llm.tune import tune_llm
     from kiln.tune.spaces import load_search_file
 
+    unused = [f"--{k.replace('_', '-')}" for k in _UNUSED_TUNE_FLAGS if getattr(args, k, None)]
+    if unused:
+        raise ConfigError(
+            f"{', '.join(unused)}: not supported when tuning a fine-tuning config "
+            f"({args.config}); its trials run one job each (use --samples, --metric, "
+            "--mode, --scheduler, --max-concurrent, --set)"
+        )
     config = ConfigLoader.load(args.config)
+    overrides = _parse_overrides(getattr(args, "overrides", None) or [])
+    if overrides:
+        config = config.with_overrides(overrides)
     space, settings = load_search_file(args.space)
-    unknown = sorted(set(settings) - {"num_samples", "metric", "mode"})
+    unknown = sorted(set(settings) - _TUNE_SETTINGS)
     if unknown:
-        raise ConfigError(f"{args.space}: tune settings {unknown!r} are not used by kiln llm tune")
+        raise ConfigError(
+            f"{args.space}: tune settings {unknown!r} are not used when tuning a fine-tuning "
+            f"config; allowed: {', '.join(sorted(_TUNE_SETTINGS))}"
+        )
+    concurrent = getattr(args, "max_concurrent_trials", None)
     result = tune_llm(
         config,
         space,
@@ -239,6 +260,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         metric=args.metric or settings.get("metric"),
         mode=args.mode or settings.get("mode", "min"),
         paths=args.paths,
+        max_concurrent_trials=concurrent or settings.get("max_concurrent_trials", 1),
+        scheduler=getattr(args, "scheduler", None) or settings.get("scheduler", "fifo"),
     )
     for trial in result.trials:
         value = trial[result.metric]
@@ -257,18 +280,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kiln.llm.serve import build_generate_app
-    from kiln.serve.runner import deploy, start_serve
+    """``kiln serve MODEL_DIR ...``: one server code path (lifetime, API key, ingress)."""
+    from kiln.cli import main
 
-    app = build_generate_app(args.model_dir, base=args.base, num_replicas=args.replicas)
-    start_serve(host=args.host, port=args.port, address=args.address, ingress="proxy")
-    deploy(app, name="kiln-llm")
-    print(f"serving POST http://{args.host}:{args.port}/generate (Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
-    return 0
+    argv = [f"--home={args.home}"] if args.home else []
+    argv += [f"--db={args.db}"] if args.db else []
+    argv += ["--debug"] if args.debug else []
+    argv += ["serve", args.model_dir, "--host", args.host, "--port", str(args.port)]
+    argv += ["--replicas", str(args.replicas)]
+    for flag, value in (("--base", args.base), ("--address", args.address)):
+        if value:
+            argv += [flag, value]
+    return main(argv)

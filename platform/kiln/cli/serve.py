@@ -3,6 +3,12 @@
     kiln serve exports/my_model [--port 8000] [--host 127.0.0.1] [--replicas N]
     kiln serve digits@production --reload-on-promote [--poll-interval 5]
     KILN_API_KEY=... kiln serve exports/my_model --host 0.0.0.0
+    kiln serve outputs/tiny-chat            a fine-tuned language model: POST /generate
+    kiln serve tiny-lora@production         an LLM registered by `kiln llm train`
+
+A bundle answers ``POST /predict``; a language model (a fine-tuned output folder,
+merged or LoRA adapter, or a model registered by a fine-tuning job) answers
+``POST /generate`` (see ``kiln.llm.serve``). Both have ``/healthz`` and ``/metadata``.
 
 Starts (or joins, with ``--address``/``RAY_ADDRESS``) Ray, deploys the bundle, prints
 the URL and blocks. ``NAME@TAG`` is exported once into ``$KILN_HOME/bundles``, keyed by
@@ -41,10 +47,13 @@ API_KEY_ENV = "KILN_API_KEY"
 
 
 def _resolver(args: argparse.Namespace):
-    """A function returning ``(bundle_dir, key)`` for the current target of ``args.source``."""
+    """A function returning ``(bundle_dir or LLM folder, key)`` for ``args.source`` now."""
     from kiln.cli.export import registry_paths
     from kiln.export import export_registered, is_model_ref, load_bundle
+    from kiln.llm.serve import is_llm_dir, llm_source
 
+    if not is_model_ref(args.source) and is_llm_dir(args.source):
+        return lambda: (Path(args.source), "")
     if not is_model_ref(args.source):
         bundle = load_bundle(args.source, verify=True)
         key = bundle.artifact_sha256["onnx"] if "onnx" in bundle.formats else ""
@@ -55,6 +64,9 @@ def _resolver(args: argparse.Namespace):
     cache = Path(args.cache_dir) if args.cache_dir else run_paths(args).bundles
 
     def resolve() -> tuple[Path, str]:
+        llm = llm_source(args.source, db, artifacts)
+        if llm is not None:
+            return llm
         bundle_dir, entry = export_registered(args.source, db, artifacts, cache, "onnx")
         return bundle_dir, f"{entry.name}:{entry.version}:{entry.sha256}"
 
@@ -79,6 +91,28 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     if args.num_cpus is not None:
         opts["num_cpus"] = args.num_cpus
     return opts
+
+
+def _build(path: Path, options: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The Serve app for ``path``: ``/generate`` for a language model, else ``/predict``."""
+    from kiln.llm.serve import build_generate_app, is_llm_dir
+
+    if not is_llm_dir(path):
+        from kiln.serve import build_app
+
+        return build_app(str(path), **options)
+    return build_generate_app(
+        path,
+        base=args.base,
+        num_replicas=options["num_replicas"],
+        num_cpus=options.get("num_cpus", 1.0),
+        max_ongoing_requests=options["max_ongoing_requests"],
+        max_queued_requests=options["max_queued_requests"],
+        max_body_bytes=options["max_body_bytes"],
+        api_key_sha256=options.get("api_key_sha256"),
+        runtime_env_vars=options["runtime_env_vars"],
+        served_as=options["served_as"],
+    )
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -175,7 +209,7 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
     import ray
     from ray import serve
 
-    from kiln.serve import build_app
+    from kiln.llm.serve import is_llm_dir
     from kiln.serve._lifetime import end_session, start_reaper, watch_lifeline
     from kiln.serve.runner import TagFollower, deploy, start_serve
 
@@ -205,17 +239,18 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
         options["api_key_sha256"] = hashlib.sha256(key.encode()).hexdigest()
 
     def redeploy(path: Path) -> None:
-        deploy(build_app(str(path), **options), name=args.name)
+        deploy(_build(path, options, args), name=args.name)
 
     rc = 0
     try:
         redeploy(bundle_dir)
         url = f"http://{args.host}:{args.port}"
-        print(f"serving {bundle_dir} at {url}/predict  (GET {url}/healthz, {url}/metadata)")
+        route = "/generate" if is_llm_dir(bundle_dir) else "/predict"
+        print(f"serving {bundle_dir} at {url}{route}  (GET {url}/healthz, {url}/metadata)")
         if ports:
             print(f"HAProxy stats on {args.host}:{stats}, metrics on {args.host}:{metrics}")
         if key is not None:
-            print("/predict and /metadata need 'Authorization: Bearer <key>'")
+            print(f"{route} and /metadata need 'Authorization: Bearer <key>'")
         print("Ctrl-C to stop", flush=True)
         follower = TagFollower(resolve=resolve, redeploy=redeploy, current_key=current)
         lost = _wait(args, follower)
@@ -243,7 +278,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="bundle directory, or NAME@TAG / NAME:VERSION")
+    p.add_argument(
+        "source",
+        help="bundle directory, fine-tuned LLM folder (merged or adapter), or NAME@TAG / "
+        "NAME:VERSION",
+    )
+    p.add_argument("--base", help="base model folder of a LoRA adapter (default: its record)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument(

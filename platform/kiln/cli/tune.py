@@ -8,6 +8,10 @@ CONFIG is a run file as for ``kiln train``; SPACE.yaml maps fields to domains
 ``preset: [quick_prototype, baseline]``) and may hold search settings under
 ``tune:``. Flags override the file. Prints a table of trials as they report and
 the winner at the end; ``--resume`` continues an interrupted search.
+
+CONFIG may also be a fine-tuning config (as for ``kiln llm train``): each trial is then
+one fine-tuning job, exactly as ``kiln llm tune`` runs it, over dotted keys such as
+``hyperparams.learning_rate`` and ``model.lora.r``.
 """
 
 from __future__ import annotations
@@ -63,9 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln._ray import ensure_ray
+    from kiln.config.training import read_mapping
+    from kiln.llm.config import is_llm_mapping
     from kiln.tune import search
     from kiln.tune.spaces import load_search_file
 
+    if is_llm_mapping(read_mapping(args.config)):
+        from kiln.cli.llm import cmd_tune
+
+        return cmd_tune(args)
     config, task = load_run_file(args.config, args.overrides, None)
     space, settings = load_search_file(args.space)
     for key in ("scheduler", "metric", "mode", "max_concurrent_trials", "time_budget_s"):

@@ -118,6 +118,18 @@ class TrainingConfig:
     # Checkpoints
     checkpoint_dir: str | None = _f(None, "checkpoint", "Defaults to <runs>/<run_name>.")
     save_every_n_epochs: int = _f(1, "checkpoint", "Checkpoint interval in epochs.")
+    save_every_n_steps: int | None = _f(
+        None,
+        "checkpoint",
+        "Also checkpoint every N optimizer steps inside an epoch; resuming from such a "
+        "checkpoint continues at the exact next batch. None: epoch ends only.",
+    )
+    eval_every_n_steps: int | None = _f(
+        None,
+        "training",
+        "Also validate every N optimizer steps inside an epoch (each epoch's history row "
+        "lists them under 'evals'). None: at epoch ends only.",
+    )
     keep_best_k: int = _f(3, "checkpoint", "Checkpoints kept by the monitored metric.")
     keep_last_n: int = _f(2, "checkpoint", "Most recent checkpoints kept (>= 1).")
     monitor: str = _f("val_loss", "checkpoint", "Metric that ranks checkpoints.")
@@ -462,6 +474,11 @@ def _range_errors(c: TrainingConfig) -> list[str]:
         "Train controller's poll interval",
     )
     need(c.save_every_n_epochs >= 1, f"save_every_n_epochs={c.save_every_n_epochs!r} must be >= 1")
+    for name in ("save_every_n_steps", "eval_every_n_steps"):
+        value = getattr(c, name)
+        need(
+            value is None or value >= 1, f"{name}={value!r} must be >= 1, or null (epoch ends only)"
+        )
     need(c.keep_best_k >= 0, f"keep_best_k={c.keep_best_k!r} must be >= 0")
     need(
         c.keep_last_n >= 1,
@@ -499,6 +516,12 @@ def _range_errors(c: TrainingConfig) -> list[str]:
             f"strategy='fsdp' with use_amp on CUDA needs amp_dtype='bf16'; got "
             f"amp_dtype={c.amp_dtype!r} (fp16's GradScaler does not agree on skipped steps "
             "across shards)"
+        )
+    if c.strategy == "fsdp" and c.save_every_n_steps is not None:
+        errors.append(
+            f"save_every_n_steps={c.save_every_n_steps!r} is not available with "
+            "strategy='fsdp' yet (sharded checkpoints are taken at epoch ends); use "
+            "save_every_n_epochs, or strategy='ddp'"
         )
     bad_trackers = [t for t in c.report_to if t not in REPORT_TO]
     need(

@@ -21,6 +21,8 @@ Where they fire. Hooks and callbacks run inside each Ray Train worker process
         for batch_idx, batch in enumerate(shard):
             forward, backward, (optimizer step)
             on_batch_end(batch_idx, loss)                     # every rank, LOCAL loss
+            every eval_every_n_steps optimizer steps:
+                on_validation_end({..., "step": s})           # every rank, same values
         validate; metrics averaged over ranks
         on_validation_end(val_metrics)                        # every rank, same values
         on_epoch_end(epoch, metrics)                          # every rank, same values;
@@ -188,6 +190,10 @@ class CallbackBase:
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """After each training batch; ``logs["loss"]`` is this rank's loss."""
 
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        """After each validation pass: the epoch's, and each ``eval_every_n_steps`` one
+        (whose ``metrics`` carry ``"step"``); values averaged over ranks."""
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("model", None)  # process-local; set again by set_context
@@ -237,6 +243,10 @@ class CallbackList(CallbackBase):
     def on_batch_end(self, batch: int, logs=None) -> None:
         for cb in self.callbacks:
             cb.on_batch_end(batch, logs)
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_validation_end(metrics)
 
     def __len__(self) -> int:
         return len(self.callbacks)

@@ -4,6 +4,7 @@ Layout of ``checkpoint_dir``::
 
     manifest.json            index: retained checkpoints, metrics, best/latest, save history
     epoch_0003/              one directory per checkpoint, named by epoch number
+    epoch_0004_step_0000130/ a checkpoint taken inside epoch 4, at global step 130
         model.pt             model state dict (DDP ``.module`` / ``torch.compile`` unwrapped)
         train_state.pt       optimizer, scheduler, GradScaler, RNG states, epoch, step
         metadata.json        epoch, step, metrics, timestamp, monitor, sizes, kiln version, user
@@ -375,8 +376,14 @@ class CheckpointManager:
         blocking: bool = True,
         model_state: Mapping[str, Any] | None = None,
         staged: Path | None = None,
+        within_epoch: bool = False,
+        extra_state: Mapping[str, Any] | None = None,
     ) -> CheckpointMetadata | None:
         """Save ``epoch_{epoch:04d}`` (replacing one of the same epoch), then prune.
+
+        ``within_epoch``: a checkpoint taken inside epoch ``epoch`` at global ``step``,
+        saved as ``epoch_{epoch:04d}_step_{step:07d}``. ``extra_state`` (tensors
+        allowed) goes into ``train_state.pt`` beside the optimizer state.
 
         Always saves; use :meth:`should_save` to honour ``save_interval_epochs``.
         With ``blocking=False`` the state dicts are copied to CPU here and written by
@@ -392,7 +399,7 @@ class CheckpointManager:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
         clean = _clean_metrics(metrics)
         value = _metric(clean, self.monitor)
-        if value is None and not self._warned_missing:
+        if value is None and not self._warned_missing and not within_epoch:
             self._warned_missing = True
             logger.warning(
                 "checkpoint metrics have no finite %r (got keys %s); such checkpoints are kept "
@@ -409,9 +416,11 @@ class CheckpointManager:
             "rng": get_rng_state(),
             "epoch": epoch,
             "step": int(step),
+            **dict(extra_state or {}),
         }
+        name = f"epoch_{epoch:04d}" + (f"_step_{int(step):07d}" if within_epoch else "")
         info = {
-            "name": f"epoch_{epoch:04d}",
+            "name": name,
             "epoch": epoch,
             "step": int(step),
             "metrics": clean,

@@ -104,9 +104,11 @@ class _Sums:
         self.batches += 1
         if self._on_device is None:
             self._on_device = loss.device.type != "cpu"
-            if self._on_device:
-                zero = torch.zeros((), dtype=torch.float64, device=loss.device)
-                self.loss_sum, self.correct, self.abs_err = zero, zero.clone(), zero.clone()
+            if self._on_device:  # from the values so far (a resumed epoch starts with some)
+                self.loss_sum, self.correct, self.abs_err = (
+                    torch.tensor(float(v), dtype=torch.float64, device=loss.device)
+                    for v in (self.loss_sum, self.correct, self.abs_err)
+                )
         loss = loss.detach()
         logits = logits.detach() if logits is not None else None
         if self.confusion is not None and logits is not None:
@@ -130,6 +132,20 @@ class _Sums:
             self.correct += correct.item()
         elif self.regression:
             self.abs_err += abs_err.item()
+
+    def restore(self, sums: list[float]) -> None:
+        """Continue from ``[loss_sum, correct, abs_err, samples, batches, *confusion]``
+        (a resumed epoch; segmentation's flattened confusion matrix last)."""
+        self.loss_sum, self.correct, self.abs_err = (float(v) for v in sums[:3])
+        self.samples, self.batches = int(sums[3]), int(sums[4])
+        if self.confusion is not None and len(sums) > 5:
+            self.confusion.restore(sums[5:])
+
+    def running(self) -> list[float]:
+        """``[loss_sum, correct, abs_err, samples, batches, *confusion]`` so far (what
+        :meth:`restore` takes)."""
+        totals = [float(v) for v in self.as_tensor()]
+        return [*totals[:4], float(self.batches), *totals[4:]]
 
     def as_tensor(self) -> torch.Tensor:
         """[loss_sum, correct, abs_err, samples] on the CPU, for an all-reduce across ranks;
@@ -171,7 +187,13 @@ class _Confusion:
             ignore_index=IGNORE_INDEX,
             validate_args=False,
         )
-        self.matrix = batch if self.matrix is None else self.matrix + batch
+        self.matrix = batch if self.matrix is None else self.matrix.to(batch.device) + batch
+
+    def restore(self, flat: list[float]) -> None:
+        """Continue from a flattened matrix (what :meth:`flat` gave)."""
+        n = math.isqrt(len(flat))
+        self.num_classes = self.num_classes or n
+        self.matrix = torch.tensor(flat, dtype=torch.float64).reshape(n, n).long()
 
     def flat(self) -> torch.Tensor:
         if self.matrix is None:  # no batch on this rank: zeros keep the all-reduce aligned
@@ -238,6 +260,7 @@ class TrainingLoop:
         self.columns = (input_column, label_column)
         self.log_every_n_steps = log_every_n_steps
         self.global_step = 0  # batches seen over the whole run (restored on resume)
+        self.optimizer_steps = 0  # optimizer updates over the whole run (restored on resume)
         self.max_steps = max_steps  # stop the run once global_step reaches it
         self.last_grad_norm: float | None = None
 
@@ -258,20 +281,31 @@ class TrainingLoop:
         *,
         scaler: torch.amp.GradScaler | None = None,
         on_outputs: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None,
+        start_batch: int = 0,
+        start_sums: list[float] | None = None,
+        step_end: Callable[[int, Callable[[], list[float]]], None] | None = None,
     ) -> EpochResult:
         """Train for one epoch; ``metrics_callback(loss, batch_idx)`` fires per batch, and
-        ``on_outputs(outputs, labels)`` (custom metrics) gets each batch's model outputs."""
+        ``on_outputs(outputs, labels)`` (custom metrics) gets each batch's model outputs.
+
+        A resumed epoch passes the batches already trained (``start_batch``; the
+        loader yields the rest) and their running sums. ``step_end(batches_done,
+        running_sums)`` fires after each optimizer step, once its batch is counted;
+        ``running_sums()`` gives the epoch's sums so far (what ``start_sums`` takes).
+        """
         device = torch.device(device)
         precision = self.precision or Precision(False, device.type)
         model.train()
         sums = _new_sums(self)
+        if start_sums:
+            sums.restore(start_sums)
         step_log: list[dict[str, Any]] = []
         start = time.perf_counter()
         n_accum = self.accumulator.accumulation_steps
         no_sync = getattr(model, "no_sync", None)
         batches = _mark_last(train_loader) if n_accum > 1 else _never_last(train_loader)
         tokens = 0
-        for batch_idx, (batch, is_last) in enumerate(batches):
+        for batch_idx, (batch, is_last) in enumerate(batches, start=start_batch):
             if self.reached_max_steps:
                 break
             batch, labels = _to_device(batch, self.columns, device, self.loss_strategy is None)
@@ -287,6 +321,7 @@ class TrainingLoop:
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if update:
                 self._optimizer_step(model, optimizer, scheduler, scaler)
+                self.optimizer_steps += 1
             sums.add(loss, logits, labels, weight)
             if on_outputs is not None:
                 on_outputs(logits, labels)
@@ -294,11 +329,18 @@ class TrainingLoop:
                 tokens += _token_count(batch)
             self.global_step += 1
             if self.log_every_n_steps and self.global_step % self.log_every_n_steps == 0:
-                step_log.append(
-                    {"step": self.global_step, "loss": loss.detach(), "lr": _lr(optimizer)}
-                )
+                row: dict[str, Any] = {
+                    "step": self.global_step,
+                    "loss": loss.detach(),
+                    "lr": _lr(optimizer),
+                }
+                if tokens:  # models computing their own loss: tokens/s since the epoch began
+                    row["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+                step_log.append(row)
             if metrics_callback is not None:
                 metrics_callback(float(loss.detach()), batch_idx)
+            if update and step_end is not None:
+                step_end(batch_idx + 1, sums.running)  # called only when saving: no sync
         totals = sums.as_tensor()
         metrics = metrics_from_sums(totals, self.classification, self.regression, "train")
         for row in step_log:

@@ -355,9 +355,12 @@ class Trainer:
         if resume is None:
             return
         try:
-            epoch = int(read_metadata(resume)["epoch"])
+            meta = read_metadata(resume)
+            epoch = int(meta["epoch"])
         except (CheckpointError, ValueError, KeyError, TypeError):
             return  # loading it in the worker reports what is wrong with it
+        if meta.get("user", {}).get("mid_epoch"):
+            epoch -= 1  # taken inside that epoch: the rest of it is left to train
         epochs = self.training_config.epochs
         if epoch >= epochs:
             raise ConfigError(
@@ -576,7 +579,9 @@ def _results(
     if best is None:
         best = history[-1] if history else {}
     final = {
-        k: v for k, v in (history[-1] if history else {}).items() if k not in ("steps", "alerts")
+        k: v
+        for k, v in (history[-1] if history else {}).items()
+        if k not in ("steps", "alerts", "evals")
     }
     return {
         "best_epoch": best.get("epoch"),

@@ -8,6 +8,8 @@ with DDP otherwise. It reads top to bottom:
                 (names or the user's factories) -> data shards -> resume
     for epoch:  hooks.on_epoch_start
                 TrainingLoop.run_epoch     (steps: forward, loss, backward, clip, step)
+                  every eval_every_n_steps optimizer steps: validate (history "evals")
+                  every save_every_n_steps optimizer steps: rank 0 checkpoints mid-epoch
                 ValidationLoop.run_epoch
                 all-reduce sums -> metrics are means over every rank's samples
                 custom metrics (Trainer(metrics=)): synchronised over ranks the same way
@@ -20,6 +22,10 @@ with DDP otherwise. It reads top to bottom:
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
 Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
+
+A mid-epoch checkpoint records the epoch, the batches trained, the epoch's running
+sums and the data order's random state; resuming from it skips those batches and
+continues at exactly the next one (:mod:`kiln.engine.steps`).
 
 A resumed run takes its learning rate, weight decay and momentum from its config:
 the checkpoint restores the optimizer's moments and the schedule's step, then each
@@ -76,6 +82,13 @@ from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
     save_sharded,
 )
 from kiln.engine.shards import _in_tune, data_for_rank, world
+from kiln.engine.steps import (
+    EPOCH_DATA_KEY,
+    MID_EPOCH_KEY,
+    EpochPosition,
+    StepSchedule,
+    epoch_batches,
+)
 from kiln.errors import CheckpointError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
@@ -150,6 +163,13 @@ class _Run:
     start_epoch: int = 0
     stopped_early: bool = False
     sharded: bool = False  # strategy="fsdp": each rank holds shards; every rank checkpoints
+    # step-level control inside epochs (kiln.engine.steps)
+    batches_per_epoch: int = 0
+    steps: StepSchedule = field(default_factory=StepSchedule)
+    position: EpochPosition | None = None  # a mid-epoch checkpoint to resume from
+    step_evals: list[dict[str, Any]] = field(default_factory=list)  # this epoch's
+    epoch_data: dict[str, Any] = field(default_factory=dict)  # this epoch's data state
+    save_due: bool = False  # a step checkpoint fell on the epoch's last batch
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -222,6 +242,8 @@ def _setup(plan: WorkerPlan) -> _Run:
         to_tune=plan.report_checkpoints and _in_tune(),
         resume=resume,
         sharded=_strategy.is_sharded(model),
+        batches_per_epoch=batches_per_epoch,
+        steps=StepSchedule(cfg.eval_every_n_steps, cfg.save_every_n_steps),
     )
     if restored is not None:
         _restore(run, restored)
@@ -303,7 +325,16 @@ def _restore(run: _Run, restored: CheckpointState) -> None:
     run.start_epoch = int(meta["epoch"])
     run.history = list(extra.get("history", []))
     run.train_loop.global_step = int(extra.get("global_step", 0))
+    run.train_loop.optimizer_steps = int(
+        extra.get(
+            "optimizer_steps",
+            run.train_loop.global_step // run.plan.config.gradient_accumulation_steps,
+        )
+    )
     run.hooks.restore(extra.get("callbacks"))
+    run.position = EpochPosition.from_checkpoint(extra, train_state)
+    if run.position is not None:  # taken inside an epoch: that epoch is resumed, not redone
+        run.start_epoch = run.position.epoch - 1
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -312,48 +343,36 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     hooks.epoch_start(epoch)
     checks_before = monitor.check_count if monitor is not None else 0
     train_custom = _custom_metrics(run, "train")
+    position = _resume_position(run, epoch)
     train = train_loop.run_epoch(
         epoch,
         run.model,
-        run.train_batches(epoch),
+        epoch_batches(
+            run.train_batches(epoch),
+            run.epoch_data,
+            position,
+            lookahead=run.cfg.gradient_accumulation_steps > 1,
+        ),
         run.optimizer,
         run.scheduler,
         run.device,
         metrics_callback=hooks.batch_end if hooks.wants_batch_end else None,
         scaler=run.scaler,
         on_outputs=train_custom.update if train_custom is not None else None,
+        start_batch=position.batches if position is not None else 0,
+        start_sums=position.sums if position is not None else None,
+        step_end=_step_end(run, epoch) if run.steps.active else None,
     )
     metrics: dict[str, Any] = {"epoch": epoch}
     metrics.update(_reduce(train.sums, train_loop, "train", run.distributed))
     if train_custom is not None:  # a collective: every rank computes, in the same order
         metrics.update(train_custom.compute(run.distributed))
     if run.val_batches is not None:
-        model = _for_validation(run.model, run.distributed)
-        val_batches = run.val_batches(epoch)
-        if run.sharded and run.distributed:  # strategy: each FSDP forward is a collective
-            val_batches = _strategy.in_lockstep(
-                val_batches,
-                lambda b: run.val_loop.run_epoch(epoch, model, [b], run.device),
-                run.device,
-            )
-        val_custom = _custom_metrics(run, "val")
-        val = run.val_loop.run_epoch(
-            epoch,
-            model,
-            val_batches,
-            run.device,
-            on_outputs=val_custom.update if val_custom is not None else None,
-        )
-        val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
-        if val_custom is not None:
-            val_metrics.update(val_custom.compute(run.distributed))
-        if (
-            run.val_loop.loss_strategy is None
-            and run.plan.task.task_type == TaskType.LANGUAGE_MODELING
-        ):
-            val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
+        val_metrics = _validate(run, epoch, custom=True)
         metrics.update(val_metrics)
         hooks.validation_end(val_metrics)
+    if run.step_evals:
+        metrics["evals"] = run.step_evals
     metrics["learning_rate"] = train.learning_rate
     metrics["epoch_duration_seconds"] = train.epoch_duration_seconds
     metrics["global_step"] = train_loop.global_step
@@ -377,26 +396,21 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool) -> None:
     """Rank 0 checkpoints (snapshot now, written in the background); every rank reports."""
-    if run.sharded:  # strategy="fsdp": every rank writes its shards, below
-        _save_sharded(run, epoch, metrics, last=last)
     saved = None
+    due, run.save_due = run.save_due, False
+    if run.sharded:  # strategy="fsdp": every rank writes its shards
+        _save_sharded(run, epoch, metrics, last=last or due)
     manager = None if run.sharded else run.manager
-    if manager is not None and (run.to_tune or manager.should_save(epoch) or last):
-        extra = {
-            **run.plan.checkpoint_metadata,
-            "history": run.history,
-            "global_step": run.train_loop.global_step,
-            "callbacks": run.hooks.state(),
-            "world_size": run.world_size,
-        }
+    if manager is not None and (run.to_tune or manager.should_save(epoch) or last or due):
         saved = manager.save_checkpoint(
             epoch,
             _scalars(metrics),
             _unwrap(run.model),
             run.optimizer,
             run.scheduler,
-            metadata=extra,
+            metadata=_checkpoint_extra(run),
             scaler=run.scaler,
+            step=run.train_loop.global_step,
             blocking=run.to_tune,  # Tune copies the directory during the report
         )
     if run.to_tune or run.reporter.due(last):
@@ -408,14 +422,7 @@ def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool)
     """strategy="fsdp": every rank writes its shards (DCP), rank 0 publishes the checkpoint."""
     if not (last or epoch % run.cfg.save_every_n_epochs == 0):
         return
-    extra = {
-        **run.plan.checkpoint_metadata,
-        "history": run.history,
-        "global_step": run.train_loop.global_step,
-        "callbacks": run.hooks.state(),
-        "world_size": run.world_size,
-        "strategy": "fsdp",
-    }
+    extra = {**_checkpoint_extra(run), "strategy": "fsdp"}
     save_sharded(
         run.manager,
         epoch,
@@ -541,7 +548,7 @@ def _print_alerts(raised: list[dict[str, Any]], printed: set[str]) -> None:
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     """The epoch's numbers for checkpoints and Ray reports (step logs and alerts stay out)."""
-    return {k: v for k, v in metrics.items() if k not in ("steps", "alerts")}
+    return {k: v for k, v in metrics.items() if k not in ("steps", "alerts", "evals")}
 
 
 class _ReportPacer:
@@ -599,6 +606,117 @@ def _report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         import ray.train
 
         ray.train.report(metrics)
+
+
+# ---------------------------------------------------------------------- steps in an epoch
+def _validate(run: _Run, epoch: int, custom: bool = False) -> dict[str, float]:
+    """One pass over the validation batches, all-reduced (every rank gets the same);
+    with ``custom``, the user's own metrics too (Trainer(metrics=), epoch ends only)."""
+    assert run.val_batches is not None  # called only for runs with validation data
+    model = _for_validation(run.model, run.distributed)
+    val_batches = run.val_batches(epoch)
+    if run.sharded and run.distributed:  # strategy: each FSDP forward is a collective
+        val_batches = _strategy.in_lockstep(
+            val_batches,
+            lambda b: run.val_loop.run_epoch(epoch, model, [b], run.device),
+            run.device,
+        )
+    val_custom = _custom_metrics(run, "val") if custom else None
+    val = run.val_loop.run_epoch(
+        epoch,
+        model,
+        val_batches,
+        run.device,
+        on_outputs=val_custom.update if val_custom is not None else None,
+    )
+    val_metrics = _reduce(val.sums, run.val_loop, "val", run.distributed)
+    if val_custom is not None:
+        val_metrics.update(val_custom.compute(run.distributed))
+    if run.val_loop.loss_strategy is None and run.plan.task.task_type == TaskType.LANGUAGE_MODELING:
+        val_metrics["val_perplexity"] = math.exp(min(val_metrics["val_loss"], 50.0))
+    return val_metrics
+
+
+def _resume_position(run: _Run, epoch: int) -> EpochPosition | None:
+    """Where ``epoch`` resumes (a mid-epoch checkpoint of it), or None: from its start."""
+    position, run.position = run.position, None
+    if position is not None and position.epoch != epoch:
+        position = None
+    run.step_evals = list(position.evals) if position is not None else []
+    return position
+
+
+def _step_end(run: _Run, epoch: int) -> Callable[[int, Callable[[], list[float]]], None]:
+    """What runs after each optimizer step: step evaluations and mid-epoch checkpoints.
+
+    Both skip the epoch's last step (and the run's last, at ``max_steps``): the epoch's
+    own validation and checkpoint follow right after it.
+    """
+
+    def step_end(batches_done: int, running: Callable[[], list[float]]) -> None:
+        loop, n = run.train_loop, run.train_loop.optimizer_steps
+        ending = batches_done >= run.batches_per_epoch or loop.reached_max_steps
+        if run.steps.evaluates(n) and run.val_batches is not None and not ending:
+            val_metrics = _validate(run, epoch)
+            run.model.train()
+            run.step_evals.append({"step": loop.global_step, "optimizer_step": n, **val_metrics})
+            run.hooks.validation_end({**val_metrics, "step": float(loop.global_step)})
+        if run.steps.saves(n):
+            if ending:
+                run.save_due = True  # the epoch-end checkpoint is this one
+                return
+            sums = _rank_share(running(), run)  # every rank: an all-reduce
+            if run.manager is not None:
+                _save_within_epoch(run, epoch, batches_done, sums)
+
+    return step_end
+
+
+def _rank_share(sums: list[float], run: _Run) -> list[float]:
+    """Running sums averaged over ranks: every rank of a resumed run starts from its share,
+    so the epoch's all-reduced metrics count every rank's batches once."""
+    if not run.distributed:
+        return sums
+    t = torch.tensor(sums, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) / run.world_size for v in t]
+
+
+def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[float]) -> None:
+    """Rank 0: a checkpoint of epoch ``epoch`` after ``batches_done`` of its batches."""
+    assert run.manager is not None
+    metrics = metrics_from_sums(
+        torch.tensor(sums[:4]), run.train_loop.classification, run.train_loop.regression, "train"
+    )
+    last_eval = run.step_evals[-1] if run.step_evals else {}
+    if last_eval.get("step") == run.train_loop.global_step:
+        metrics.update({k: v for k, v in last_eval.items() if k.startswith("val_")})
+    position = EpochPosition(epoch, batches_done, sums, list(run.step_evals))
+    run.manager.save_checkpoint(
+        epoch,
+        {**metrics, "global_step": run.train_loop.global_step},
+        _unwrap(run.model),
+        run.optimizer,
+        run.scheduler,
+        metadata={**_checkpoint_extra(run), MID_EPOCH_KEY: position.metadata()},
+        scaler=run.scaler,
+        step=run.train_loop.global_step,
+        blocking=False,
+        within_epoch=True,
+        extra_state={EPOCH_DATA_KEY: run.epoch_data.get("state")},
+    )
+
+
+def _checkpoint_extra(run: _Run) -> dict[str, Any]:
+    """The run's state a checkpoint's metadata carries (history, steps, hook state)."""
+    return {
+        **run.plan.checkpoint_metadata,
+        "history": run.history,
+        "global_step": run.train_loop.global_step,
+        "optimizer_steps": run.train_loop.optimizer_steps,
+        "callbacks": run.hooks.state(),
+        "world_size": run.world_size,
+    }
 
 
 # ---------------------------------------------------------------------- resume
@@ -680,6 +798,7 @@ class _Hooks:
 
     def validation_end(self, metrics: dict[str, float]) -> None:
         self.hooks.on_validation_end(dict(metrics))
+        self.callbacks.on_validation_end(dict(metrics))
 
     def epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Hooks, then callbacks, see one copy of the epoch's scalars; the numbers they

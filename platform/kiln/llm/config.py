@@ -37,6 +37,7 @@ __all__ = [
     "EnvironmentSection",
     "ConfigLoader",
     "create_default_config",
+    "is_llm_mapping",
     "FP_PRECISIONS",
 ]
 
@@ -95,9 +96,10 @@ class ProfileSection:
 class HyperparamSection:
     """Optimisation. ``max_steps`` (batches) stops early; ``fp_precision`` sets autocast.
 
-    Checkpoints and validation happen at epoch ends: ``save_steps`` is rounded up to
-    whole epochs (the last epoch is always saved); ``eval_steps`` is accepted and
-    validation runs every epoch.
+    ``save_steps``: a checkpoint every N optimizer steps, inside epochs too (a resume
+    continues at the exact next batch); the end of the run is always saved.
+    ``eval_steps``: validation loss and perplexity every N optimizer steps (with a
+    validation split), besides the validation at each epoch end.
     """
 
     batch_size: int = 4
@@ -220,6 +222,23 @@ def create_default_config(
     if errors:
         raise ConfigError(errors)
     return ConfigLoader.from_dict(data)
+
+
+_LLM_ONLY_SECTIONS = ("hyperparams", "profile", "monitoring", "output", "environment")
+
+
+def is_llm_mapping(data: Any) -> bool:
+    """True for a config mapping of a fine-tuning job (not a ``kiln train`` run file).
+
+    A run file has no sections named like these, and its ``model`` (architecture
+    parameters) has no ``model_path``.
+    """
+    if not isinstance(data, dict):
+        return False
+    model = data.get("model")
+    return (isinstance(model, dict) and "model_path" in model) or any(
+        key in data for key in _LLM_ONLY_SECTIONS
+    )
 
 
 class ConfigLoader:

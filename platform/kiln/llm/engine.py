@@ -130,6 +130,7 @@ class TrainerEngine:
             tokens_per_batch,
             env.logging_steps,
             val_loader is not None,
+            eval_every=(h.eval_steps or 0) * h.gradient_accumulation,
         )
         _set(status, TrainingState.LOADING_MODEL, total_steps=total_steps)
         trainer = Trainer(
@@ -328,8 +329,9 @@ def _lora_dict(lora: Any) -> dict[str, Any]:
 
 
 def _training_config(config: TrainerConfig, batches_per_epoch: int, has_val: bool) -> Any:
-    """The kiln TrainingConfig of the job. Checkpoints are written at epoch ends: every
-    ``ceil(save_steps / batches per epoch)`` epochs, and always after the last one."""
+    """The kiln TrainingConfig of the job: checkpoints every ``save_steps`` optimizer
+    steps (inside epochs too) and after the last epoch; validation at every epoch end
+    and every ``eval_steps`` optimizer steps."""
     from kiln.config import TrainingConfig
 
     h, env, out = config.hyperparams, config.environment, config.output
@@ -337,7 +339,6 @@ def _training_config(config: TrainerConfig, batches_per_epoch: int, has_val: boo
     if h.max_steps is not None:
         total_steps = min(total_steps, h.max_steps)
     optimizer_steps = max(1, math.ceil(total_steps / h.gradient_accumulation))
-    save_every = max(1, math.ceil(h.save_steps / batches_per_epoch))
     warmup_ratio = min(0.99, h.warmup_steps / optimizer_steps)
     precision = h.fp_precision
     return TrainingConfig(
@@ -360,7 +361,9 @@ def _training_config(config: TrainerConfig, batches_per_epoch: int, has_val: boo
         amp_dtype=precision if precision != "fp32" else "auto",
         keep_best_k=1,
         keep_last_n=1,
-        save_every_n_epochs=save_every,
+        save_every_n_epochs=h.num_epochs,  # epoch ends: the last one only
+        save_every_n_steps=h.save_steps,
+        eval_every_n_steps=h.eval_steps if has_val else None,
         monitor="val_loss" if has_val else "train_loss",
         run_name=out.run_name or f"llm-{Path(out.output_dir).name}",
         tracking=env.tracking,
@@ -380,10 +383,12 @@ class _StatusHook(CallbackBase):
         tokens_per_batch: float,
         every: int,
         has_val: bool,
+        eval_every: int = 0,
     ) -> None:
         self.writer, self.total_steps = writer, total_steps
         self.batches_per_epoch, self.tokens_per_batch = batches_per_epoch, tokens_per_batch
         self.every, self.has_val = max(1, every), has_val
+        self.eval_every = eval_every if has_val else 0  # in batches
         self.step, self.epoch, self.t0 = 0, 0, 0.0
         self.steps_since_t0 = 0
 
@@ -397,21 +402,20 @@ class _StatusHook(CallbackBase):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
-        if self.step == 0:
-            self.step = (epoch - 1) * self.batches_per_epoch  # resumed: steps already done
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self.step += 1
+        # ``batch`` counts within the epoch, also in one resumed from a mid-epoch checkpoint
+        self.step = (self.epoch - 1) * self.batches_per_epoch + batch + 1
         self.steps_since_t0 += 1
         last_of_epoch = batch + 1 == self.batches_per_epoch
-        if self.step % self.every and not last_of_epoch:
+        evaluates = bool(self.eval_every) and self.step % self.eval_every == 0
+        if self.step % self.every and not last_of_epoch and not evaluates:
             return
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         rate = self.tokens_per_batch * self.steps_since_t0 * self.world_size / elapsed
-        state = (
-            TrainingState.EVALUATING if last_of_epoch and self.has_val else TrainingState.TRAINING
-        )
+        evaluating = (last_of_epoch and self.has_val) or evaluates
+        state = TrainingState.EVALUATING if evaluating else TrainingState.TRAINING
         self._write(
             state,
             step=self.step,
@@ -420,6 +424,10 @@ class _StatusHook(CallbackBase):
             learning_rate=lr,
             tokens_per_s=round(rate, 1),
         )
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        if "step" in metrics:  # an eval_steps validation: training goes on
+            self._write(TrainingState.TRAINING, eval_loss=metrics.get("val_loss"))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -464,6 +472,7 @@ def _summary(
         "val_perplexity": final.get("val_perplexity"),
         "tokens_per_s": final.get("train_tokens_per_s"),
         "history": [{k: v for k, v in h.items() if k != "steps"} for h in results["history"]],
+        "steps": [row for h in results["history"] for row in h.get("steps", [])],  # log steps
         "skipped_rows": len(prepared.invalid),
         "invalid_rows": prepared.invalid[:20],
         "truncated": prepared.stats["train"]["truncated"]
@@ -473,4 +482,5 @@ def _summary(
         "total_params": total,
         "lora": config.model.lora is not None,
         "world_size": results.get("world_size"),
+        "resumed_from": results.get("resumed_from"),
     }

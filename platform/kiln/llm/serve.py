@@ -10,18 +10,26 @@ adapter), then answers::
     GET  /metadata  model folder, kind (adapter/full), base model, vocabulary size
 
 Bad bodies get the same answers as ``/predict``: 400 (not JSON), 413 (too large),
-422 (valid JSON, invalid request), 405/404 for wrong methods and routes; Serve
-itself answers 503 when its queue is full (``max_queued_requests``).
+422 (valid JSON, invalid request), 405/404 for wrong methods and routes, 401 without
+the API key when one is set; Serve itself answers 503 when its queue is full
+(``max_queued_requests``).
 
     app = build_generate_app("outputs/tiny-chat")
     serve.run(app, name="llm", route_prefix="/")
+
+``kiln serve`` (and its alias ``kiln llm serve``) serves a fine-tuned folder or a
+registered LLM (``NAME@TAG``) this way: :func:`llm_source` tells it which sources
+are language models.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,7 @@ from starlette.responses import Response
 from kiln.errors import ConfigError
 from kiln.serve.options import DEFAULT_MAX_BODY_BYTES
 
-__all__ = ["GenerateDeployment", "build_generate_app"]
+__all__ = ["GenerateDeployment", "build_generate_app", "is_llm_dir", "llm_source"]
 
 logger = logging.getLogger(__name__)
 _JSON = "application/json"
@@ -55,6 +63,8 @@ class GenerateDeployment:
         self.max_body = int(options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
         self.max_new_tokens_limit = int(options.get("max_new_tokens_limit", 1024))
         self._lock = asyncio.Lock()  # one generate at a time per replica: the CPU is the limit
+        key = options.get("api_key_sha256")
+        self._key_digest = bytes.fromhex(key) if key else None
         adapter = is_adapter_dir(model_dir)
         meta = {
             "model_dir": str(Path(model_dir).resolve()),
@@ -66,12 +76,16 @@ class GenerateDeployment:
             meta["base_model"] = json.loads(
                 (Path(model_dir) / "adapter_config.json").read_text()
             ).get("base_model_name_or_path")
+        if options.get("served_as"):
+            meta["served_as"] = options["served_as"]
         self._metadata = json.dumps(meta).encode()
         self._health = json.dumps({"status": "ok", "model": meta["model_dir"]}).encode()
 
     async def __call__(self, request: Request) -> Response:
         route = request.url.path.rstrip("/").rsplit("/", 1)[-1]
         try:
+            if route != "healthz" and not self._authorized(request):
+                return _error(401, "missing or wrong API key; send 'Authorization: Bearer <key>'")
             if route == "generate":
                 if request.method != "POST":
                     return _error(405, "use POST /generate")
@@ -86,6 +100,14 @@ class GenerateDeployment:
         except Exception as exc:  # a bug must not take the replica down
             logger.exception("unexpected error serving %s", request.url.path)
             return _error(500, f"internal error: {type(exc).__name__}")
+
+    def _authorized(self, request: Request) -> bool:
+        """True without an API key, or when the request carries it (constant-time compare)."""
+        if self._key_digest is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._key_digest)
 
     async def _generate(self, request: Request) -> Response:
         from kiln.llm.generate import GenerationRequest, generate
@@ -120,28 +142,76 @@ def build_generate_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_new_tokens_limit: int = 1024,
     threads: int = 1,
+    api_key_sha256: str | None = None,
+    runtime_env_vars: dict[str, str] | None = None,
+    served_as: str | None = None,
 ) -> serve.Application:
-    """A Serve application answering ``/generate`` for ``model_dir``, ready for ``serve.run``."""
+    """A Serve application answering ``/generate`` for ``model_dir``, ready for ``serve.run``.
+
+    ``api_key_sha256``: clients must send ``Authorization: Bearer <key>`` (all but
+    ``/healthz``). ``runtime_env_vars``: environment for the replicas (what
+    :func:`kiln.serve.runner.start_serve` returns when Ray was already running).
+    """
     path = Path(model_dir)
-    if not path.is_dir() or not (
-        (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-    ):
+    if not is_llm_dir(path):
         raise ConfigError(
             f"model_dir={str(model_dir)!r} is not a model folder (config.json) or a LoRA "
             "adapter folder (adapter_config.json)"
         )
+    actor_options: dict[str, Any] = {"num_cpus": num_cpus}
+    if runtime_env_vars:
+        actor_options["runtime_env"] = {"env_vars": dict(runtime_env_vars)}
     # serve.deployment's overloads type the class form as a decorator factory.
     deployment = serve.deployment(GenerateDeployment).options(  # type: ignore[attr-defined]
         name="KilnGenerate",
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,
-        ray_actor_options={"num_cpus": num_cpus},
+        ray_actor_options=actor_options,
     )
     options = {
         "base": base,
         "max_body_bytes": max_body_bytes,
         "max_new_tokens_limit": max_new_tokens_limit,
         "threads": threads,
+        "api_key_sha256": api_key_sha256,
+        "served_as": served_as,
     }
     return deployment.bind(str(path.resolve()), options)
+
+
+def is_llm_dir(path: str | os.PathLike[str]) -> bool:
+    """True for a Hugging Face model folder or a LoRA adapter folder (not a kiln bundle)."""
+    from kiln.export.manifest import MANIFEST_NAME
+
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return True
+    return (p / "config.json").is_file() and not (p / MANIFEST_NAME).is_file()
+
+
+_LLM_KINDS = ("lora_adapter", "causal_lm")  # what TrainerEngine registers
+
+
+def llm_source(source: str, db: Any, artifacts: Any) -> tuple[Path, str] | None:
+    """``(model folder, key)`` when ``source`` is a language model, else None.
+
+    ``source`` is a folder (a fine-tuned output, merged or adapter) or a registry
+    reference (``NAME@TAG`` / ``NAME:VERSION``) to a model registered by a fine-tuning
+    job. The key changes when a tag points at another version (for rollouts).
+    """
+    from kiln.export import is_model_ref
+
+    if not is_model_ref(source):
+        return (Path(source), "") if is_llm_dir(source) else None
+    from kiln.tracking import ModelRegistry
+
+    registry = ModelRegistry(db, artifacts)
+    try:
+        entry = registry.resolve(source)
+        if (entry.config or {}).get("kind") not in _LLM_KINDS:
+            return None
+        folder = Path(registry.load_checkpoint_path(entry))
+    finally:
+        registry.close()
+    return folder, f"{entry.name}:{entry.version}:{getattr(entry, 'sha256', '')}"

@@ -10,8 +10,9 @@ reads (``{loguniform: [lo, hi]}``, ``{choice: [...]}``, a list, ``{grid: [...]}`
     tune: {num_samples: 4, metric: val_loss, mode: min}
 
 A trial runs in-process in its Tune actor, so kiln's worker loop reports every
-epoch's metrics to Tune (schedulers such as ASHA can stop it early); its output
-goes to ``<runs>/llm-tune/<trial id>``.
+epoch's metrics to Tune: ``scheduler="asha"`` or ``"median"`` stops losing trials
+early (``"fifo"``, the default, runs every trial to the end). Its output goes to
+``<runs>/llm-tune/<trial id>``; the best trial is chosen among those that finished.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from kiln.errors import ConfigError, TrainingFailedError
 from kiln.llm.config import TrainerConfig
 
 __all__ = ["LLMTuneResult", "tune_llm"]
+
+_SCHEDULERS = ("fifo", "asha", "median")
 
 
 @dataclass
@@ -66,6 +69,7 @@ def tune_llm(
     paths: Any = None,
     seed: int | None = 0,
     max_concurrent_trials: int | None = 1,
+    scheduler: str = "fifo",
 ) -> LLMTuneResult:
     """Search ``space`` (dotted config keys -> domains) around ``config``."""
     from ray import tune
@@ -74,6 +78,7 @@ def tune_llm(
     from kiln._ray import ensure_ray
     from kiln.llm.config import ConfigLoader
     from kiln.paths import RunPaths
+    from kiln.tune.schedulers import create_scheduler
     from kiln.tune.spaces import candidate_values, parse_space
 
     parsed = parse_space(space)
@@ -87,6 +92,11 @@ def tune_llm(
                 errors.extend(f"space {key!r}={value!r}: {e}" for e in exc.errors)
     if mode not in ("min", "max"):
         errors.append(f"mode={mode!r} must be 'min' or 'max'")
+    if scheduler not in _SCHEDULERS:
+        errors.append(
+            f"scheduler={scheduler!r} is not one of {', '.join(_SCHEDULERS)} for fine-tuning "
+            "trials (pbt needs a checkpoint handed to Tune every epoch, which they do not do)"
+        )
     if errors:
         raise ConfigError(errors)
     ConfigLoader.validate_locked_config(config)
@@ -103,6 +113,9 @@ def tune_llm(
             num_samples=num_samples,
             search_alg=BasicVariantGenerator(random_state=seed) if seed is not None else None,
             max_concurrent_trials=max_concurrent_trials,
+            # max_t past the last epoch: a scheduler stops a trial for losing, never for
+            # reaching max_t, which would end it before its job saves the model
+            scheduler=create_scheduler(scheduler, max_t=config.hyperparams.num_epochs + 1),
         ),
         run_config=tune.RunConfig(storage_path=str(paths.tune), verbose=0),
     )
@@ -113,7 +126,8 @@ def tune_llm(
         row[metric] = (r.metrics or {}).get(metric)
         row["output_dir"] = str(root / r.metrics["trial_id"]) if r.metrics else None
         trials.append(row)
-    scored = [t for t in trials if isinstance(t[metric], (int, float))]
+    finished = [t for t in trials if t["output_dir"] and Path(t["output_dir"]).is_dir()]
+    scored = [t for t in finished if isinstance(t[metric], (int, float))]
     best = (min if mode == "min" else max)(scored, key=lambda t: t[metric]) if scored else None
     return LLMTuneResult(
         trials=trials,

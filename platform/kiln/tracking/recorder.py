@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunRecorder", "log_history", "numeric_metrics"]
 
 # History keys that are bookkeeping, not metrics.
-_NOT_METRICS = ("epoch", "steps", "timestamp", "global_step")
+_NOT_METRICS = ("epoch", "steps", "evals", "timestamp", "global_step")
 
 
 class RunRecorder:
@@ -157,11 +157,21 @@ def log_history(db: ExperimentDB, run_id: int, history: list[dict[str, Any]]) ->
     for row in history:
         db.log_metrics(run_id, numeric_metrics(row), epoch=int(row["epoch"]))
         for step in row.get("steps", []):
+            values = {"step_loss": step["loss"], "step_lr": step["lr"]}
+            if "tokens_per_s" in step:
+                values["step_tokens_per_s"] = step["tokens_per_s"]
             db.log_metrics(
                 run_id,
-                {"step_loss": step["loss"], "step_lr": step["lr"]},
+                values,
                 epoch=int(row["epoch"]),
                 step=step["step"],
+            )
+        for ev in row.get("evals", []):  # validations every eval_every_n_steps steps
+            db.log_metrics(
+                run_id,
+                {f"step_{k}": float(v) for k, v in ev.items() if k.startswith("val_")},
+                epoch=int(row["epoch"]),
+                step=int(ev["step"]),
             )
 
 
