@@ -315,3 +315,24 @@ def test_constant_and_linear_schedules():
     ) == (pytest.approx([0.3] * 5))
     linear = _lrs(TrainingConfig(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler="linear"), 4)
     assert linear == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_running_sums_resume_with_segmentations_confusion_matrix():
+    """A mid-epoch checkpoint's running sums carry the pixel counts, and a resumed
+    epoch adds to them as if it had never stopped."""
+    from kiln.engine.loops import _Confusion, _Sums
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))) for _ in range(3)]
+    whole = _Sums(False, False, _Confusion(3))
+    for logits, labels in batches:
+        whole.add(torch.tensor(0.5), logits, labels, None)
+    first = _Sums(False, False, _Confusion(3))
+    first.add(torch.tensor(0.5), *batches[0], None)
+    resumed = _Sums(False, False, _Confusion(3))
+    resumed.restore(first.running())
+    for logits, labels in batches[1:]:
+        resumed.add(torch.tensor(0.5), logits, labels, None)
+    assert resumed.batches == whole.batches == 3
+    assert torch.equal(resumed.as_tensor(), whole.as_tensor())
+    assert resumed.as_tensor().numel() == 4 + 9
