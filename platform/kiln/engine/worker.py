@@ -13,6 +13,9 @@ with DDP otherwise. It reads top to bottom:
                 early-stop decision (agreed across ranks)
                 rank 0: checkpoint (snapshot now, write in the background)
                 ray.train.report(metrics)  (every rank: it is a barrier; paced, below)
+                  worker actors, on a checkpoint epoch: rank 0 writes the checkpoint
+                  to node-local staging, every rank reports it (Ray Train uploads it to
+                  storage), then rank 0 commits the manifest there (_publish_checkpoint)
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
 Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
@@ -57,6 +60,7 @@ from kiln.engine.checkpoint import (
     resolve_checkpoint,
     saves_trainable_only,
 )
+from kiln.engine.checkpoint_storage import StagedCheckpoints, is_uri, local_copy
 from kiln.engine.data_plan import DataKind
 from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
@@ -86,6 +90,8 @@ class WorkerPlan:
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
     report_checkpoints: bool = False  # in a Tune trial: every epoch's checkpoint goes to Tune
     losses: dict[str, Any] = field(default_factory=dict)  # losses the user registered by name
+    # In-process runs whose checkpoint_dir is a URI: the driver-local folder they stage in.
+    staging_dir: str | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,6 +134,8 @@ class _Run:
     reporter: _ReportPacer
     to_tune: bool  # in a Tune trial: each epoch's checkpoint goes to Tune with its report
     resume: str | None
+    staged: StagedCheckpoints | None = None  # checkpoints bound for storage (see _open_staging)
+    nodes: list[str] = field(default_factory=list)  # each rank's Ray node id, by rank
     alerts: AlertMonitor = field(default_factory=lambda: AlertMonitor(AlertConfig()))
     printed_alerts: set[str] = field(default_factory=set)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -154,12 +162,13 @@ def _setup(plan: WorkerPlan) -> _Run:
         raise ModelConfigError(
             f"the model factory returned {type(model).__name__}, not a torch.nn.Module"
         )
+    staged = _open_staging(plan, rank)
     # Resume: an explicit checkpoint, else this run's own latest (a restart after a failure).
     resume = plan.resume_from
     if resume is None and rank == 0:
-        resume = _latest_or_none(plan.checkpoint_dir)
+        resume = staged.store.latest_ref() if staged else _latest_or_none(plan.checkpoint_dir)
     resume = _broadcast(resume, distributed)
-    restored = load_checkpoint_state(resume) if resume else None
+    restored = _load_resume(resume) if resume else None
     if restored is not None:
         # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
         try:
@@ -201,10 +210,12 @@ def _setup(plan: WorkerPlan) -> _Run:
         val_batches=val_batches,
         # In-process runs call the user's own hook objects; worker actors get copies.
         hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size),
-        manager=_checkpoint_manager(plan) if rank == 0 else None,
+        manager=_checkpoint_manager(plan, staged) if rank == 0 else None,
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
         resume=resume,
+        staged=staged,
+        nodes=_node_ids(distributed),
     )
     if restored is not None:
         _restore(run, restored)
@@ -247,10 +258,10 @@ def _step_loops(
     return train_loop, val_loop, grad_monitor
 
 
-def _checkpoint_manager(plan: WorkerPlan) -> CheckpointManager:
+def _checkpoint_manager(plan: WorkerPlan, staged: StagedCheckpoints | None) -> CheckpointManager:
     cfg = plan.config
     return CheckpointManager(
-        plan.checkpoint_dir,
+        staged.dir if staged is not None else plan.checkpoint_dir,
         keep_best_k=cfg.keep_best_k,
         keep_last_n=cfg.keep_last_n,
         monitor=cfg.monitor,
@@ -330,7 +341,8 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
     """Rank 0 checkpoints (snapshot now, written in the background); every rank reports."""
     saved = None
     manager = run.manager
-    if manager is not None and (run.to_tune or manager.should_save(epoch) or last):
+    wanted = run.to_tune or epoch % run.cfg.save_every_n_epochs == 0 or last  # same on every rank
+    if manager is not None and wanted:
         extra = {
             **run.plan.checkpoint_metadata,
             "history": run.history,
@@ -346,8 +358,13 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
             run.scheduler,
             metadata=extra,
             scaler=run.scaler,
-            blocking=run.to_tune,  # Tune copies the directory during the report
+            # Tune copies the directory during the report; storage gets it right away
+            blocking=run.to_tune or run.staged is not None,
         )
+    if run.staged is not None and wanted:
+        _publish_checkpoint(run, epoch, _scalars(metrics), saved)
+        if run.staged.via_ray:  # the checkpoint's report was this epoch's report
+            return
     if run.to_tune or run.reporter.due(last):
         checkpoint = saved.path if run.to_tune and saved is not None else None
         _report(_scalars(metrics), checkpoint)
@@ -358,22 +375,29 @@ def _finish(run: _Run) -> dict[str, Any] | None:
     run.hooks.training_end()
     manager = run.manager
     if manager is None:
+        if run.staged is not None:
+            run.staged.close()
         return None
     manager.wait()
     manager.close()
+    where = _storage_ref(run.staged)
     for failed in manager.failed_saves:  # on_checkpoint_error="warn": the history says so
         for row in run.history:
             if row["epoch"] == failed["epoch"]:
                 row["checkpoint_error"] = failed["error"]
-    return {
+    summary = {
         "history": run.history,
         "stopped_early": run.stopped_early,
         "world_size": run.world_size,
-        "best_checkpoint": manager.get_best_checkpoint(),
-        "latest_checkpoint": manager.get_latest_checkpoint(),
-        "checkpoints": [c.path for c in manager.checkpoints],
+        "best_checkpoint": where(manager.get_best_checkpoint()),
+        "latest_checkpoint": where(manager.get_latest_checkpoint()),
+        "checkpoints": [where(c.path) for c in manager.checkpoints],
         "resumed_from": run.resume,
+        "worker_nodes": run.nodes,
     }
+    if run.staged is not None:
+        run.staged.close()
+    return summary
 
 
 def _reduce(
@@ -401,6 +425,71 @@ def _broadcast(value: Any, distributed: bool) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------- checkpoints to storage
+def _open_staging(plan: WorkerPlan, rank: int) -> StagedCheckpoints | None:
+    """Where this rank stages checkpoints before they go to storage; None when rank 0
+    writes straight into ``plan.checkpoint_dir`` (in-process, to a plain path)."""
+    via_ray = plan.config.num_workers > 0
+    if not via_ray and not is_uri(plan.checkpoint_dir):
+        return None
+    return StagedCheckpoints.open(plan.checkpoint_dir, rank, via_ray, plan.staging_dir)
+
+
+def _publish_checkpoint(run: _Run, epoch: int, metrics: dict[str, Any], saved: Any) -> None:
+    """Send this epoch's staged checkpoint to storage, then commit it there (rank 0).
+
+    Worker actors: every rank reports (a barrier), with the folder it staged (rank 0's
+    checkpoint; with sharded state, each rank's shards), and Ray Train uploads each into
+    ``<checkpoints>/epoch_NNNN``. Once every rank is past its upload, rank 0 commits
+    the manifest. In-process: rank 0 uploads the folder itself, then commits.
+    """
+    staged = run.staged
+    assert staged is not None
+    folder = saved.path if saved is not None else None  # None: not saved ("warn") or rank > 0
+    if staged.via_ray:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=staged.dir_name(epoch),
+            delete_local_checkpoint_after_upload=False,  # retention decides, in staging
+        )
+        run.reporter.last = time.monotonic()
+        if run.distributed:
+            dist.barrier()  # every rank's files are in storage
+    elif folder:
+        staged.upload(folder)
+    if run.rank == 0 and folder:
+        staged.commit()
+
+
+def _load_resume(ref: str) -> CheckpointState:
+    """The checkpoint to resume from, read from a path or downloaded from a URI."""
+    with local_copy(ref) as folder:
+        return load_checkpoint_state(folder)
+
+
+def _storage_ref(staged: StagedCheckpoints | None) -> Callable[[str | None], str | None]:
+    """Maps a staged checkpoint's path to where it lives in storage (identity without staging)."""
+    if staged is None:
+        return lambda path: path
+    return lambda path: staged.store.ref(os.path.basename(path)) if path else None
+
+
+def _node_ids(distributed: bool) -> list[str]:
+    """Every rank's Ray node id, by rank (empty without Ray)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    if not distributed:
+        return [mine] if mine else []
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [str(n) for n in out]
 
 
 def _latest_or_none(checkpoint_dir: str) -> str | None:
