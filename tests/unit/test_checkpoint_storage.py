@@ -112,10 +112,12 @@ def test_a_restarted_rank_0_stages_what_storage_committed(tmp_path):
     manager = CheckpointManager(first.dir, keep_best_k=1, keep_last_n=1)
     first.upload(_save(manager, 1, 0.5))
     first.commit()
-    _save(manager, 2, 0.3)  # written in staging, never committed: the worker died here
+    first.upload(_save(manager, 2, 0.3))  # uploaded, never committed: the worker died here
     again = StagedCheckpoints.open(str(remote), rank=0, via_ray=True)
     try:
         assert again.committed == ["epoch_0001"]
+        assert sorted(p.name for p in remote.iterdir()) == ["epoch_0001", "manifest.json"]
+        assert again.store.latest_ref() == str(remote / "epoch_0001")
         assert resolve_checkpoint("latest", again.dir).name == "epoch_0001"
         assert again.dir.is_relative_to(again.root) and not again.dir.is_relative_to(remote)
     finally:

@@ -238,6 +238,27 @@ class CheckpointStore:
                 self.delete(old)
         return names
 
+    def remove_uncommitted(self) -> list[str]:
+        """Delete checkpoint folders the manifest does not list (uploads never committed).
+
+        Only the run's rank 0 calls it, at start-up, when no upload is in flight.
+        """
+        import pyarrow.fs
+
+        fs, root = self._open()
+        selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+        keep = set(self.committed())
+        removed = []
+        for info in fs.get_file_info(selector):
+            name = info.base_name
+            if name.startswith("epoch_") and name not in keep:
+                if info.type == pyarrow.fs.FileType.Directory:
+                    fs.delete_dir(info.path)
+                else:
+                    fs.delete_file(info.path)
+                removed.append(name)
+        return removed
+
     def delete(self, name: str) -> None:
         """Remove checkpoint folder ``name`` (missing: nothing to do)."""
         import pyarrow.fs
@@ -306,6 +327,7 @@ class StagedCheckpoints:
             root, keep = Path(tempfile.mkdtemp(prefix=f"kiln-rank{rank}-", dir=_node_tmp())), False
         staged = cls(store, root, rank, via_ray, keep)
         if rank == 0:
+            store.remove_uncommitted()  # a restart: what was uploaded but never committed
             staged.committed = store.committed()
             if staged.committed and not keep:
                 store.download(staged.dir)
