@@ -165,6 +165,10 @@ class Trainer:
     ) -> dict[str, Any]:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ...
 
+        ``checkpoint_path`` and the other paths are folders the driver reads (in storage
+        for a path, downloaded copies for a URI); ``checkpoint_location`` is where the
+        run's checkpoints live in storage, and ``worker_nodes`` each rank's Ray node id.
+
         It reads: plan the data and the model -> fit on Ray Train (the worker loop) ->
         score the held-out test rows -> export -> record the run and register the model.
         """
@@ -340,7 +344,8 @@ class Trainer:
             candidates = _uri_runs_newest_first(self.storage_uri, cfg.run_name)
         else:
             where = self._storage()
-            candidates = [run / "checkpoints" for run in _runs_newest_first(where, cfg.run_name)]
+            runs = _runs_newest_first(where, cfg.run_name)
+            candidates = [str(run / "checkpoints") for run in runs]
         for folder in candidates:
             try:
                 if is_uri(folder):
