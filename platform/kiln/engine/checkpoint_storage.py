@@ -15,9 +15,13 @@ How a checkpoint gets there from Ray Train worker actors (see ``kiln.engine.work
    checkpoint_dir_name="checkpoints/epoch_0003")``: Ray Train uploads each rank's files
    into that one storage folder (the folders of all ranks merge);
 3. after a barrier (every rank's upload is done) rank 0 *commits*: it writes the
-   staging ``manifest.json`` to storage (temporary name, then a move: atomic on a
-   file system, a single PUT on an object store), and only then deletes the folders
-   that retention dropped.
+   staging ``manifest.json`` to storage (temporary name, then a move: a rename on a
+   file system; on an object store each object appears whole), and only then deletes
+   the folders that retention dropped.
+
+A restarted rank 0 (Ray Train restarts the workers after a failure) first deletes
+what was uploaded but never committed, then copies the committed checkpoints into a
+fresh staging folder and resumes from the latest of them.
 
 A folder that is in storage but not in the manifest is an upload that did not
 finish: readers here follow the manifest only, and the local reader
@@ -251,7 +255,7 @@ class CheckpointStore:
         removed = []
         for info in fs.get_file_info(selector):
             name = info.base_name
-            if name.startswith("epoch_") and name not in keep:
+            if (name.startswith("epoch_") and name not in keep) or TMP_MARK in name:
                 if info.type == pyarrow.fs.FileType.Directory:
                     fs.delete_dir(info.path)
                 else:
