@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,21 @@ def test_two_node_run_matches_one_node_and_takes_a_job(tmp_path):
     out = tmp_path / "seen.json"
     env = {**os.environ, "PYTHONPATH": f"{PLATFORM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    child = subprocess.run(
-        [sys.executable, __file__, str(out)],
-        env=env, capture_output=True, text=True, timeout=400,
+    root = tempfile.mkdtemp(prefix="kc", dir="/tmp")  # short: Ray's socket paths live in it
+    child = subprocess.Popen(
+        [sys.executable, __file__, str(out), root],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-6000:]
+    try:
+        stdout, stderr = child.communicate(timeout=360)
+    except subprocess.TimeoutExpired:
+        child.terminate()  # the child shuts its cluster down on SIGTERM
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()  # Ray's reaper then stops the nodes it started
+        shutil.rmtree(root, ignore_errors=True)
+    assert child.returncode == 0, stdout[-4000:] + stderr[-6000:]
     seen = json.loads(out.read_text())
 
     two, one = seen["two_nodes"], seen["one_node"]
@@ -144,14 +156,11 @@ def _summary(results: dict) -> dict:
     return {"history": history, **{k: results[k] for k in keep}}
 
 
-def _child(out: Path) -> None:
-    import shutil
+def _child(out: Path, root: Path) -> None:
     import signal
-    import tempfile
     import time
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: below
-    root = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))  # short: Ray's socket paths
     os.environ["RAY_TMPDIR"] = str(root)  # Ray's address file and defaults stay in here
     import ray
     from ray.cluster_utils import Cluster
@@ -212,7 +221,6 @@ def _child(out: Path) -> None:
             cluster.shutdown()
         seen["timings"]["total"] = round(time.monotonic() - started, 1)
         out.write_text(json.dumps(seen))
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _weight_diff(a: dict, b: dict) -> float:
@@ -273,4 +281,4 @@ def _wait_for_job(address: str, job_id: str) -> dict:
 
 
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]))
+    _child(Path(sys.argv[1]), Path(sys.argv[2]))
