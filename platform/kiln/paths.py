@@ -46,7 +46,9 @@ class RunPaths:
         db: the SQLite file holding runs, the model registry and the job queue.
         artifacts: content-addressed copies of registered checkpoints.
         runs: Ray Train's ``storage_path``: one folder per run. On a cluster this must
-            be storage every node sees (a shared mount or a URI).
+            be storage every node sees (a shared mount); for an object store pass a URI
+            as ``Trainer(storage_path=...)`` / ``kiln train --storage``, and ``runs``
+            then holds the driver's copies of the checkpoints it reads.
         datasets: local datasets (MNIST's IDX files go in ``datasets/mnist``).
         bundles: export bundles made for ``kiln serve NAME@TAG``.
         tune: Ray Tune experiment folders.

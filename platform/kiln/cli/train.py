@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument(
+        "--storage",
+        metavar="PATH|URI",
+        help="where run folders and checkpoints go (default: <home>/runs); on a cluster a "
+        "mount every node sees or a URI such as s3://bucket/runs",
+    )
+    p.add_argument(
         "--dashboard",
         action="store_true",
         help="start the local Ray with its dashboard (slower start)",
@@ -179,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     trainer = Trainer(
-        training_config=config, task_spec=task, verbose=not args.quiet, paths=run_paths(args)
+        training_config=config,
+        task_spec=task,
+        verbose=not args.quiet,
+        paths=run_paths(args),
+        storage_path=args.storage,
     )
     results = trainer.train(resume_from=args.resume)
     print_summary(results)

@@ -527,6 +527,7 @@ class CheckpointManager:
                 kiln_version=kiln.__version__,
                 torch_version=torch.__version__,
                 files=[MODEL_FILE, TRAIN_STATE_FILE, *staged_files],
+                file_bytes={MODEL_FILE: model_bytes, TRAIN_STATE_FILE: train_bytes},
             )
             meta.pop("name")
             entry.pop(

@@ -227,6 +227,9 @@ def _read_index(root: Path) -> _Index:
         except (OSError, json.JSONDecodeError) as exc:
             logger.warning("ignoring checkpoint %s with unreadable metadata: %s", root / name, exc)
             continue
+        if not _whole(root / name, meta):
+            logger.warning("ignoring checkpoint %s: its files are not all there", root / name)
+            continue
         orphans.append(_entry_from_metadata(name, meta))
         monitor = monitor or meta.get("monitor")
         mode = mode or meta.get("mode")
@@ -237,6 +240,22 @@ def _read_index(root: Path) -> _Index:
     orphans = [e for e in orphans if e["name"] not in pruned]
     history += orphans
     return _Index(entries + orphans, history, monitor, mode, pruned)
+
+
+def _whole(ckpt: Path, meta: Mapping[str, Any]) -> bool:
+    """Every file ``meta`` lists is in ``ckpt``, at its recorded size where one is recorded.
+
+    A folder outside the manifest may be an upload to storage that stopped part way
+    (files arrive in any order there, metadata.json perhaps first).
+    """
+    sizes = meta.get("file_bytes") or {}
+    for name in meta.get("files") or []:
+        path = ckpt / name
+        if not path.is_file():
+            return False
+        if name in sizes and path.stat().st_size != int(sizes[name]):
+            return False
+    return True
 
 
 def _checkpoint_root(directory: Path) -> Path:

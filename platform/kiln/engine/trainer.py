@@ -33,6 +33,7 @@ from kiln.engine.checkpoint_reader import (
     resolve_checkpoint,
     saves_trainable_only,
 )
+from kiln.engine.checkpoint_storage import CheckpointStore, is_uri, local_copy, split_location
 from kiln.engine.data_plan import DataPlan, data_profile, plan_data
 from kiln.engine.loss import LOSSES
 from kiln.engine.worker import WorkerPlan, train_loop_per_worker
@@ -73,8 +74,11 @@ class Trainer:
         task_spec: what is predicted; completed from the data where it is silent.
         hooks: a TrainingHooks/CallbackBase object or a list of them (run in the workers).
         device: "cpu" or "cuda" (cuda sets ``use_gpu``).
-        storage_path: where run folders go (Ray Train storage_path); default
-            ``$KILN_HOME/runs``. On a cluster this must be shared storage.
+        storage_path: where run folders and their checkpoints go (Ray Train's
+            storage_path); default ``$KILN_HOME/runs``. A local path, a mount every node
+            sees (NFS), or a URI pyarrow understands (``s3://bucket/runs``, ``gs://...``,
+            ``file:///mnt/runs``); with a URI the driver keeps its own copies of the
+            checkpoints it reads (and the export bundle) under ``$KILN_HOME/runs``.
         db_path: experiment/registry database; default ``training_config.tracking_db`` or
             ``$KILN_HOME/kiln.db``.
         data_dir: where local datasets such as MNIST live; default ``$KILN_HOME/datasets``.
@@ -151,8 +155,12 @@ class Trainer:
 
             self.hooks.append(EpochProgress(cfg.epochs))
         self.device = device
+        # A URI stays a URI (Path() would turn "s3://b/x" into a local folder "s3:/b/x").
+        self.storage_uri = (
+            os.fspath(storage_path) if storage_path and is_uri(storage_path) else None
+        )
         overrides = dict(
-            runs=storage_path,
+            runs=None if self.storage_uri else storage_path,
             db=db_path or cfg.tracking_db,
             artifacts=artifacts_dir,
             datasets=data_dir,
@@ -167,6 +175,10 @@ class Trainer:
         self, train_data: Any = None, val_data: Any = None, resume_from: str | None = None
     ) -> dict[str, Any]:
         """Run training; return best_epoch, best_val_loss, history, checkpoint_path, ...
+
+        ``checkpoint_path`` and the other paths are folders the driver reads (in storage
+        for a path, downloaded copies for a URI); ``checkpoint_location`` is where the
+        run's checkpoints live in storage, and ``worker_nodes`` each rank's Ray node id.
 
         It reads: plan the data and the model -> fit on Ray Train (the worker loop) ->
         score the held-out test rows -> export -> record the run and register the model.
@@ -183,17 +195,20 @@ class Trainer:
             run_id = recorder.start(run.name, cfg.to_dict(), params, notes=cfg.notes)
         started = time.perf_counter()
         try:
-            fitted = _fit(run.worker_plan, plan, cfg, run.name, self._storage(), self.ray_callbacks)
+            fitted = _fit(
+                run.worker_plan, plan, cfg, run.name, self._location(), self.ray_callbacks
+            )
         except BaseException as exc:
-            died = _worker_died(exc, cfg, Path(run.checkpoint_dir))
+            died = _worker_died(exc, cfg, run.checkpoint_dir)
             if recorder is not None:
                 stopped = isinstance(exc, KeyboardInterrupt)
                 recorder.finish(run_id, "stopped" if stopped else "failed", error=died or exc)
             if died is not None:
                 raise died from exc
             raise
-        summary = fitted.return_value or {}
+        summary = _fetch_checkpoints(fitted.return_value or {}, run.checkpoint_dir, run.dir)
         results = _results(summary, cfg, plan, run.name, run.dir, time.perf_counter() - started)
+        results["checkpoint_location"] = run.checkpoint_dir  # in storage (a path or a URI)
         self.trained_model = self._final_model(run.factory, summary.get("latest_checkpoint"))
         best = results["checkpoint_path"]
         if plan.test is not None and best:
@@ -228,15 +243,20 @@ class Trainer:
             cfg = cfg.replace(monitor=fallback)
         factory, model_config = self._model_factory(plan)
         name = _unique_run_name(cfg.run_name or plan.task.name)
-        run_dir = self._storage() / name
-        checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
+        run_dir = self._storage() / name  # on the driver: the bundle, copies of URI checkpoints
+        checkpoint_dir = _checkpoint_location(cfg.checkpoint_dir, self._location(), name)
         resume = self._resolve_resume(resume_from)
         self._check_epochs_left(resume)
         worker_plan = WorkerPlan(
             config=cfg,
             task=plan.task,
             model_factory=factory,
-            checkpoint_dir=str(checkpoint_dir),
+            checkpoint_dir=checkpoint_dir,
+            staging_dir=(
+                str(run_dir / "checkpoints")
+                if is_uri(checkpoint_dir) and cfg.num_workers == 0
+                else None
+            ),
             data_kind=plan.data_kind,
             num_train_rows=plan.num_train_rows,
             cache_shards=plan.cache_shards,
@@ -265,7 +285,7 @@ class Trainer:
             model_config,
             name,
             run_dir,
-            str(checkpoint_dir),
+            checkpoint_dir,
             resume,
             worker_plan,
         )
@@ -323,23 +343,36 @@ class Trainer:
         return _SpecFactory(spec, plan.input_shape, plan.task.output_dim), spec
 
     def _storage(self) -> Path:
+        """The driver's run folders (also the storage, unless storage_path is a URI)."""
         self.paths.runs.mkdir(parents=True, exist_ok=True)
         return self.paths.runs
+
+    def _location(self) -> str:
+        """Where run folders and checkpoints go: a URI, or the local runs folder."""
+        return self.storage_uri or str(self._storage())
 
     def _resolve_resume(self, resume_from: str | None) -> str | None:
         if resume_from is None:
             return None
         if resume_from not in ("latest", "best"):
+            if is_uri(resume_from):
+                return resume_from  # a checkpoint folder in storage; the workers read it
             return str(resolve_checkpoint(resume_from, None))
         cfg = self.training_config
         if cfg.checkpoint_dir:  # the config writes there, so "latest" looks there
-            where = Path(cfg.checkpoint_dir)
-            candidates = [where]
+            where: Any = cfg.checkpoint_dir
+            candidates = [_checkpoint_location(cfg.checkpoint_dir, "", "")]
+        elif self.storage_uri:
+            where = self.storage_uri
+            candidates = _uri_runs_newest_first(self.storage_uri, cfg.run_name)
         else:
             where = self._storage()
-            candidates = [run / "checkpoints" for run in _runs_newest_first(where, cfg.run_name)]
+            runs = _runs_newest_first(where, cfg.run_name)
+            candidates = [str(run / "checkpoints") for run in runs]
         for folder in candidates:
             try:
+                if is_uri(folder):
+                    return CheckpointStore(folder).resolve(resume_from)
                 return str(resolve_checkpoint(resume_from, folder))
             except CheckpointError:
                 continue
@@ -355,7 +388,8 @@ class Trainer:
         if resume is None:
             return
         try:
-            meta = read_metadata(resume)
+            with local_copy(resume) as folder:
+                meta = read_metadata(folder)
             epoch = int(meta["epoch"])
         except (CheckpointError, ValueError, KeyError, TypeError):
             return  # loading it in the worker reports what is wrong with it
@@ -447,7 +481,7 @@ def _fit(
     plan: DataPlan,
     cfg: TrainingConfig,
     run_name: str,
-    storage: Path,
+    storage: str,
     callbacks: Sequence[Any] = (),
 ):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -470,6 +504,9 @@ def _fit(
         # fixed order and keeps its own rows. No streaming_split, so no split coordinator
         # actor to start (seconds on a small machine), and resumed runs see the same rows.
         data_config = DataConfig(datasets_to_split=[], execution_options=_ordered_execution())
+    storage_path, name = storage, run_name
+    if cfg.num_workers > 0:  # Ray Train uploads to <storage_path>/<name>/<checkpoint_dir_name>
+        storage_path, name, _ = split_location(worker_plan.checkpoint_dir)
     trainer = TorchTrainer(
         # Ray types the loop as returning None; rank 0's return value is the run summary.
         train_loop_per_worker,  # type: ignore[arg-type]
@@ -480,8 +517,8 @@ def _fit(
         datasets=plan.datasets,
         dataset_config=data_config,
         run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
+            name=name,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks) or None,
@@ -490,7 +527,7 @@ def _fit(
     return trainer.fit()
 
 
-def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: Path):
+def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: str):
     """A WorkerDiedError saying how to resume, when a worker process died; else None."""
     failures = getattr(exc, "worker_failures", None)  # Ray Train's WorkerGroupError
     if not failures:
@@ -505,10 +542,8 @@ def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: Path):
     )
     if not dead:
         return None
-    try:
-        latest = f"latest: {resolve_checkpoint('latest', checkpoint_dir).name}"
-    except CheckpointError:
-        latest = "none saved yet"
+    ref = CheckpointStore(checkpoint_dir).latest_ref()
+    latest = f"latest: {ref.rstrip('/').rpartition('/')[2]}" if ref else "none saved yet"
     budget = (
         "max_failures=0 allows no restart"
         if cfg.max_failures == 0
@@ -517,7 +552,7 @@ def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: Path):
     return WorkerDiedError(
         f"training worker rank {', '.join(map(str, dead))} died (its process ended without "
         f"an error: kill -9, the OOM killer, a lost node) and {budget}. Checkpoints are in "
-        f"{str(checkpoint_dir)!r} ({latest}); resume with `kiln train RUN_FILE --resume "
+        f"{checkpoint_dir!r} ({latest}); resume with `kiln train RUN_FILE --resume "
         "latest` or Trainer.train(..., resume_from='latest'), or set max_failures >= 1 "
         "(-1: no limit) to restart workers automatically"
     )
@@ -564,6 +599,52 @@ def _check_resources(cfg: TrainingConfig) -> None:
         raise ConfigError(problems)
 
 
+# ---------------------------------------------------------------------- storage
+def _checkpoint_location(configured: str | None, storage: str, run_name: str) -> str:
+    """A run's checkpoints: ``checkpoint_dir`` when set, else ``<storage>/<run>/checkpoints``."""
+    if configured:
+        return configured if is_uri(configured) else str(Path(configured).expanduser().resolve())
+    return f"{storage.rstrip('/')}/{run_name}/checkpoints"
+
+
+def _fetch_checkpoints(summary: dict[str, Any], location: str, run_dir: Path) -> dict[str, Any]:
+    """The run summary with checkpoints the driver can read: a URI's committed
+    checkpoints are downloaded into ``<run_dir>/checkpoints`` (paths are read in place)."""
+    if not is_uri(location) or not summary.get("latest_checkpoint"):
+        return summary
+    local = CheckpointStore(location).download(run_dir / "checkpoints")
+
+    def here(ref: str | None) -> str | None:
+        return str(local / ref.rstrip("/").rpartition("/")[2]) if ref else None
+
+    return {
+        **summary,
+        "best_checkpoint": here(summary.get("best_checkpoint")),
+        "latest_checkpoint": here(summary.get("latest_checkpoint")),
+        "checkpoints": [here(c) for c in summary.get("checkpoints", [])],
+    }
+
+
+def _uri_runs_newest_first(storage: str, run_name: str | None) -> list[str]:
+    """The checkpoints locations of the runs under a storage URI, newest manifest first."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    own = re.compile(re.escape(_run_slug(run_name)) + f"({_RUN_SUFFIX})?") if run_name else None
+    stores = [
+        CheckpointStore(f"{storage.rstrip('/')}/{info.base_name}/checkpoints")
+        for info in infos
+        if info.type == pyarrow.fs.FileType.Directory
+        and (own is None or own.fullmatch(info.base_name))
+    ]
+    dated = [(store.modified(), store.location) for store in stores]
+    return [location for mtime, location in sorted(dated, reverse=True) if mtime > 0]
+
+
 # ---------------------------------------------------------------------- results
 def _results(
     summary: dict,
@@ -597,6 +678,7 @@ def _results(
         "stopped_early": summary.get("stopped_early", False),
         "alerts": [a for row in history for a in row.get("alerts", [])],
         "resumed_from": summary.get("resumed_from"),
+        "worker_nodes": summary.get("worker_nodes", []),
         "run_name": run_name,
         "run_dir": str(run_dir),
         "task": plan.task.to_dict(),

@@ -19,6 +19,9 @@ with DDP otherwise. It reads top to bottom:
                 rank 0: checkpoint (snapshot now, write in the background);
                 fsdp: every rank writes its shards (sharded_checkpoint.py)
                 ray.train.report(metrics)  (every rank: it is a barrier; paced, below)
+                  worker actors, on a checkpoint epoch: rank 0 writes the checkpoint
+                  to node-local staging, every rank reports it (Ray Train uploads it to
+                  storage), then rank 0 commits the manifest there (_publish_checkpoint)
     teardown:   wait for checkpoint writes; rank 0 returns the run summary
 
 Its only input is a picklable :class:`WorkerPlan`; it never opens a database.
@@ -67,6 +70,7 @@ from kiln.engine.checkpoint import (
     resolve_checkpoint,
     saves_trainable_only,
 )
+from kiln.engine.checkpoint_storage import StagedCheckpoints, is_uri, local_copy
 from kiln.engine.custom_metrics import EpochMetrics, MetricSet, added_metrics
 from kiln.engine.custom_optim import make_optimizer, make_scheduler
 from kiln.engine.data_plan import DataKind
@@ -89,7 +93,7 @@ from kiln.engine.steps import (
     StepSchedule,
     epoch_batches,
 )
-from kiln.errors import CheckpointError, ModelConfigError
+from kiln.errors import CheckpointError, ConfigError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
 
@@ -115,6 +119,8 @@ class WorkerPlan:
     optimizer_factory: Callable[..., Any] | None = None
     lr_scheduler_factory: Callable[..., Any] | None = None
     metrics: MetricSet | None = None
+    # In-process runs whose checkpoint_dir is a URI: the driver-local folder they stage in.
+    staging_dir: str | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,6 +163,8 @@ class _Run:
     reporter: _ReportPacer
     to_tune: bool  # in a Tune trial: each epoch's checkpoint goes to Tune with its report
     resume: str | None
+    staged: StagedCheckpoints | None = None  # checkpoints bound for storage (see _open_staging)
+    nodes: list[str] = field(default_factory=list)  # each rank's Ray node id, by rank
     alerts: AlertMonitor = field(default_factory=lambda: AlertMonitor(AlertConfig()))
     printed_alerts: set[str] = field(default_factory=set)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -191,12 +199,13 @@ def _setup(plan: WorkerPlan) -> _Run:
         raise ModelConfigError(
             f"the model factory returned {type(model).__name__}, not a torch.nn.Module"
         )
+    staged = _open_staging(plan, rank)
     # Resume: an explicit checkpoint, else this run's own latest (a restart after a failure).
     resume = plan.resume_from
     if resume is None and rank == 0:
-        resume = _latest_or_none(plan.checkpoint_dir)
+        resume = staged.store.latest_ref() if staged else _latest_or_none(plan.checkpoint_dir)
     resume = _broadcast(resume, distributed)
-    restored = read_resume_state(resume) if resume else None  # sharded: no model_state here
+    restored = _load_resume(resume) if resume else None  # sharded: no model_state here
     if restored is not None and restored.model_state:
         # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
         try:
@@ -237,14 +246,23 @@ def _setup(plan: WorkerPlan) -> _Run:
         val_batches=val_batches,
         # In-process runs call the user's own hook objects; worker actors get copies.
         hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size),
-        manager=_checkpoint_manager(plan) if rank == 0 else None,
+        manager=_checkpoint_manager(plan, staged) if rank == 0 else None,
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
         resume=resume,
         sharded=_strategy.is_sharded(model),
         batches_per_epoch=batches_per_epoch,
         steps=StepSchedule(cfg.eval_every_n_steps, cfg.save_every_n_steps),
+        staged=staged,
+        nodes=_node_ids(distributed),
     )
+    if run.sharded and len(set(run.nodes)) > 1:
+        # every rank writes its shards into rank 0's staging folder, on rank 0's node
+        raise ConfigError(
+            f"strategy='fsdp' with workers on {len(set(run.nodes))} nodes: sharded "
+            "checkpoints need every worker on one node for now; use strategy='ddp', or "
+            "resources that fit the workers on one node"
+        )
     if restored is not None:
         _restore(run, restored)
     return run
@@ -289,10 +307,10 @@ def _step_loops(
     return train_loop, val_loop, grad_monitor
 
 
-def _checkpoint_manager(plan: WorkerPlan) -> CheckpointManager:
+def _checkpoint_manager(plan: WorkerPlan, staged: StagedCheckpoints | None) -> CheckpointManager:
     cfg = plan.config
     return CheckpointManager(
-        plan.checkpoint_dir,
+        staged.dir if staged is not None else plan.checkpoint_dir,
         keep_best_k=cfg.keep_best_k,
         keep_last_n=cfg.keep_last_n,
         monitor=cfg.monitor,
@@ -398,11 +416,12 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
     """Rank 0 checkpoints (snapshot now, written in the background); every rank reports."""
     saved = None
     due, run.save_due = run.save_due, False
+    # the same on every rank: with storage, every rank reports the checkpoint
+    wanted = run.to_tune or epoch % run.cfg.save_every_n_epochs == 0 or last or due
     if run.sharded:  # strategy="fsdp": every rank writes its shards
-        _save_sharded(run, epoch, metrics, last=last or due)
-    manager = None if run.sharded else run.manager
-    if manager is not None and (run.to_tune or manager.should_save(epoch) or last or due):
-        saved = manager.save_checkpoint(
+        saved = _save_sharded(run, epoch, metrics) if wanted else None
+    elif run.manager is not None and wanted:
+        saved = run.manager.save_checkpoint(
             epoch,
             _scalars(metrics),
             _unwrap(run.model),
@@ -411,19 +430,23 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
             metadata=_checkpoint_extra(run),
             scaler=run.scaler,
             step=run.train_loop.global_step,
-            blocking=run.to_tune,  # Tune copies the directory during the report
+            # Tune copies the directory during the report; storage gets it right away
+            blocking=run.to_tune or run.staged is not None,
         )
+    if run.staged is not None and wanted:
+        _publish_checkpoint(run, epoch, _scalars(metrics), saved)
+        if run.staged.via_ray:  # the checkpoint's report was this epoch's report
+            return
     if run.to_tune or run.reporter.due(last):
         checkpoint = saved.path if run.to_tune and saved is not None else None
         _report(_scalars(metrics), checkpoint)
 
 
-def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bool) -> None:
-    """strategy="fsdp": every rank writes its shards (DCP), rank 0 publishes the checkpoint."""
-    if not (last or epoch % run.cfg.save_every_n_epochs == 0):
-        return
+def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any]) -> Any:
+    """strategy="fsdp": every rank writes its shards (DCP), rank 0 publishes the checkpoint
+    (and gets its metadata back; other ranks None)."""
     extra = {**_checkpoint_extra(run), "strategy": "fsdp"}
-    save_sharded(
+    return save_sharded(
         run.manager,
         epoch,
         _scalars(metrics),
@@ -441,22 +464,29 @@ def _finish(run: _Run) -> dict[str, Any] | None:
     run.hooks.training_end()
     manager = run.manager
     if manager is None:
+        if run.staged is not None:
+            run.staged.close()
         return None
     manager.wait()
     manager.close()
+    where = _storage_ref(run.staged)
     for failed in manager.failed_saves:  # on_checkpoint_error="warn": the history says so
         for row in run.history:
             if row["epoch"] == failed["epoch"]:
                 row["checkpoint_error"] = failed["error"]
-    return {
+    summary = {
         "history": run.history,
         "stopped_early": run.stopped_early,
         "world_size": run.world_size,
-        "best_checkpoint": manager.get_best_checkpoint(),
-        "latest_checkpoint": manager.get_latest_checkpoint(),
-        "checkpoints": [c.path for c in manager.checkpoints],
+        "best_checkpoint": where(manager.get_best_checkpoint()),
+        "latest_checkpoint": where(manager.get_latest_checkpoint()),
+        "checkpoints": [where(c.path) for c in manager.checkpoints],
         "resumed_from": run.resume,
+        "worker_nodes": run.nodes,
     }
+    if run.staged is not None:
+        run.staged.close()
+    return summary
 
 
 def _reduce(
@@ -491,6 +521,75 @@ def _broadcast(value: Any, distributed: bool) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------- checkpoints to storage
+def _open_staging(plan: WorkerPlan, rank: int) -> StagedCheckpoints | None:
+    """Where this rank stages checkpoints before they go to storage; None when rank 0
+    writes straight into ``plan.checkpoint_dir`` (in-process, to a plain path)."""
+    via_ray = plan.config.num_workers > 0
+    if not via_ray and not is_uri(plan.checkpoint_dir):
+        return None
+    return StagedCheckpoints.open(plan.checkpoint_dir, rank, via_ray, plan.staging_dir)
+
+
+def _publish_checkpoint(
+    run: _Run, epoch: int, metrics: dict[str, Any], saved: Any, name: str | None = None
+) -> None:
+    """Send this epoch's staged checkpoint to storage, then commit it there (rank 0).
+
+    Worker actors: every rank reports (a barrier), with the folder it staged (rank 0's
+    checkpoint; with sharded state, each rank's shards), and Ray Train uploads each into
+    ``<checkpoints>/epoch_NNNN``. Once every rank is past its upload, rank 0 commits
+    the manifest. In-process: rank 0 uploads the folder itself, then commits.
+    """
+    staged = run.staged
+    assert staged is not None
+    folder = saved.path if saved is not None else None  # None: not saved ("warn") or rank > 0
+    if staged.via_ray:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=staged.dir_name(epoch, name),
+            delete_local_checkpoint_after_upload=False,  # retention decides, in staging
+        )
+        run.reporter.last = time.monotonic()
+        if run.distributed:
+            dist.barrier()  # every rank's files are in storage
+    elif folder:
+        staged.upload(folder)
+    if run.rank == 0 and folder:
+        staged.commit()
+
+
+def _load_resume(ref: str) -> CheckpointState:
+    """The checkpoint to resume from, read from a path or downloaded from a URI (a
+    sharded one: its train state and metadata; the shards are read once the model is
+    wrapped)."""
+    with local_copy(ref) as folder:
+        return read_resume_state(folder)
+
+
+def _storage_ref(staged: StagedCheckpoints | None) -> Callable[[str | None], str | None]:
+    """Maps a staged checkpoint's path to where it lives in storage (identity without staging)."""
+    if staged is None:
+        return lambda path: path
+    return lambda path: staged.store.ref(os.path.basename(path)) if path else None
+
+
+def _node_ids(distributed: bool) -> list[str]:
+    """Every rank's Ray node id, by rank (empty without Ray)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    if not distributed:
+        return [mine] if mine else []
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [str(n) for n in out]
 
 
 def _latest_or_none(checkpoint_dir: str) -> str | None:
@@ -666,8 +765,14 @@ def _step_end(run: _Run, epoch: int) -> Callable[[int, Callable[[], list[float]]
                 run.save_due = True  # the epoch-end checkpoint is this one
                 return
             sums = _rank_share(running(), run)  # every rank: an all-reduce
+            saved = None
             if run.manager is not None:
-                _save_within_epoch(run, epoch, batches_done, sums)
+                saved = _save_within_epoch(run, epoch, batches_done, sums)
+            if run.staged is not None:  # to storage now (every rank: a report)
+                step = run.train_loop.global_step
+                name = f"epoch_{epoch:04d}_step_{step:07d}"
+                progress = {"epoch": epoch, "global_step": step}
+                _publish_checkpoint(run, epoch, progress, saved, name)
 
     return step_end
 
@@ -682,8 +787,9 @@ def _rank_share(sums: list[float], run: _Run) -> list[float]:
     return [float(v) / run.world_size for v in t]
 
 
-def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[float]) -> None:
-    """Rank 0: a checkpoint of epoch ``epoch`` after ``batches_done`` of its batches."""
+def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[float]) -> Any:
+    """Rank 0: a checkpoint of epoch ``epoch`` after ``batches_done`` of its batches
+    (written in the background, unless it goes to storage next: then its metadata)."""
     assert run.manager is not None
     metrics = metrics_from_sums(
         torch.tensor(sums[:4]), run.train_loop.classification, run.train_loop.regression, "train"
@@ -692,7 +798,7 @@ def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[floa
     if last_eval.get("step") == run.train_loop.global_step:
         metrics.update({k: v for k, v in last_eval.items() if k.startswith("val_")})
     position = EpochPosition(epoch, batches_done, sums, list(run.step_evals))
-    run.manager.save_checkpoint(
+    return run.manager.save_checkpoint(
         epoch,
         {**metrics, "global_step": run.train_loop.global_step},
         _unwrap(run.model),
@@ -701,7 +807,7 @@ def _save_within_epoch(run: _Run, epoch: int, batches_done: int, sums: list[floa
         metadata={**_checkpoint_extra(run), MID_EPOCH_KEY: position.metadata()},
         scaler=run.scaler,
         step=run.train_loop.global_step,
-        blocking=False,
+        blocking=run.staged is not None,
         within_epoch=True,
         extra_state={EPOCH_DATA_KEY: run.epoch_data.get("state")},
     )
