@@ -89,7 +89,10 @@ class WorkerPlan:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point: ``loop_config = {"plan": WorkerPlan}``."""
+    """Ray Train entry point: ``loop_config = {"plan": WorkerPlan, "log_level": str}``."""
+    from kiln._ray import quiet_ray_logs
+
+    quiet_ray_logs(loop_config.get("log_level"))  # this worker's Ray loggers (kiln console)
     run = _setup(loop_config["plan"])
     run.hooks.training_start()
     for epoch in range(run.start_epoch + 1, run.cfg.epochs + 1):
@@ -200,7 +203,7 @@ def _setup(plan: WorkerPlan) -> _Run:
         train_batches=train_batches,
         val_batches=val_batches,
         # In-process runs call the user's own hook objects; worker actors get copies.
-        hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size),
+        hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size, batches_per_epoch),
         manager=_checkpoint_manager(plan) if rank == 0 else None,
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
@@ -557,7 +560,14 @@ class _Hooks:
     """Dispatches loop events to seed-002 TrainingHooks and seed-001 callbacks alike."""
 
     def __init__(
-        self, hooks: list[Any], cfg: TrainingConfig, model, optimizer, rank: int, world_size: int
+        self,
+        hooks: list[Any],
+        cfg: TrainingConfig,
+        model,
+        optimizer,
+        rank: int,
+        world_size: int,
+        steps_per_epoch: int | None = None,  # this rank's batches: progress displays
     ):
         if cfg.early_stopping_patience:
             hooks.append(
@@ -578,6 +588,7 @@ class _Hooks:
             for cb in self.callbacks.callbacks
         ) or any(_overrides(h, "on_batch_end") for h in self.hooks.hooks)
         self.epochs = cfg.epochs
+        self.steps_per_epoch = steps_per_epoch
 
     @property
     def stop_training(self) -> bool:
@@ -585,7 +596,9 @@ class _Hooks:
 
     def training_start(self) -> None:
         self.hooks.on_training_start()
-        self.callbacks.on_train_begin({"epochs": self.epochs})
+        self.callbacks.on_train_begin(
+            {"epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}
+        )
 
     def epoch_start(self, epoch: int) -> None:
         self.hooks.on_epoch_start(epoch)
