@@ -14,7 +14,9 @@ At ``WARNING`` kiln keeps off the console what Ray prints on every normal run:
   asks the state API whether the controller lives, and the state API is served by
   the dashboard, which a Ray that kiln starts has not (it costs ~9 s of start-up).
   A ``worker_process_setup_hook`` raises that one logger to ERROR in the processes
-  of a Ray that kiln starts or joins.
+  of a Ray that kiln starts or joins, and sets their RAY_ADDRESS to their own
+  cluster, so a second Ray on the same machine does not turn the query into an
+  uncaught "Found multiple active Ray instances" traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 LOG_LEVEL_ENV = "KILN_LOG_LEVEL"
@@ -98,6 +101,8 @@ def quiet_ray_logs(level: str | None = None) -> None:
         logging.getLogger(name).setLevel(numeric)
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(numeric, logging.ERROR))
+    if numeric > logging.INFO:  # Ray Data's batches from read-only object-store memory
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
 
 
 def _path_loggers() -> list[str]:
@@ -169,10 +174,17 @@ def _worker_setup_hook(level: str) -> Any:
 
     def setup() -> None:
         import logging
+        import os
+
+        import ray
 
         numeric = logging.getLevelName(level)
         for name in noisy:
             logging.getLogger(name).setLevel(max(numeric, logging.ERROR))
+        # The state API (the placement-group cleaner's liveness check) finds its cluster
+        # from RAY_ADDRESS; unset, with a second Ray on the machine (a test session's, a
+        # colleague's) it raises instead of asking, and the cleaner's thread dies loudly.
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
     return setup
 

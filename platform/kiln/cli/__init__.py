@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="kiln's home directory (default: $KILN_HOME or ~/.kiln)")
     parser.add_argument("--db", help="SQLite database (default: <home>/kiln.db)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    _add_verbosity(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in _COMMANDS:
@@ -58,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _add_verbosity(parser, top=True)
     _polish_help(parser)
     return parser
 

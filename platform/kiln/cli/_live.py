@@ -51,7 +51,9 @@ class LiveTraining:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
         if kind == "epoch":
-            self.progress.console.print(event["line"], markup=False, highlight=False)
+            self.progress.console.print(
+                event["line"], markup=False, highlight=False, soft_wrap=True
+            )
             self.progress.update(
                 self.task,
                 description=f"epoch {event['epoch']}/{event['epochs']} done",

@@ -78,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
         settings["num_samples"] = args.samples
     ensure_ray(args.address)
     metric = settings.get("metric", "val_loss")
-    table = live_table(metric)
-    print(
-        f"kiln: searching {len(space)} field(s) of {config.dataset or 'data'} "
-        f"with {settings.get('num_samples', 1)} sample(s), "
-        f"scheduler {settings.get('scheduler', 'asha')}",
-        flush=True,
-    )
+    quiet = getattr(args, "quiet", False)
+    table = live_table(metric, config.epochs)
+    if not quiet:
+        print(
+            f"kiln: searching {len(space)} field(s) of {config.dataset or 'data'} "
+            f"with {settings.get('num_samples', 1)} sample(s), "
+            f"scheduler {settings.get('scheduler', 'asha')}",
+            flush=True,
+        )
     try:
         result = search(
             config,
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             space,
             resume=args.resume,
             paths=run_paths(args),
-            callbacks=[table],
+            callbacks=[] if quiet else [table],
             **settings,
         )
     finally:
@@ -103,20 +105,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def live_table(metric: str) -> Any:
+def live_table(metric: str, epochs: int | None = None) -> Any:
     """A Tune callback that keeps a rich table of trials up to date while they run
-    (one line per finished trial when stdout is not a terminal, e.g. under Ray Jobs)."""
+    (one line per finished trial when stdout is not a terminal, e.g. under Ray Jobs,
+    each value named: ``trial ID done: learning_rate=0.01  epoch 5/30  val_loss 0.1234``)."""
     from ray.tune import Callback
 
     class _Live(Callback):
         def __init__(self) -> None:
             self.metric = metric
+            self.epochs = epochs
             self.rows: dict[str, dict[str, Any]] = {}
             self.console: Any = None
             self.live: Any = None
 
         def __getstate__(self) -> dict[str, Any]:  # Tune saves callbacks with its state
-            return {"metric": self.metric, "rows": self.rows, "console": None, "live": None}
+            return {**self.__dict__, "console": None, "live": None}
 
         def _start(self) -> None:
             from rich.console import Console
@@ -130,8 +134,10 @@ def live_table(metric: str) -> Any:
         def _update(self, trial, status: str, result: dict | None = None) -> None:
             row = self.rows.setdefault(trial.trial_id, {"params": _params(trial.config)})
             row["status"] = status
+            row["epochs"] = trial.config.get("epochs", self.epochs)
             if result:
                 row["epoch"] = result.get("epoch")
+                row["seconds"] = result.get("time_total_s")
                 value = result.get(self.metric)
                 if isinstance(value, (int, float)):
                     row["last"] = value
@@ -139,7 +145,8 @@ def live_table(metric: str) -> Any:
                 self._start()
             if self.live is None:
                 if status != "running" or result is None:
-                    print(f"trial {trial.trial_id} {status}: {_fmt_row(row)}", flush=True)
+                    line = _fmt_row(row, self.metric)
+                    print(f"trial {trial.trial_id} {status}: {line}", flush=True)
                 return
             self.live.update(self._table(), refresh=True)
 
@@ -147,15 +154,16 @@ def live_table(metric: str) -> Any:
             from rich.table import Table
 
             table = Table(title="trials")
-            for col in ("trial", "params", "epoch", self.metric, "status"):
+            for col in ("trial", "params", "epoch", self.metric, "time", "status"):
                 table.add_column(col)
             for tid, row in self.rows.items():
-                last = row.get("last")
+                last, seconds = row.get("last"), row.get("seconds")
                 table.add_row(
                     tid,
                     row["params"],
-                    str(row.get("epoch", "-")),
+                    _epoch(row),
                     "-" if last is None else f"{last:.4f}",
+                    "-" if seconds is None else f"{seconds:.1f} s",
                     row["status"],
                 )
             return table
@@ -225,11 +233,24 @@ def _params(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_cell(v)}" for k, v in config.items())
 
 
-def _fmt_row(row: dict[str, Any]) -> str:
+def _fmt_row(row: dict[str, Any], metric: str) -> str:
+    """A trial's line with every value named: ``lr=0.01  epoch 5/30  val_loss 0.1234``."""
     last = row.get("last")
-    return f"{row['params']}  epoch {row.get('epoch', '-')}  " + (
-        "-" if last is None else f"{last:.4f}"
-    )
+    parts = [row["params"], f"epoch {_epoch(row)}", f"{metric} " + _metric(last)]
+    if row.get("seconds") is not None:
+        parts.append(f"time {row['seconds']:.1f} s")
+    return "  ".join(p for p in parts if p)
+
+
+def _epoch(row: dict[str, Any]) -> str:
+    epoch, epochs = row.get("epoch"), row.get("epochs")
+    if epoch is None:
+        return "-"
+    return f"{epoch}/{epochs}" if epochs else str(epoch)
+
+
+def _metric(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _cell(value: Any) -> str:
