@@ -217,10 +217,10 @@ def test_quiet_ray_logs_levels(monkeypatch):
 
 
 def test_worker_setup_hook_pickles_by_value(monkeypatch):
-    import cloudpickle
-
     import subprocess
     import sys
+
+    import cloudpickle
 
     blob = cloudpickle.dumps(_ray._worker_setup_hook("WARNING"))
     # a process where kiln cannot be imported loads it: the worker imports no kiln for it
