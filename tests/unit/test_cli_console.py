@@ -268,3 +268,25 @@ def test_tune_trial_lines_name_their_values(capsys, monkeypatch):
         "trial a1b2_00001 done: learning_rate=0.01235, model.hidden=[64]  epoch 5/30  "
         "val_loss 0.1235  time 3.2 s",
     ]
+
+
+def test_on_an_accelerator_progress_counts_batches_without_the_loss(clock, events):
+    import torch
+
+    from kiln.config import TrainingConfig
+    from kiln.engine.progress import count_batches
+    from kiln.engine.worker import _Hooks
+
+    cfg = TrainingConfig()
+    cpu = _Hooks([EpochProgress(2)], cfg, None, None, 0, 1, 8, torch.device("cpu"))
+    assert cpu.wants_batch_end and cpu.step_counters == []  # float(loss) is free on CPU
+    hook = EpochProgress(2)
+    gpu = _Hooks([hook], cfg, None, None, 0, 1, 8, torch.device("cuda"))
+    assert not gpu.wants_batch_end and gpu.step_counters == [hook]  # no sync per step
+    gpu.training_start()
+    hook.on_epoch_begin(1)
+    for _ in count_batches(range(8), gpu.step_counters):
+        clock.now += 0.1
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == [3, 6] and {e["loss"] for e in steps} == {None}
+    assert steps[0]["steps"] == 8

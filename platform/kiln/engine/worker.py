@@ -62,6 +62,7 @@ from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision, build_optimizer, build_scheduler
+from kiln.engine.progress import EpochProgress, count_batches
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.engine.shards import _in_tune, data_for_rank, world
 from kiln.errors import CheckpointError, ModelConfigError
@@ -203,7 +204,9 @@ def _setup(plan: WorkerPlan) -> _Run:
         train_batches=train_batches,
         val_batches=val_batches,
         # In-process runs call the user's own hook objects; worker actors get copies.
-        hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size, batches_per_epoch),
+        hooks=_Hooks(
+            list(plan.hooks), cfg, model, optimizer, rank, world_size, batches_per_epoch, device
+        ),
         manager=_checkpoint_manager(plan) if rank == 0 else None,
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
@@ -288,7 +291,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     train = train_loop.run_epoch(
         epoch,
         run.model,
-        run.train_batches(epoch),
+        count_batches(run.train_batches(epoch), hooks.step_counters),
         run.optimizer,
         run.scheduler,
         run.device,
@@ -568,6 +571,7 @@ class _Hooks:
         rank: int,
         world_size: int,
         steps_per_epoch: int | None = None,  # this rank's batches: progress displays
+        device: torch.device | None = None,
     ):
         if cfg.early_stopping_patience:
             hooks.append(
@@ -583,10 +587,17 @@ class _Hooks:
         self.callbacks.set_context(
             model=model, optimizer=optimizer, rank=rank, world_size=world_size
         )
+        progress = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochProgress)]
         self.wants_batch_end = any(
             type(cb).on_batch_end is not CallbackBase.on_batch_end
             for cb in self.callbacks.callbacks
+            if cb not in progress
         ) or any(_overrides(h, "on_batch_end") for h in self.hooks.hooks)
+        # Progress alone must not cost a host sync per step on an accelerator (the loop
+        # hands batch_end hooks float(loss)): there it counts batches, without the loss.
+        on_accelerator = device is not None and device.type != "cpu"
+        self.step_counters = progress if on_accelerator and not self.wants_batch_end else []
+        self.wants_batch_end = self.wants_batch_end or bool(progress and not self.step_counters)
         self.epochs = cfg.epochs
         self.steps_per_epoch = steps_per_epoch
 
