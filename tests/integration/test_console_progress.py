@@ -1,7 +1,8 @@
 """Step progress from Ray Train worker actors reaches the driver (issue 13).
 
 One 2-worker fit on the session's local Ray: rank 0's step and epoch events arrive in
-this process through the relay actor, in order, with the rank's step count; the plain
+this process through the relay actor, in order, with the rank's step count (steps
+the display had no time to show are dropped, each epoch's last is kept); the plain
 epoch lines are the driver's (no worker prefix), and Ray's per-report INFO lines
 ("Reporting training result ...: TrainingReport(...)") stay off the console.
 """
@@ -54,9 +55,10 @@ def test_two_workers_step_progress_reaches_the_driver(ray_local, tmp_path, capfd
     assert epochs[-1]["metrics"]["train_loss"] == pytest.approx(
         results["final_metrics"]["train_loss"]
     )
-    assert {e["epoch"] for e in steps} == {1, 2} and len(steps) >= per_rank
     assert {e["steps"] for e in steps} == {per_rank}
     assert all(1 <= e["step"] <= per_rank and e["loss"] is not None for e in steps)
+    for epoch in (1, 2):  # the mailbox keeps the newest step: each epoch's last one arrives
+        assert [e["step"] for e in steps if e["epoch"] == epoch][-1] == per_rank
     # events arrive in the order rank 0 made them (one caller, one actor)
     order = [(e["epoch"], e["step"] if e["kind"] == "step" else per_rank + 1) for e in seen]
     assert order == sorted(order)
