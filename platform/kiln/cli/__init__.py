@@ -104,8 +104,9 @@ def apply_verbosity(args: argparse.Namespace) -> str:
     level = log_level()
     args.quiet = logging.getLevelName(level) >= logging.ERROR
     args.verbose = logging.getLevelName(level) <= logging.INFO
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a pipe
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a pipe:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # none around "(Worker pid=...)"
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # "[repeated 3x ...]" is always green
     return level
 
 
