@@ -194,15 +194,19 @@ class ProgressMailbox:
     (:func:`kiln.engine.progress.relay_progress`). It lives here, in a module that
     imports nothing heavy, so its process starts without torch.
 
-    It keeps every epoch event and only the newest step event: a display that falls
-    behind skips steps, never epochs.
+    It keeps every epoch event and only the newest step event (per Tune trial): a
+    display that falls behind skips steps, never epochs.
     """
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
     def post(self, event: dict[str, Any]) -> None:
-        if event.get("kind") == "step" and self.events and self.events[-1].get("kind") == "step":
+        last = self.events[-1] if self.events else {}
+        if event.get("kind") == "step" and (last.get("kind"), last.get("trial")) == (
+            "step",
+            event.get("trial"),
+        ):
             self.events[-1] = event
         else:
             self.events.append(event)

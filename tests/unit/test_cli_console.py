@@ -290,3 +290,30 @@ def test_on_an_accelerator_progress_counts_batches_without_the_loss(clock, event
     steps = [e for e in events if e["kind"] == "step"]
     assert [e["step"] for e in steps] == [3, 6] and {e["loss"] for e in steps} == {None}
     assert steps[0]["steps"] == 8
+
+
+def test_tune_live_table_shows_each_trials_running_step():
+    from rich.console import Console
+
+    from kiln.cli.tune import live_table
+
+    table = live_table("val_loss", epochs=30)
+    out = io.StringIO()
+    table.console = Console(file=out, force_terminal=True, width=160)
+    table.live = type("L", (), {"update": lambda self, t, refresh: setattr(self, "last", t)})()
+
+    class _Trial:
+        trial_id = "a1b2_00001"
+        config = {"learning_rate": 0.01}
+
+    table.on_trial_start(0, [], _Trial())
+    table.on_progress({"kind": "step", "trial": "a1b2_00001", "epoch": 3, "step": 21, "steps": 42})
+    table.on_progress({"kind": "step", "trial": "other", "epoch": 1, "step": 1, "steps": 2})
+    assert table.rows["a1b2_00001"]["step"] == "21/42 of epoch 3"
+    Console(file=out, width=160).print(table.live.last)
+    assert "21/42 of epoch 3" in out.getvalue()
+    box = _ray.ProgressMailbox()  # steps of two trials do not replace each other
+    box.post({"kind": "step", "trial": "a", "step": 1})
+    box.post({"kind": "step", "trial": "b", "step": 1})
+    box.post({"kind": "step", "trial": "b", "step": 2})
+    assert [(e["trial"], e["step"]) for e in box.drain()] == [("a", 1), ("b", 2)]

@@ -13,7 +13,9 @@ the winner at the end; ``--resume`` continues an interrupted search.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from kiln.cli.runs import run_paths
@@ -63,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln._ray import ensure_ray
+    from kiln.cli._live import stdout_is_terminal
     from kiln.tune import search
     from kiln.tune.spaces import load_search_file
 
@@ -87,22 +90,43 @@ def run(args: argparse.Namespace) -> int:
             f"scheduler {settings.get('scheduler', 'asha')}",
             flush=True,
         )
-    try:
-        result = search(
-            config,
-            task,
-            None,
-            None,
-            space,
-            resume=args.resume,
-            paths=run_paths(args),
-            callbacks=[] if quiet else [table],
-            **settings,
-        )
-    finally:
-        table.close()
+    with _trial_steps(table, config.epochs, live=not quiet and stdout_is_terminal()) as hooks:
+        try:
+            result = search(
+                config,
+                task,
+                None,
+                None,
+                space,
+                resume=args.resume,
+                paths=run_paths(args),
+                hooks=hooks,
+                callbacks=[] if quiet else [table],
+                **settings,
+            )
+        finally:
+            table.close()
     print_result(result)
     return 0
+
+
+@contextlib.contextmanager
+def _trial_steps(table: Any, epochs: int, *, live: bool) -> Iterator[list[Any]]:
+    """On a terminal: a progress hook for every trial, posting its steps to a mailbox
+    this process drains into the live table (the step column). Elsewhere: nothing."""
+    if not live:
+        yield []
+        return
+    from kiln.engine.progress import EpochProgress, add_listener, progress_mailbox, remove_listener
+
+    with progress_mailbox() as mailbox:
+        hook = EpochProgress(epochs)
+        hook.relay = mailbox
+        add_listener(table.on_progress)
+        try:
+            yield [hook]
+        finally:
+            remove_listener(table.on_progress)
 
 
 def live_table(metric: str, epochs: int | None = None) -> Any:
@@ -154,7 +178,7 @@ def live_table(metric: str, epochs: int | None = None) -> Any:
             from rich.table import Table
 
             table = Table(title="trials")
-            for col in ("trial", "params", "epoch", self.metric, "time", "status"):
+            for col in ("trial", "params", "epoch", "step", self.metric, "time", "status"):
                 table.add_column(col)
             for tid, row in self.rows.items():
                 last, seconds = row.get("last"), row.get("seconds")
@@ -162,11 +186,22 @@ def live_table(metric: str, epochs: int | None = None) -> Any:
                     tid,
                     row["params"],
                     _epoch(row),
+                    row.get("step", "-") if row["status"] == "running" else "-",
                     "-" if last is None else f"{last:.4f}",
                     "-" if seconds is None else f"{seconds:.1f} s",
                     row["status"],
                 )
             return table
+
+        def on_progress(self, event: dict[str, Any]) -> None:
+            """A trial's step event (from its in-process loop): the row's step column."""
+            row = self.rows.get(event.get("trial") or "")
+            if row is None or event.get("kind") != "step" or self.live is None:
+                return
+            steps = event.get("steps")
+            shown = f"{event['step']}/{steps}" if steps else str(event["step"])
+            row["step"] = f"{shown} of epoch {event['epoch']}"
+            self.live.update(self._table(), refresh=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._update(trial, "running")

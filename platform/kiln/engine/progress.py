@@ -39,6 +39,7 @@ __all__ = [
     "add_listener",
     "count_batches",
     "format_metric",
+    "progress_mailbox",
     "publish",
     "relay_progress",
     "remove_listener",
@@ -119,17 +120,31 @@ def relay_progress(hooks: Sequence[Any], num_workers: int) -> Iterator[None]:
     posts (fire-and-forget calls, a few a second) and a driver thread drains it every
     ``DEFAULT_INTERVAL_S``.
     """
-    targets = [h for h in hooks if isinstance(h, EpochProgress)]
+    # a hook that already posts somewhere (a Tune trial's, to the search's driver) keeps it
+    targets = [h for h in hooks if isinstance(h, EpochProgress) and h.relay is None]
     if num_workers <= 0 or not targets:
         yield
         return
+    with progress_mailbox() as mailbox:
+        for hook in targets:
+            hook.relay = mailbox
+        try:
+            yield
+        finally:
+            for hook in targets:
+                hook.relay = None
+
+
+@contextlib.contextmanager
+def progress_mailbox() -> Iterator[Any]:
+    """A :class:`kiln._ray.ProgressMailbox` actor (no CPU) for hooks in other processes
+    to post to, drained into :func:`publish` from a driver thread every
+    ``DEFAULT_INTERVAL_S``; killed on exit, after a last drain."""
     import ray
 
     from kiln._ray import ProgressMailbox
 
     mailbox = ray.remote(num_cpus=0)(ProgressMailbox).remote()
-    for hook in targets:
-        hook.relay = mailbox
     stop = threading.Event()
 
     def pump() -> None:
@@ -148,12 +163,10 @@ def relay_progress(hooks: Sequence[Any], num_workers: int) -> Iterator[None]:
     thread = threading.Thread(target=pump, name="kiln-progress-relay", daemon=True)
     thread.start()
     try:
-        yield
+        yield mailbox
     finally:
         stop.set()
         thread.join(timeout=35)
-        for hook in targets:
-            hook.relay = None
         with contextlib.suppress(Exception):
             ray.kill(mailbox)
 
@@ -184,6 +197,7 @@ class EpochProgress(CallbackBase):
         self.epochs = epochs
         self.interval_s = interval_s
         self.relay: Any = None  # a ProgressMailbox actor handle when ranks are actors
+        self.trial: str | None = None  # in a Tune trial: its id, in every event
         self.steps_per_epoch: int | None = None
         self._run_start = self._epoch_start = self._last = 0.0
         self._first_epoch: int | None = None
@@ -194,6 +208,8 @@ class EpochProgress(CallbackBase):
         steps = (logs or {}).get("steps_per_epoch")
         self.steps_per_epoch = int(steps) if steps else None
         self._first_epoch = None
+        if self.relay is not None and self.trial is None:
+            self.trial = _trial_id()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
@@ -270,7 +286,23 @@ class EpochProgress(CallbackBase):
         return (now - self._run_start) / done * left
 
     def _send(self, event: Event) -> None:
+        if self.trial is not None:
+            event["trial"] = self.trial
         if self.relay is not None:
             self.relay.post.remote(event)  # fire and forget: the loop never waits
         else:
             publish(event)
+
+
+def _trial_id() -> str | None:
+    """The Ray Tune trial this process runs in-process, else None."""
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if not _in_tune_session():
+            return None
+        import ray.tune
+
+        return ray.tune.get_context().get_trial_id()
+    except Exception:  # no Tune here: not a trial
+        return None
