@@ -66,3 +66,40 @@ def test_two_workers_step_progress_reaches_the_driver(ray_local, tmp_path, capfd
     out, err = capfd.readouterr()
     assert "TrainingReport(" not in out + err
     assert "RayTrainWorker" not in out or "epoch   1/2" not in out.split("RayTrainWorker")[1]
+
+
+@pytest.mark.timeout(300)
+def test_tune_trials_step_progress_reaches_the_driver_tagged(ray_local, tmp_path):
+    from ray import tune
+
+    from kiln.engine.progress import progress_mailbox
+    from kiln.tune import search
+
+    seen: list[dict] = []
+    add_listener(seen.append)
+    try:
+        with progress_mailbox() as mailbox:  # what `kiln tune` does on a terminal
+            hook = EpochProgress(2, interval_s=0.0)
+            hook.relay = mailbox
+            result = search(
+                TrainingConfig(epochs=2, batch_size=16, model={"name": "mlp", "hidden": [8]}),
+                None,
+                "iris",
+                None,
+                {"learning_rate": tune.grid_search([1e-2, 2e-2])},
+                scheduler="fifo",
+                hooks=[hook],
+                storage_path=tmp_path / "tune",
+                db_path=tmp_path / "kiln.db",
+                artifacts_dir=tmp_path / "artifacts",
+                data_dir=tmp_path / "datasets",
+            )
+    finally:
+        remove_listener(seen.append)
+    trials = set(result.trials["trial_id"])
+    assert len(trials) == 2
+    steps = [e for e in seen if e["kind"] == "step"]
+    assert {e["trial"] for e in steps} == trials  # each trial's steps, tagged with its id
+    assert {(e["trial"], e["epoch"]) for e in seen if e["kind"] == "epoch"} == {
+        (t, n) for t in trials for n in (1, 2)
+    }
