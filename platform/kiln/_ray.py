@@ -98,11 +98,19 @@ def quiet_ray_logs(level: str | None = None) -> None:
     level = level or log_level()
     numeric = logging.getLevelName(level)
     for name in ("ray.train", "ray.tune", "ray.data", *_path_loggers()):
-        logging.getLogger(name).setLevel(numeric)
+        logger = logging.getLogger(name)
+        # quieter only: a level the user's own code set higher stays (INFO asks for more)
+        if numeric <= logging.INFO or logger.level == logging.NOTSET or logger.level < numeric:
+            logger.setLevel(numeric)
     for name in _NOISY:
-        logging.getLogger(name).setLevel(max(numeric, logging.ERROR))
+        logging.getLogger(name).setLevel(_noisy_level(numeric))
     if numeric > logging.INFO:  # Ray Data's batches from read-only object-store memory
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+
+
+def _noisy_level(numeric: int) -> int:
+    """ERROR for the noisy loggers, unless Ray's logs were asked for (INFO or below)."""
+    return numeric if numeric <= logging.INFO else max(numeric, logging.ERROR)
 
 
 def _path_loggers() -> list[str]:
@@ -179,8 +187,9 @@ def _worker_setup_hook(level: str) -> Any:
         import ray
 
         numeric = logging.getLevelName(level)
+        quieter = numeric if numeric <= logging.INFO else max(numeric, logging.ERROR)
         for name in noisy:
-            logging.getLogger(name).setLevel(max(numeric, logging.ERROR))
+            logging.getLogger(name).setLevel(quieter)
         # The state API (the placement-group cleaner's liveness check) finds its cluster
         # from RAY_ADDRESS; unset, with a second Ray on the machine (a test session's, a
         # colleague's) it raises instead of asking, and the cleaner's thread dies loudly.

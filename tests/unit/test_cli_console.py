@@ -210,10 +210,14 @@ def test_quiet_ray_logs_levels(monkeypatch):
     assert logging.getLogger(report_logger).level == logging.WARNING
     cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
     assert logging.getLogger(cleaner).level == logging.ERROR
-    _ray.quiet_ray_logs("INFO")  # --verbose: Ray's own lines come back
+    _ray.quiet_ray_logs("INFO")  # --verbose: Ray's own lines come back, all of them
     assert logging.getLogger("ray.train").level == logging.INFO
-    assert logging.getLogger(cleaner).level == logging.ERROR
+    assert logging.getLogger(cleaner).level == logging.INFO
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a user's own, quieter choice
     _ray.quiet_ray_logs("WARNING")
+    assert logging.getLogger("ray.tune").level == logging.CRITICAL
+    assert logging.getLogger(cleaner).level == logging.ERROR
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
 def test_worker_setup_hook_pickles_by_value(monkeypatch):

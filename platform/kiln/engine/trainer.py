@@ -79,7 +79,8 @@ class Trainer:
             scheduler such as PBT can restart trials from it; ignored elsewhere.
         model_config: optional architecture config (dict or SimpleNamespace, e.g.
             ``{"name": "mlp", "hidden": [64]}``) merged into ``training_config.model``.
-        verbose: log one line per epoch through the ``kiln.progress`` logger (rank 0).
+        verbose: progress from rank 0 (:mod:`kiln.engine.progress`): one line per epoch
+            through the ``kiln.progress`` logger, and step events a live display shows.
         paths: every location at once (:class:`kiln.paths.RunPaths`), as an entry point
             resolved them; ``storage_path``, ``db_path``, ``artifacts_dir`` and
             ``data_dir`` override single ones. Artifacts sit next to the database.
