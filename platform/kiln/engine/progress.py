@@ -106,7 +106,10 @@ def publish(event: Event) -> None:
     with _listeners_lock:
         listeners = list(_listeners)
     for listener in listeners:
-        listener(event)
+        try:
+            listener(event)
+        except Exception:  # a display's fault must not stop a run
+            logging.getLogger(__name__).warning("progress listener failed", exc_info=True)
     if not listeners and event.get("kind") == "epoch":
         progress_logger().info(event["line"])
 
@@ -171,12 +174,16 @@ def progress_mailbox() -> Iterator[Any]:
             ray.kill(mailbox)
 
 
-def count_batches(batches: Iterable[Any], hooks: Sequence[EpochProgress]) -> Iterator[Any]:
+def count_batches(batches: Iterable[Any], hooks: Sequence[EpochProgress]) -> Iterable[Any]:
     """``batches``, telling ``hooks`` each time a step is done (its next batch is asked
-    for, or the epoch ends) without its loss: step progress with no host sync."""
+    for, or the epoch ends) without its loss: step progress with no host sync. Without
+    hooks, ``batches`` itself."""
     if not hooks:
-        yield from batches
-        return
+        return batches
+    return _counted(batches, hooks)
+
+
+def _counted(batches: Iterable[Any], hooks: Sequence[EpochProgress]) -> Iterator[Any]:
     for index, batch in enumerate(batches):
         yield batch
         for hook in hooks:
