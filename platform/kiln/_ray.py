@@ -167,12 +167,13 @@ def has_dashboard() -> bool:
 
 
 def _job_runtime_env(level: str, *, tracking: bool) -> dict[str, Any]:
-    """What every process of this Ray job gets: the quiet loggers and, on a Ray with a
-    dashboard, Train state tracking (for Trainers that run inside Tune trials too)."""
-    env: dict[str, Any] = {"worker_process_setup_hook": _worker_setup_hook(level)}
+    """What every process of this Ray job gets: the quiet loggers, kiln's console level
+    and, on a Ray with a dashboard, Train state tracking (for Trainers that run inside
+    Tune trials too)."""
+    env_vars = {LOG_LEVEL_ENV: level}  # Tune trials run kiln too: the same console level
     if tracking:
-        env["env_vars"] = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
-    return env
+        env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+    return {"worker_process_setup_hook": _worker_setup_hook(level), "env_vars": env_vars}
 
 
 def _worker_setup_hook(level: str) -> Any:
