@@ -10,13 +10,17 @@ At ``WARNING`` kiln keeps off the console what Ray prints on every normal run:
 - ``ray.data`` INFO lines in the workers ("Dataset ... execution finished") and the
   "Progress bars disabled" notice kiln itself causes;
 - the "PlacementGroupCleaner: Failed to query Ray Train Controller actor state"
-  warning, once a second for the whole run: Ray Train's placement-group cleaner
-  asks the state API whether the controller lives, and the state API is served by
-  the dashboard, which a Ray that kiln starts has not (it costs ~9 s of start-up).
-  A ``worker_process_setup_hook`` raises that one logger to ERROR in the processes
-  of a Ray that kiln starts or joins, and sets their RAY_ADDRESS to their own
-  cluster, so a second Ray on the same machine does not turn the query into an
-  uncaught "Found multiple active Ray instances" traceback.
+  warning, once a second for the whole run (or, with a second Ray on the machine, an
+  uncaught "Found multiple active Ray instances" traceback). Ray Train's
+  placement-group cleaner asks the state API whether the controller lives; the state
+  API is served by the dashboard, and a Ray that kiln starts has none (it costs ~9 s
+  of start-up). Without it the cleaner can never see the controller die, so it can
+  never clean anything: :func:`torch_trainer_class` leaves it out on such a Ray.
+
+The console level travels to Ray's processes without a job ``runtime_env`` on a Ray
+that kiln starts (they inherit this process's environment; a runtime_env measured
+~3 s more to the first actors on 2 cores), and in the job's ``runtime_env`` on a
+cluster that kiln joins.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import warnings
 from typing import Any
 
 LOG_LEVEL_ENV = "KILN_LOG_LEVEL"
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # the dashboard's Train view
 
 # Loggers that say nothing a kiln user acts on, at any level below ERROR.
 _NOISY = (
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
     "ray.data._internal.progress",  # "Progress bars disabled": kiln disabled them
     "ray._private.authentication.authentication_token_setup",  # every local start
 )
@@ -69,17 +73,22 @@ def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     level = log_level()
     quiet_ray_logs(level)  # before ray.init, which logs on start
     if not ray.is_initialized():
-        options: dict[str, Any] = dict(
-            logging_level=level, runtime_env=_job_runtime_env(level, tracking=dashboard)
-        )
+        os.environ[LOG_LEVEL_ENV] = level  # a Ray started here: its processes inherit it
+        if dashboard:  # the Train view of a local Ray with a dashboard (inherited too)
+            os.environ.setdefault(STATE_TRACKING_ENV, "1")
+        joining = bool(address or os.environ.get("RAY_ADDRESS"))
+        options: dict[str, Any] = {"logging_level": level}
+        if joining:
+            options["runtime_env"] = _cluster_runtime_env(level)
         try:
             ctx = ray.init(address=address, include_dashboard=dashboard, **options)
-            _started_locally = address is None and not os.environ.get("RAY_ADDRESS")
+            _started_locally = not joining
         except ValueError as exc:  # joining an existing cluster: it owns its dashboard
             if "include_dashboard" not in str(exc):
                 raise
-            options["runtime_env"] = _job_runtime_env(level, tracking=True)
-            ctx = ray.init(address=address, **options)
+            ctx = ray.init(
+                address=address, logging_level=level, runtime_env=_cluster_runtime_env(level)
+            )
         url = getattr(ctx, "dashboard_url", None)
         if url:  # where to watch jobs and Train runs (stderr: stdout may be a data pipe)
             _dashboard_url = url if url.startswith("http") else f"http://{url}"
@@ -149,7 +158,7 @@ def prepare_train_driver(num_workers: int) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_REPORT_POLL_S)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if has_dashboard():
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+        os.environ.setdefault(STATE_TRACKING_ENV, "1")
     if _started_locally:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
@@ -166,37 +175,32 @@ def has_dashboard() -> bool:
         return False
 
 
-def _job_runtime_env(level: str, *, tracking: bool) -> dict[str, Any]:
-    """What every process of this Ray job gets: the quiet loggers, kiln's console level
-    and, on a Ray with a dashboard, Train state tracking (for Trainers that run inside
-    Tune trials too)."""
-    env_vars = {LOG_LEVEL_ENV: level}  # Tune trials run kiln too: the same console level
-    if tracking:
-        env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
-    return {"worker_process_setup_hook": _worker_setup_hook(level), "env_vars": env_vars}
+def _cluster_runtime_env(level: str) -> dict[str, Any]:
+    """What every process of this job gets on a cluster kiln joins: kiln's console level
+    and Train state tracking (Trainers run inside Tune trials too, not only here)."""
+    return {"env_vars": {LOG_LEVEL_ENV: level, STATE_TRACKING_ENV: "1"}}
 
 
-def _worker_setup_hook(level: str) -> Any:
-    """A setup hook for each Ray worker process, pickled by value (a closure): the
-    worker imports nothing of kiln to run it."""
-    noisy = _NOISY
+def torch_trainer_class() -> Any:
+    """Ray Train's ``TorchTrainer``, less its placement-group cleaner on a Ray without a
+    dashboard, where the cleaner can only warn every second (see the module docstring)."""
+    from ray.train.torch import TorchTrainer
 
-    def setup() -> None:
-        import logging
-        import os
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:  # another Ray: its own callbacks, as they are
+        return TorchTrainer
 
-        import ray
+    class KilnTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if has_dashboard():
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
-        numeric = logging.getLevelName(level)
-        quieter = numeric if numeric <= logging.INFO else max(numeric, logging.ERROR)
-        for name in noisy:
-            logging.getLogger(name).setLevel(quieter)
-        # The state API (the placement-group cleaner's liveness check) finds its cluster
-        # from RAY_ADDRESS; unset, with a second Ray on the machine (a test session's, a
-        # colleague's) it raises instead of asking, and the cleaner's thread dies loudly.
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-
-    return setup
+    return KilnTorchTrainer
 
 
 class ProgressMailbox:

@@ -4,7 +4,8 @@ One 2-worker fit on the session's local Ray: rank 0's step and epoch events arri
 this process through the relay actor, in order, with the rank's step count (steps
 the display had no time to show are dropped, each epoch's last is kept); the plain
 epoch lines are the driver's (no worker prefix), and Ray's per-report INFO lines
-("Reporting training result ...: TrainingReport(...)") stay off the console.
+("Reporting training result ...: TrainingReport(...)") and the placement-group
+cleaner's warnings (this Ray has no dashboard) stay off the console.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def test_two_workers_step_progress_reaches_the_driver(ray_local, tmp_path, capfd
     time.sleep(1.0)  # let Ray forward what the workers printed
     out, err = capfd.readouterr()
     assert "TrainingReport(" not in out + err
+    assert "PlacementGroupCleaner" not in out + err  # no cleaner on a Ray without dashboard
     assert "RayTrainWorker" not in out or "epoch   1/2" not in out.split("RayTrainWorker")[1]
 
 

@@ -208,7 +208,7 @@ def test_quiet_ray_logs_levels(monkeypatch):
     report_logger = _ray._path_loggers()[0]  # named by its file's path
     assert report_logger.endswith("ray/train/v2/_internal/execution/context.py")
     assert logging.getLogger(report_logger).level == logging.WARNING
-    cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    cleaner = "ray.data._internal.progress"  # "Progress bars disabled": kiln disabled them
     assert logging.getLogger(cleaner).level == logging.ERROR
     _ray.quiet_ray_logs("INFO")  # --verbose: Ray's own lines come back, all of them
     assert logging.getLogger("ray.train").level == logging.INFO
@@ -220,21 +220,10 @@ def test_quiet_ray_logs_levels(monkeypatch):
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
-def test_worker_setup_hook_pickles_by_value(monkeypatch):
-    import subprocess
-    import sys
-
-    import cloudpickle
-
-    blob = cloudpickle.dumps(_ray._worker_setup_hook("WARNING"))
-    # a process where kiln cannot be imported loads it: the worker imports no kiln for it
-    code = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); print(f.__name__)"
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONNOUSERSITE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", code], input=blob, capture_output=True, env=env, timeout=60
-    )
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert done.stdout.decode().strip() == "setup"
+def test_cluster_runtime_env_carries_the_level_and_the_train_view():
+    assert _ray._cluster_runtime_env("ERROR") == {
+        "env_vars": {"KILN_LOG_LEVEL": "ERROR", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    }
 
 
 def test_prepare_train_driver_env(monkeypatch):

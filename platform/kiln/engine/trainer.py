@@ -411,9 +411,14 @@ def _fit(
     callbacks: Sequence[Any] = (),
 ):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from kiln._ray import log_level, prepare_train_driver, quiet_ray_logs, train_logging_config
+    from kiln._ray import (
+        log_level,
+        prepare_train_driver,
+        quiet_ray_logs,
+        torch_trainer_class,
+        train_logging_config,
+    )
     from kiln.engine.progress import relay_progress
 
     quiet_ray_logs()
@@ -429,7 +434,7 @@ def _fit(
         # fixed order and keeps its own rows. No streaming_split, so no split coordinator
         # actor to start (seconds on a small machine), and resumed runs see the same rows.
         data_config = DataConfig(datasets_to_split=[], execution_options=_ordered_execution())
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class()(  # TorchTrainer, without a cleaner that cannot work
         # Ray types the loop as returning None; rank 0's return value is the run summary.
         train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config={"plan": worker_plan, "log_level": log_level()},
