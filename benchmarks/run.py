@@ -29,6 +29,7 @@ SCRIPTS = {
     "queue": ("Job queue (issue 10)", "bench_queue.py"),
     "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
     "llm": ("LLM fine-tuning (issue 11)", "bench_llm.py"),
+    "progress": ("Progress display (issue 13)", "bench_progress.py"),
 }
 
 
