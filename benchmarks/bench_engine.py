@@ -271,8 +271,7 @@ def raw_ray_train(x, y, epochs: int, batch: int, storage: Path) -> None:
 def row_b(reps: int, tmp: Path, epochs: int = 30) -> list[dict]:
     import ray
 
-    from kiln._ray import ensure_ray
-    from kiln.engine.trainer import DEFAULT_REPORT_POLL_S
+    from kiln._ray import DEFAULT_REPORT_POLL_S, ensure_ray
 
     ensure_ray()
     x, y = synthetic()
@@ -435,7 +434,7 @@ def row_c(reps: int, tmp: Path) -> list[dict]:
     env = dict(os.environ, KILN_HOME=str(tmp / "c_home"))
     for var in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_ADDRESS"):
         env.pop(var, None)
-    from kiln.engine.trainer import DEFAULT_REPORT_POLL_S
+    from kiln._ray import DEFAULT_REPORT_POLL_S
 
     # The floor job polls as often as kiln's runs do (Ray's default is every 2 s).
     floor_env = dict(env, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=DEFAULT_REPORT_POLL_S)

@@ -30,6 +30,7 @@ SCRIPTS = {
     "predict": ("Batch prediction (issue 14)", "bench_predict.py"),
     "fsdp": ("Bigger models: FSDP vs DDP (issue 14)", "bench_fsdp.py"),
     "llm": ("LLM fine-tuning (issue 11)", "bench_llm.py"),
+    "progress": ("Progress display (issue 13)", "bench_progress.py"),
 }
 
 

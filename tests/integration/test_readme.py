@@ -150,6 +150,18 @@ def _check_output(command: str, out: str, workdir: Path) -> None:
         assert "exported run 1 to MLflow run" in out and (workdir / "mlruns").is_dir(), out
 
 
+def _check_console(command: str, stdout: str, stderr: str) -> None:
+    """Issue 13's quiet console, piped: plain epoch lines from the driver, none of Ray's
+    per-report dumps or placement-group-cleaner warnings, no colour codes."""
+    if not command.startswith("kiln train"):
+        return
+    both = stdout + stderr
+    for noise in ("\x1b[", "TrainingReport(", "PlacementGroupCleaner", "Reported metrics"):
+        assert noise not in both, f"{command!r} printed {noise!r}:\n{both[-3000:]}"
+    if "--workers" in command:
+        assert re.search(r"^epoch\s+1/\d+  train_loss", stdout, flags=re.M), stdout[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_readme_commands_run_as_written(tmp_path):
@@ -204,6 +216,7 @@ def test_readme_commands_run_as_written(tmp_path):
             out = done.stdout + done.stderr
             assert done.returncode == 0, f"README command failed: {command!r}\n{out[-4000:]}"
             _check_output(command, done.stdout, workdir)
+            _check_console(command, done.stdout, done.stderr)
             ran.append(command)
     finally:
         for proc in servers:

@@ -15,7 +15,12 @@
     kiln llm train CONFIG | status | generate | merge | tiny-model | serve
 
 Bad input exits with status 2 and a one-paragraph message (``--debug`` shows the
-traceback). Environment variables (KILN_HOME, RAY_ADDRESS) are read here, once.
+traceback). Environment variables (KILN_HOME, RAY_ADDRESS, KILN_LOG_LEVEL) are read
+here, once.
+
+Every command takes ``--verbose`` (Ray's logs as Ray prints them: KILN_LOG_LEVEL=INFO)
+and ``--quiet`` (only the final summary and errors: KILN_LOG_LEVEL=ERROR), before or
+after the command's name. Without either, KILN_LOG_LEVEL (default WARNING) decides.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError
 
 # Subcommand modules; each exposes register(subparsers) and sets func=handler(args) -> int.
 _COMMANDS = (
@@ -52,8 +57,57 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _add_verbosity(parser, top=True)
     _polish_help(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--verbose`` / ``--quiet`` on ``parser``; below the top level they default to
+    SUPPRESS, so ``kiln --quiet train`` and ``kiln train --quiet`` mean the same."""
+    group = parser.add_mutually_exclusive_group()
+    default = False if top else argparse.SUPPRESS
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="show Ray's own logs too (KILN_LOG_LEVEL=INFO)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="print only the final summary and errors (KILN_LOG_LEVEL=ERROR)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbosity(sub)
+
+
+def apply_verbosity(args: argparse.Namespace) -> str:
+    """Set KILN_LOG_LEVEL from --verbose/--quiet (else keep it) and return the level:
+    the library reads it in one place (:func:`kiln._ray.log_level`), and Ray jobs and
+    subprocesses that kiln starts inherit it."""
+    import os
+
+    from kiln._ray import LOG_LEVEL_ENV, log_level
+
+    if args.verbose and args.quiet:
+        raise ConfigError("--verbose and --quiet cannot be used together")
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "INFO"
+    elif args.quiet:
+        os.environ[LOG_LEVEL_ENV] = "ERROR"
+    level = log_level()
+    args.quiet = logging.getLevelName(level) >= logging.ERROR
+    args.verbose = logging.getLevelName(level) <= logging.INFO
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a pipe:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # none around "(Worker pid=...)"
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # "[repeated 3x ...]" is always green
+    return level
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -87,10 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kiln.paths import RunPaths
 
     args.paths = RunPaths.resolve(args.home, db=args.db)  # the one place --home/--db are read
+    try:
+        level = apply_verbosity(args)
+    except KilnError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if args.debug else level,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.quiet:
+        logging.getLogger("kiln.progress").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -114,6 +114,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kiln.cli._live import training_display
     from kiln.llm.config import ConfigLoader
     from kiln.llm.engine import TrainerEngine
 
@@ -123,7 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["environment.status_file"] = args.status_file
     if overrides:
         config = config.with_overrides(overrides)
-    result = TrainerEngine(paths=args.paths).run_job(config, resume_from=args.resume)
+    starting = "starting Ray workers" if config.environment.num_workers else "loading the model"
+    with training_display(starting, quiet=getattr(args, "quiet", False)):
+        result = TrainerEngine(paths=args.paths).run_job(config, resume_from=args.resume)
     if not result.success:
         print(f"error: {result.error}", file=sys.stderr)
         return 1

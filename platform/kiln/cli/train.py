@@ -8,7 +8,6 @@ booleans); dotted keys reach into mappings (``--set model.hidden=[64,32]``).
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from typing import Any
@@ -55,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start the local Ray with its dashboard (slower start)",
     )
-    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument(
         "--help-config",
         action="store_true",
@@ -160,6 +158,7 @@ def precheck(config: TrainingConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kiln.cli._live import training_display
     from kiln.cli.runs import run_paths
     from kiln.engine.trainer import Trainer
 
@@ -173,25 +172,29 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"strategy={args.strategy}")
     config, task = load_run_file(args.config, overrides, args.workers)
     precheck(config)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
+    quiet = getattr(args, "quiet", False)
     if args.address or args.dashboard:
         from kiln._ray import ensure_ray
 
         ensure_ray(args.address, dashboard=args.dashboard)
-    print(
-        f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs "
-        f"({'in-process' if config.num_workers == 0 else f'{config.num_workers} Ray workers'}"
-        f"{', fsdp' if config.strategy == 'fsdp' else ''})",
-        flush=True,
-    )
+    where = "in-process" if config.num_workers == 0 else f"{config.num_workers} Ray workers"
+    if config.strategy == "fsdp":
+        where += ", fsdp"
+    if not quiet:
+        print(
+            f"kiln: training {config.dataset or 'data'} for {config.epochs} epochs ({where})",
+            flush=True,
+        )
     trainer = Trainer(
         training_config=config,
         task_spec=task,
-        verbose=not args.quiet,
+        verbose=not quiet,
         paths=run_paths(args),
         storage_path=args.storage,
     )
-    results = trainer.train(resume_from=args.resume)
+    starting = "starting Ray workers" if config.num_workers else "loading data"
+    with training_display(starting, quiet=quiet):
+        results = trainer.train(resume_from=args.resume)
     print_summary(results)
     return 0
 

@@ -17,7 +17,9 @@ one fine-tuning job, exactly as ``kiln llm tune`` runs it, over dotted keys such
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from kiln.cli.runs import run_paths
@@ -67,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kiln._ray import ensure_ray
+    from kiln.cli._live import stdout_is_terminal
     from kiln.config.training import read_mapping
     from kiln.llm.config import is_llm_mapping
     from kiln.tune import search
@@ -88,45 +91,70 @@ def run(args: argparse.Namespace) -> int:
         settings["num_samples"] = args.samples
     ensure_ray(args.address)
     metric = settings.get("metric", "val_loss")
-    table = live_table(metric)
-    print(
-        f"kiln: searching {len(space)} field(s) of {config.dataset or 'data'} "
-        f"with {settings.get('num_samples', 1)} sample(s), "
-        f"scheduler {settings.get('scheduler', 'asha')}",
-        flush=True,
-    )
-    try:
-        result = search(
-            config,
-            task,
-            None,
-            None,
-            space,
-            resume=args.resume,
-            paths=run_paths(args),
-            callbacks=[table],
-            **settings,
+    quiet = getattr(args, "quiet", False)
+    table = live_table(metric, config.epochs)
+    if not quiet:
+        print(
+            f"kiln: searching {len(space)} field(s) of {config.dataset or 'data'} "
+            f"with {settings.get('num_samples', 1)} sample(s), "
+            f"scheduler {settings.get('scheduler', 'asha')}",
+            flush=True,
         )
-    finally:
-        table.close()
+    with _trial_steps(table, config.epochs, live=not quiet and stdout_is_terminal()) as hooks:
+        try:
+            result = search(
+                config,
+                task,
+                None,
+                None,
+                space,
+                resume=args.resume,
+                paths=run_paths(args),
+                hooks=hooks,
+                callbacks=[] if quiet else [table],
+                **settings,
+            )
+        finally:
+            table.close()
     print_result(result)
     return 0
 
 
-def live_table(metric: str) -> Any:
+@contextlib.contextmanager
+def _trial_steps(table: Any, epochs: int, *, live: bool) -> Iterator[list[Any]]:
+    """On a terminal: a progress hook for every trial, posting its steps to a mailbox
+    this process drains into the live table (the step column). Elsewhere: nothing."""
+    if not live:
+        yield []
+        return
+    from kiln.engine.progress import EpochProgress, add_listener, progress_mailbox, remove_listener
+
+    with progress_mailbox() as mailbox:
+        hook = EpochProgress(epochs)
+        hook.relay = mailbox
+        add_listener(table.on_progress)
+        try:
+            yield [hook]
+        finally:
+            remove_listener(table.on_progress)
+
+
+def live_table(metric: str, epochs: int | None = None) -> Any:
     """A Tune callback that keeps a rich table of trials up to date while they run
-    (one line per finished trial when stdout is not a terminal, e.g. under Ray Jobs)."""
+    (one line per finished trial when stdout is not a terminal, e.g. under Ray Jobs,
+    each value named: ``trial ID done: learning_rate=0.01  epoch 5/30  val_loss 0.1234``)."""
     from ray.tune import Callback
 
     class _Live(Callback):
         def __init__(self) -> None:
             self.metric = metric
+            self.epochs = epochs
             self.rows: dict[str, dict[str, Any]] = {}
             self.console: Any = None
             self.live: Any = None
 
         def __getstate__(self) -> dict[str, Any]:  # Tune saves callbacks with its state
-            return {"metric": self.metric, "rows": self.rows, "console": None, "live": None}
+            return {**self.__dict__, "console": None, "live": None}
 
         def _start(self) -> None:
             from rich.console import Console
@@ -140,8 +168,10 @@ def live_table(metric: str) -> Any:
         def _update(self, trial, status: str, result: dict | None = None) -> None:
             row = self.rows.setdefault(trial.trial_id, {"params": _params(trial.config)})
             row["status"] = status
+            row["epochs"] = trial.config.get("epochs", self.epochs)
             if result:
                 row["epoch"] = result.get("epoch")
+                row["seconds"] = result.get("time_total_s")
                 value = result.get(self.metric)
                 if isinstance(value, (int, float)):
                     row["last"] = value
@@ -149,7 +179,8 @@ def live_table(metric: str) -> Any:
                 self._start()
             if self.live is None:
                 if status != "running" or result is None:
-                    print(f"trial {trial.trial_id} {status}: {_fmt_row(row)}", flush=True)
+                    line = _fmt_row(row, self.metric)
+                    print(f"trial {trial.trial_id} {status}: {line}", flush=True)
                 return
             self.live.update(self._table(), refresh=True)
 
@@ -157,18 +188,30 @@ def live_table(metric: str) -> Any:
             from rich.table import Table
 
             table = Table(title="trials")
-            for col in ("trial", "params", "epoch", self.metric, "status"):
+            for col in ("trial", "params", "epoch", "step", self.metric, "time", "status"):
                 table.add_column(col)
             for tid, row in self.rows.items():
-                last = row.get("last")
+                last, seconds = row.get("last"), row.get("seconds")
                 table.add_row(
                     tid,
                     row["params"],
-                    str(row.get("epoch", "-")),
+                    _epoch(row),
+                    row.get("step", "-") if row["status"] == "running" else "-",
                     "-" if last is None else f"{last:.4f}",
+                    "-" if seconds is None else f"{seconds:.1f} s",
                     row["status"],
                 )
             return table
+
+        def on_progress(self, event: dict[str, Any]) -> None:
+            """A trial's step event (from its in-process loop): the row's step column."""
+            row = self.rows.get(event.get("trial") or "")
+            if row is None or event.get("kind") != "step" or self.live is None:
+                return
+            steps = event.get("steps")
+            shown = f"{event['step']}/{steps}" if steps else str(event["step"])
+            row["step"] = f"{shown} of epoch {event['epoch']}"
+            self.live.update(self._table(), refresh=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._update(trial, "running")
@@ -235,11 +278,24 @@ def _params(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_cell(v)}" for k, v in config.items())
 
 
-def _fmt_row(row: dict[str, Any]) -> str:
+def _fmt_row(row: dict[str, Any], metric: str) -> str:
+    """A trial's line with every value named: ``lr=0.01  epoch 5/30  val_loss 0.1234``."""
     last = row.get("last")
-    return f"{row['params']}  epoch {row.get('epoch', '-')}  " + (
-        "-" if last is None else f"{last:.4f}"
-    )
+    parts = [row["params"], f"epoch {_epoch(row)}", f"{metric} " + _metric(last)]
+    if row.get("seconds") is not None:
+        parts.append(f"time {row['seconds']:.1f} s")
+    return "  ".join(p for p in parts if p)
+
+
+def _epoch(row: dict[str, Any]) -> str:
+    epoch, epochs = row.get("epoch"), row.get("epochs")
+    if epoch is None:
+        return "-"
+    return f"{epoch}/{epochs}" if epochs else str(epoch)
+
+
+def _metric(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _cell(value: Any) -> str:

@@ -42,12 +42,6 @@ from kiln.paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
-# Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-# default) and each ray.train.report waits for that poll: up to 2 s per epoch. Polling
-# much faster steals CPU from the workers (measured on 2 cores: 0.1 s made epochs ~25%
-# slower than 0.25 s), so kiln uses 0.25 s unless the user sets the variable.
-DEFAULT_REPORT_POLL_S = "0.25"
-
 
 class _PreparedRun(NamedTuple):
     """What :meth:`Trainer._prepare` resolved before training starts."""
@@ -89,7 +83,8 @@ class Trainer:
             scheduler such as PBT can restart trials from it; ignored elsewhere.
         model_config: optional architecture config (dict or SimpleNamespace, e.g.
             ``{"name": "mlp", "hidden": [64]}``) merged into ``training_config.model``.
-        verbose: log one line per epoch through the ``kiln.progress`` logger (rank 0).
+        verbose: progress from rank 0 (:mod:`kiln.engine.progress`): one line per epoch
+            through the ``kiln.progress`` logger, and step events a live display shows.
         optimizer: a name (as ``TrainingConfig.optimizer``) or a factory
             ``(params, cfg) -> torch.optim.Optimizer`` (:mod:`kiln.engine.custom_optim`).
         lr_scheduler: a name (as ``TrainingConfig.lr_scheduler``) or a factory
@@ -485,16 +480,20 @@ def _fit(
     callbacks: Sequence[Any] = (),
 ):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    if cfg.num_workers > 0:
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_REPORT_POLL_S)
-        # Ray Train also logs every print() of a worker, so each line would reach the
-        # driver twice; kiln's progress lines are plain prints.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    _quiet_ray_logs()
+    from kiln._ray import (
+        log_level,
+        prepare_train_driver,
+        quiet_ray_logs,
+        torch_trainer_class,
+        train_logging_config,
+    )
+    from kiln.engine.progress import relay_progress
+
+    quiet_ray_logs()
     if plan.datasets or cfg.num_workers > 0:
         ensure_ray()
+    prepare_train_driver(cfg.num_workers)  # env Ray Train reads at fit(): poll, dashboard
     if cfg.num_workers > 0:
         _check_resources(cfg)
     resources = {"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else None
@@ -507,24 +506,26 @@ def _fit(
     storage_path, name = storage, run_name
     if cfg.num_workers > 0:  # Ray Train uploads to <storage_path>/<name>/<checkpoint_dir_name>
         storage_path, name, _ = split_location(worker_plan.checkpoint_dir)
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class()(  # TorchTrainer, without a cleaner that cannot work
         # Ray types the loop as returning None; rank 0's return value is the run summary.
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config={"plan": worker_plan},
+        train_loop_config={"plan": worker_plan, "log_level": log_level()},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         datasets=plan.datasets,
         dataset_config=data_config,
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig: logging_config
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks) or None,
+            logging_config=train_logging_config(),  # no ray.train INFO lines by default
         ),
     )
-    return trainer.fit()
+    with relay_progress(worker_plan.hooks, cfg.num_workers):  # rank 0's steps -> here
+        return trainer.fit()
 
 
 def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: str):
@@ -556,19 +557,6 @@ def _worker_died(exc: BaseException, cfg: TrainingConfig, checkpoint_dir: str):
         "latest` or Trainer.train(..., resume_from='latest'), or set max_failures >= 1 "
         "(-1: no limit) to restart workers automatically"
     )
-
-
-def _quiet_ray_logs() -> None:
-    """Keep Ray's INFO lines ("Reported metrics: {...}" per epoch, local-mode notices) off
-    the console: kiln prints its own line per epoch. ``KILN_LOG_LEVEL=INFO`` (or DEBUG)
-    brings them back."""
-    wanted = os.environ.get("KILN_LOG_LEVEL", "WARNING").upper()
-    level = logging.getLevelName(wanted)
-    level = level if isinstance(level, int) else logging.WARNING
-    for name in ("ray.train", "ray.tune", "ray.data"):
-        logger_ = logging.getLogger(name)
-        if logger_.level == logging.NOTSET or logger_.level < level:
-            logger_.setLevel(level)
 
 
 def _ordered_execution():

@@ -78,6 +78,7 @@ from kiln.engine.gradients import GradientAccumulator, GradientMonitor
 from kiln.engine.loops import TrainingLoop, ValidationLoop, metrics_from_sums
 from kiln.engine.loss import LOSSES, get_loss_strategy, loss_for_task
 from kiln.engine.optim import Precision
+from kiln.engine.progress import EpochProgress, count_batches
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
     is_sharded_checkpoint,
@@ -124,7 +125,10 @@ class WorkerPlan:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point: ``loop_config = {"plan": WorkerPlan}``."""
+    """Ray Train entry point: ``loop_config = {"plan": WorkerPlan, "log_level": str}``."""
+    from kiln._ray import quiet_ray_logs
+
+    quiet_ray_logs(loop_config.get("log_level"))  # this worker's Ray loggers (kiln console)
     run = _setup(loop_config["plan"])
     run.hooks.training_start()
     for epoch in range(run.start_epoch + 1, run.cfg.epochs + 1):
@@ -245,7 +249,9 @@ def _setup(plan: WorkerPlan) -> _Run:
         train_batches=train_batches,
         val_batches=val_batches,
         # In-process runs call the user's own hook objects; worker actors get copies.
-        hooks=_Hooks(list(plan.hooks), cfg, model, optimizer, rank, world_size),
+        hooks=_Hooks(
+            list(plan.hooks), cfg, model, optimizer, rank, world_size, batches_per_epoch, device
+        ),
         manager=_checkpoint_manager(plan, staged) if rank == 0 else None,
         reporter=_ReportPacer(cfg.report_interval_s, distributed),
         to_tune=plan.report_checkpoints and _in_tune(),
@@ -365,11 +371,14 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     train = train_loop.run_epoch(
         epoch,
         run.model,
-        epoch_batches(
-            run.train_batches(epoch),
-            run.epoch_data,
-            position,
-            lookahead=run.cfg.gradient_accumulation_steps > 1,
+        count_batches(
+            epoch_batches(
+                run.train_batches(epoch),
+                run.epoch_data,
+                position,
+                lookahead=run.cfg.gradient_accumulation_steps > 1,
+            ),
+            hooks.step_counters,
         ),
         run.optimizer,
         run.scheduler,
@@ -864,7 +873,15 @@ class _Hooks:
     """Dispatches loop events to seed-002 TrainingHooks and seed-001 callbacks alike."""
 
     def __init__(
-        self, hooks: list[Any], cfg: TrainingConfig, model, optimizer, rank: int, world_size: int
+        self,
+        hooks: list[Any],
+        cfg: TrainingConfig,
+        model,
+        optimizer,
+        rank: int,
+        world_size: int,
+        steps_per_epoch: int | None = None,  # this rank's batches: progress displays
+        device: torch.device | None = None,
     ):
         if cfg.early_stopping_patience:
             hooks.append(
@@ -880,11 +897,19 @@ class _Hooks:
         self.callbacks.set_context(
             model=model, optimizer=optimizer, rank=rank, world_size=world_size
         )
+        progress = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochProgress)]
         self.wants_batch_end = any(
             type(cb).on_batch_end is not CallbackBase.on_batch_end
             for cb in self.callbacks.callbacks
+            if cb not in progress
         ) or any(_overrides(h, "on_batch_end") for h in self.hooks.hooks)
+        # Progress alone must not cost a host sync per step on an accelerator (the loop
+        # hands batch_end hooks float(loss)): there it counts batches, without the loss.
+        on_accelerator = device is not None and device.type != "cpu"
+        self.step_counters = progress if on_accelerator and not self.wants_batch_end else []
+        self.wants_batch_end = self.wants_batch_end or bool(progress and not self.step_counters)
         self.epochs = cfg.epochs
+        self.steps_per_epoch = steps_per_epoch
 
     @property
     def stop_training(self) -> bool:
@@ -892,7 +917,9 @@ class _Hooks:
 
     def training_start(self) -> None:
         self.hooks.on_training_start()
-        self.callbacks.on_train_begin({"epochs": self.epochs})
+        self.callbacks.on_train_begin(
+            {"epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}
+        )
 
     def epoch_start(self, epoch: int) -> None:
         self.hooks.on_epoch_start(epoch)
