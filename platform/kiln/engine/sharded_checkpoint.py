@@ -86,8 +86,12 @@ def save_sharded(
     *,
     scaler: Any = None,
     on_error: str = "raise",
+    blocking: bool = False,
 ) -> CheckpointMetadata | None:
     """Write one sharded checkpoint; every rank calls it, rank 0 passes its ``manager``.
+
+    Rank 0 finishes the checkpoint in the background unless ``blocking`` (its folder
+    goes to storage or to Tune right after).
 
     Returns what rank 0's manager returns (None on other ranks, and for a save that
     failed with ``on_error="warn"``: nothing of it is kept, and the run goes on).
@@ -124,7 +128,7 @@ def save_sharded(
         scheduler,
         metadata=metadata,
         scaler=scaler,
-        blocking=False,
+        blocking=blocking,
         model_state=full,
         staged=Path(staged),
     )

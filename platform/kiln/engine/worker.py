@@ -81,7 +81,6 @@ from kiln.engine.optim import Precision
 from kiln.engine.progress import EpochProgress, count_batches
 from kiln.engine.seed import set_random_seed, set_rng_state
 from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
-    is_sharded_checkpoint,
     load_sharded,
     read_resume_state,
     save_sharded,
@@ -333,8 +332,9 @@ def _restore(run: _Run, restored: CheckpointState) -> None:
     # strategy: a sharded checkpoint's model + optimizer come from its shards (any layout);
     # a plain optimizer state goes into a sharded model's optimizer by parameter name.
     assert run.resume is not None  # restored from it
-    if is_sharded_checkpoint(resolve_checkpoint(run.resume)):
-        load_sharded(run.resume, run.model, run.optimizer)
+    if not restored.model_state:  # sharded (read_resume_state left the model out)
+        with local_copy(run.resume) as folder:
+            load_sharded(folder, run.model, run.optimizer)
     elif run.sharded and train_state.get("optimizer") is not None:
         full_optimizer = train_state.pop("optimizer")
         _strategy.load_full_optimizer_state(run.model, run.optimizer, full_optimizer)
@@ -465,6 +465,7 @@ def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any]) -> Any:
         extra,
         scaler=run.scaler,
         on_error=run.cfg.on_checkpoint_error,
+        blocking=run.to_tune or run.staged is not None,  # its folder is read right after
     )
 
 
