@@ -126,6 +126,7 @@ def test_without_listeners_epoch_lines_go_to_the_kiln_progress_logger(clock):
     handler = logging.StreamHandler(stream)
     logger = progress_mod.progress_logger()
     logger.addHandler(handler)
+    progress_mod._announced = False
     try:
         hook = EpochProgress(epochs=1)
         hook.on_train_begin({"steps_per_epoch": 10})
@@ -133,7 +134,8 @@ def test_without_listeners_epoch_lines_go_to_the_kiln_progress_logger(clock):
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue().splitlines() == [
-        "epoch   1/1  train_loss 0.5000  val_accuracy 90.00%  (0.00 s)"
+        "kiln: epoch 1 running: step 3/10 (10.0 steps/s)",  # once: training has started
+        "epoch   1/1  train_loss 0.5000  val_accuracy 90.00%  (0.00 s)",
     ]
 
 
@@ -310,3 +312,23 @@ def test_tune_live_table_shows_each_trials_running_step():
     box.post({"kind": "step", "trial": "b", "step": 1})
     box.post({"kind": "step", "trial": "b", "step": 2})
     assert [(e["trial"], e["step"]) for e in box.drain()] == [("a", 1), ("b", 2)]
+
+
+def test_plain_output_announces_the_first_step_once_per_run():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = progress_mod.progress_logger()
+    logger.addHandler(handler)
+    progress_mod._announced = False
+    try:
+        publish({"kind": "step", "epoch": 1, "epochs": 3, "step": 12, "steps": 40,
+                 "steps_per_s": 48.0})  # fmt: skip
+        publish({"kind": "step", "epoch": 1, "epochs": 3, "step": 24, "steps": 40})
+        publish({"kind": "epoch", "epoch": 1, "epochs": 3, "line": "epoch   1/3  x 1"})
+        publish({"kind": "step", "epoch": 2, "epochs": 3, "step": 12, "steps": 40})
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == [
+        "kiln: epoch 1 running: step 12/40 (48.0 steps/s)",
+        "epoch   1/3  x 1",
+    ]

@@ -110,8 +110,27 @@ def publish(event: Event) -> None:
             listener(event)
         except Exception:  # a display's fault must not stop a run
             logging.getLogger(__name__).warning("progress listener failed", exc_info=True)
-    if not listeners and event.get("kind") == "epoch":
+    if listeners:
+        return
+    global _announced
+    if event.get("kind") == "epoch":
+        _announced = False  # the next run's first step is announced again
         progress_logger().info(event["line"])
+    elif event.get("kind") == "step" and event.get("epoch") == 1 and not _announced:
+        # Plain output has no live line: say once that training runs (with worker
+        # actors, the first epoch line comes only after Ray's start-up and a whole epoch).
+        _announced = True
+        steps = event.get("steps")
+        rate = event.get("steps_per_s")
+        progress_logger().info(
+            "kiln: epoch 1 running: step %s%s%s",
+            event.get("step"),
+            f"/{steps}" if steps else "",
+            f" ({rate:.1f} steps/s)" if isinstance(rate, (int, float)) else "",
+        )
+
+
+_announced = False  # publish: this run's first step was logged (plain output)
 
 
 @contextlib.contextmanager
