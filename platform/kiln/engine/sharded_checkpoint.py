@@ -47,6 +47,7 @@ from kiln.engine.checkpoint_reader import (
     read_metadata,
     resolve_checkpoint,
 )
+from kiln.engine.shards import broadcast
 from kiln.engine.strategy import full_model_state, load_sharded_state, sharded_state
 from kiln.errors import CheckpointError, CheckpointWriteError
 
@@ -65,14 +66,6 @@ _DCP_METADATA = ".metadata"  # written by DCP's coordinator once every rank's sh
 
 def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast(value: Any) -> Any:
-    if not _multi_rank():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def save_sharded(
@@ -98,7 +91,7 @@ def save_sharded(
     """
     import torch.distributed.checkpoint as dcp
 
-    staged = _broadcast(str(manager.stage(epoch)) if manager is not None else None)
+    staged = broadcast(str(manager.stage(epoch)) if manager is not None else None, _multi_rank())
     try:
         dcp.save(sharded_state(model, optimizer), checkpoint_id=Path(staged) / SHARDS_DIR)
     except Exception as exc:  # DCP raises on every rank when any rank failed to write

@@ -24,7 +24,7 @@ from kiln.engine.data_plan import DataKind
 if TYPE_CHECKING:
     from kiln.engine.worker import WorkerPlan
 
-__all__ = ["data_for_rank", "world"]
+__all__ = ["broadcast", "data_for_rank", "world"]
 
 
 def _in_tune() -> bool:
@@ -42,6 +42,17 @@ def world() -> tuple[int, int]:
 
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def broadcast(value: Any, distributed: bool) -> Any:
+    """Rank 0's ``value`` on every rank (itself when not ``distributed``)."""
+    if not distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _rank() -> int:

@@ -85,7 +85,7 @@ from kiln.engine.sharded_checkpoint import (  # strategy="fsdp"
     read_resume_state,
     save_sharded,
 )
-from kiln.engine.shards import _in_tune, data_for_rank, world
+from kiln.engine.shards import _in_tune, broadcast, data_for_rank, world
 from kiln.engine.steps import (
     EPOCH_DATA_KEY,
     MID_EPOCH_KEY,
@@ -207,7 +207,7 @@ def _setup(plan: WorkerPlan) -> _Run:
     resume = plan.resume_from
     if resume is None and rank == 0:
         resume = staged.store.latest_ref() if staged else _latest_or_none(plan.checkpoint_dir)
-    resume = _broadcast(resume, distributed)
+    resume = broadcast(resume, distributed)
     restored = _load_resume(resume) if resume else None  # sharded: no model_state here
     if restored is not None and restored.model_state:
         # before DDP wraps it: every rank loads (an adapter-only checkpoint: not strict)
@@ -523,14 +523,6 @@ def _agree(flag: bool, distributed: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _broadcast(value: Any, distributed: bool) -> Any:
-    if not distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------------- checkpoints to storage
