@@ -11,7 +11,10 @@ and writes what it saw to a JSON file that the test then checks:
 2. the same run on one node (a third node of 2 CPUs; the first two removed), with a
    ``file://`` URI ``storage_path``: its metrics and final weights equal run 1's;
 3. ``ray job submit`` of ``jobs/train.py`` through the head's dashboard (it trains in
-   its driver, on the head, while runs 1 and 2 run); the run lands in ``kiln runs list``.
+   its driver, on the head, while runs 1 and 2 run); the run lands in ``kiln runs list``;
+4. run 1 with ``strategy="fsdp"`` on the two nodes: each rank writes its shards on its
+   own node, and the checkpoint in storage holds both ranks' shards, which read back
+   (DCP to one file) into exactly the gathered ``model.pt``; its losses are DDP's.
 """
 
 from __future__ import annotations
@@ -91,6 +94,20 @@ def test_two_node_run_matches_one_node_and_takes_a_job(tmp_path):
     assert seen["job"]["succeeded"], seen["job"]["output"]
     rows = [line for line in seen["runs_list"].splitlines() if "digits-" in line]
     assert len(rows) == 1 and "completed" in rows[0], seen["runs_list"]
+    # FSDP over the two nodes: both ranks' shards reached the one checkpoint in storage.
+    fsdp = seen["fsdp"]
+    assert sorted(fsdp["worker_nodes"]) == sorted([nodes["a"], nodes["b"]])
+    assert fsdp["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp"], fsdp["shards"]
+    # ... though rank 0's staged folders (on its node) only ever held rank 0's shards:
+    # rank 1 wrote its own on its node, Ray Train uploaded them, and rank 1 removed them.
+    rank0, rank1 = fsdp["staged"]
+    assert rank0["shards"] and all(
+        files == [".metadata", "__0_0.distcp"] for files in rank0["shards"].values()
+    ), rank0
+    assert rank1["session_dir"] != rank0["session_dir"] and not rank1["own_shards_left"], rank1
+    assert fsdp["shards_vs_model_pt"] == 0.0
+    for key in ("train_loss", "val_loss"):
+        assert fsdp["history"][key] == pytest.approx(two["history"][key], rel=1e-3), key
     print("cluster drill timings (s):", seen["timings"])
 
 
@@ -104,7 +121,10 @@ def _free_port() -> int:
 
 
 class _RecordStaging(TrainingHooks):
-    """Rank 0, at the end of training: its node's session dir and the folders it staged."""
+    """Each rank, at the end of training: its node's session dir, the checkpoint folders
+    it staged there (rank 0) with what their ``shards/`` hold, and any of its own shard
+    folders still there (a rank > 0 of an FSDP run, whose shards went to storage).
+    Written to ``<out>`` (rank 0) and ``<out>.rank<N>`` (the others)."""
 
     def __init__(self, out: str) -> None:
         self.out = out
@@ -115,15 +135,19 @@ class _RecordStaging(TrainingHooks):
         import ray
         import ray.train
 
-        if ray.train.get_context().get_world_rank() != 0:
-            return
+        rank = ray.train.get_context().get_world_rank()
         session = ray._private.worker._global_node.get_session_dir_path()
-        found = glob.glob(f"{session}/**/kiln-rank0-*/checkpoints/epoch_*", recursive=True)
-        with open(self.out, "w") as f:
-            json.dump({"session_dir": session, "checkpoints": found}, f)
+        found = glob.glob(f"{session}/**/kiln-rank{rank}-*/checkpoints/epoch_*", recursive=True)
+        shards = {
+            p: sorted(os.listdir(f"{p}/shards")) for p in found if os.path.isdir(f"{p}/shards")
+        }
+        own = glob.glob(f"{session}/**/kiln-rank{rank}-*/shards-epoch_*", recursive=True)
+        with open(self.out if rank == 0 else f"{self.out}.rank{rank}", "w") as f:
+            json.dump({"session_dir": session, "checkpoints": found, "shards": shards,
+                       "own_shards_left": own}, f)  # fmt: skip
 
 
-def _train(storage: str, home: Path, name: str, hooks=()):
+def _train(storage: str, home: Path, name: str, hooks=(), **settings):
     import numpy as np
 
     from kiln import TaskSpec, Trainer, TrainingConfig
@@ -135,7 +159,7 @@ def _train(storage: str, home: Path, name: str, hooks=()):
     cfg = TrainingConfig(
         epochs=EPOCHS, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, num_workers=2,
         random_seed=5, run_name=name, keep_best_k=1, keep_last_n=1,
-        model={"name": "mlp", "hidden": [16]}, export_formats=["pytorch"],
+        model={"name": "mlp", "hidden": [16]}, export_formats=["pytorch"], **settings,
     )  # fmt: skip
     return Trainer(
         training_config=cfg,
@@ -196,6 +220,17 @@ def _child(out: Path, root: Path) -> None:
         seen["two_nodes"] = {**_summary(two), "staged": json.loads(staged.read_text())}
 
         t = time.monotonic()
+        staged = root / "fsdp_staged.json"
+        fsdp = _train(str(storage), home, "fsdp-two-nodes", [_RecordStaging(str(staged))],
+                      strategy="fsdp")  # fmt: skip
+        seen["timings"]["fsdp_two_node_run"] = round(time.monotonic() - t, 1)
+        seen["fsdp"] = {
+            **_summary(fsdp),
+            **_shards(fsdp["latest_checkpoint_path"], root),
+            "staged": [json.loads(p.read_text()) for p in (staged, Path(f"{staged}.rank1"))],
+        }
+
+        t = time.monotonic()
         c = cluster.add_node(num_cpus=2, temp_dir=temp["c"])
         cluster.remove_node(a)
         cluster.remove_node(b)
@@ -230,6 +265,24 @@ def _weight_diff(a: dict, b: dict) -> float:
     y = load_checkpoint_state(b["latest_checkpoint_path"]).model_state
     assert x.keys() == y.keys()
     return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+
+def _shards(checkpoint: str, root: Path) -> dict:
+    """The shard files of a sharded checkpoint, and how far what they hold (converted to
+    one file with DCP's own tool) is from the gathered ``model.pt`` beside them."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from kiln.engine.checkpoint import load_checkpoint_state
+
+    shards = Path(checkpoint) / "shards"
+    whole = root / "fsdp_whole.pt"
+    dcp_to_torch_save(shards, whole)
+    from_shards = torch.load(whole, weights_only=True)["model"]
+    gathered = load_checkpoint_state(checkpoint).model_state
+    assert from_shards.keys() == gathered.keys(), (from_shards.keys(), gathered.keys())
+    diff = max((from_shards[k] - gathered[k]).abs().max().item() for k in gathered)
+    return {"shards": sorted(os.listdir(shards)), "shards_vs_model_pt": diff}
 
 
 def _submit_job(root: Path, address: str, home: Path, storage: Path) -> str:

@@ -18,7 +18,12 @@ Order of a save (:func:`save_sharded`, called by every rank)::
             metadata.json, fsync, rename to epoch_0003, manifest, retention (best-k/last-n)
 
 so a crash at any point leaves a ``*.tmp-*`` folder that is never loaded and is removed
-when a manager next opens the directory. All files of one checkpoint live in its one
+when a manager next opens the directory.
+
+A rank on another node than rank 0 cannot write into rank 0's folder: it writes its
+shards into a folder of its own on its node (``own_dir``), which it reports to Ray
+Train with the same ``checkpoint_dir_name``; Ray Train's upload merges every rank's
+``shards/`` into the one checkpoint folder in storage before rank 0 commits it. All files of one checkpoint live in its one
 folder. Resume (:func:`load_sharded`) reads the shards into any layout: FSDP over any
 number of workers, DDP, or one process.
 """
@@ -80,11 +85,14 @@ def save_sharded(
     scaler: Any = None,
     on_error: str = "raise",
     blocking: bool = False,
+    own_dir: Path | None = None,
 ) -> CheckpointMetadata | None:
     """Write one sharded checkpoint; every rank calls it, rank 0 passes its ``manager``.
 
     Rank 0 finishes the checkpoint in the background unless ``blocking`` (its folder
-    goes to storage or to Tune right after).
+    goes to storage or to Tune right after). A rank > 0 on another node than rank 0
+    passes ``own_dir``: its shards go to ``own_dir/shards`` (the caller uploads that
+    folder into the checkpoint's folder in storage, then removes it).
 
     Returns what rank 0's manager returns (None on other ranks, and for a save that
     failed with ``on_error="warn"``: nothing of it is kept, and the run goes on).
@@ -92,16 +100,20 @@ def save_sharded(
     import torch.distributed.checkpoint as dcp
 
     staged = broadcast(str(manager.stage(epoch)) if manager is not None else None, _multi_rank())
-    try:
-        dcp.save(sharded_state(model, optimizer), checkpoint_id=Path(staged) / SHARDS_DIR)
+    target = Path(own_dir if own_dir is not None else staged) / SHARDS_DIR
+    try:  # DCP: the coordinator (rank 0) writes .metadata into its own target, last
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=target)
     except Exception as exc:  # DCP raises on every rank when any rank failed to write
         message = (
-            f"sharded checkpoint of epoch {epoch} could not be written to {staged!r}: {exc}. "
+            f"sharded checkpoint of epoch {epoch} could not be written to "
+            f"{str(target.parent)!r}: {exc}. "
             "Nothing of it was kept and earlier checkpoints are intact; free some space, or "
             "set on_checkpoint_error='warn' to keep training without it"
         )
         if manager is not None:
             shutil.rmtree(staged, ignore_errors=True)
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
         if on_error == "raise":
             raise CheckpointWriteError(message) from exc
         if manager is not None:

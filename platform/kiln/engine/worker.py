@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,7 +96,7 @@ from kiln.engine.steps import (
     StepSchedule,
     epoch_batches,
 )
-from kiln.errors import CheckpointError, ConfigError, ModelConfigError
+from kiln.errors import CheckpointError, ModelConfigError
 from kiln.tracking.metrics import AlertConfig, AlertMonitor
 
 
@@ -261,13 +264,6 @@ def _setup(plan: WorkerPlan) -> _Run:
         staged=staged,
         nodes=_node_ids(distributed),
     )
-    if run.sharded and len(set(run.nodes)) > 1:
-        # every rank writes its shards into rank 0's staging folder, on rank 0's node
-        raise ConfigError(
-            f"strategy='fsdp' with workers on {len(set(run.nodes))} nodes: sharded "
-            "checkpoints need every worker on one node for now; use strategy='ddp', or "
-            "resources that fit the workers on one node"
-        )
     if restored is not None:
         _restore(run, restored)
     return run
@@ -427,8 +423,10 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
     due, run.save_due = run.save_due, False
     # the same on every rank: with storage, every rank reports the checkpoint
     wanted = run.to_tune or epoch % run.cfg.save_every_n_epochs == 0 or last or due
-    if run.sharded:  # strategy="fsdp": every rank writes its shards
-        saved = _save_sharded(run, epoch, metrics) if wanted else None
+    own_shards = None  # strategy="fsdp" on another node than rank 0: this rank's shards
+    if run.sharded and wanted:  # strategy="fsdp": every rank writes its shards
+        own_shards = _own_shards_dir(run, epoch)
+        saved = _save_sharded(run, epoch, metrics, own_shards)
     elif run.manager is not None and wanted:
         saved = run.manager.save_checkpoint(
             epoch,
@@ -443,7 +441,7 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
             blocking=run.to_tune or run.staged is not None,
         )
     if run.staged is not None and wanted:
-        _publish_checkpoint(run, epoch, _scalars(metrics), saved)
+        _publish_checkpoint(run, epoch, _scalars(metrics), saved, own_shards=own_shards)
         if run.staged.via_ray:  # the checkpoint's report was this epoch's report
             return
     if run.to_tune or run.reporter.due(last):
@@ -451,7 +449,16 @@ def _save_and_report(run: _Run, epoch: int, metrics: dict[str, Any], *, last: bo
         _report(_scalars(metrics), checkpoint)
 
 
-def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any]) -> Any:
+def _own_shards_dir(run: _Run, epoch: int) -> Path | None:
+    """A folder on this rank's node for its shards when rank 0's staging folder is on
+    another node (None: it writes into rank 0's folder, as every rank on rank 0's node does).
+    """
+    if run.staged is None or run.rank == 0 or run.nodes[run.rank] == run.nodes[0]:
+        return None
+    return run.staged.root / f"shards-epoch_{epoch:04d}-{uuid.uuid4().hex[:8]}"
+
+
+def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any], own_dir: Path | None) -> Any:
     """strategy="fsdp": every rank writes its shards (DCP), rank 0 publishes the checkpoint
     (and gets its metadata back; other ranks None)."""
     extra = {**_checkpoint_extra(run), "strategy": "fsdp"}
@@ -466,6 +473,7 @@ def _save_sharded(run: _Run, epoch: int, metrics: dict[str, Any]) -> Any:
         scaler=run.scaler,
         on_error=run.cfg.on_checkpoint_error,
         blocking=run.to_tune or run.staged is not None,  # its folder is read right after
+        own_dir=own_dir,
     )
 
 
@@ -536,18 +544,26 @@ def _open_staging(plan: WorkerPlan, rank: int) -> StagedCheckpoints | None:
 
 
 def _publish_checkpoint(
-    run: _Run, epoch: int, metrics: dict[str, Any], saved: Any, name: str | None = None
+    run: _Run,
+    epoch: int,
+    metrics: dict[str, Any],
+    saved: Any,
+    name: str | None = None,
+    own_shards: Path | None = None,
 ) -> None:
     """Send this epoch's staged checkpoint to storage, then commit it there (rank 0).
 
     Worker actors: every rank reports (a barrier), with the folder it staged (rank 0's
-    checkpoint; with sharded state, each rank's shards), and Ray Train uploads each into
-    ``<checkpoints>/epoch_NNNN``. Once every rank is past its upload, rank 0 commits
-    the manifest. In-process: rank 0 uploads the folder itself, then commits.
+    checkpoint; a sharded checkpoint's ranks on other nodes: their own shards), and Ray
+    Train uploads each into ``<checkpoints>/epoch_NNNN`` (the folders merge). Once every
+    rank is past its upload, rank 0 commits the manifest. In-process: rank 0 uploads
+    the folder itself, then commits.
     """
     staged = run.staged
     assert staged is not None
     folder = saved.path if saved is not None else None  # None: not saved ("warn") or rank > 0
+    if own_shards is not None and own_shards.is_dir():  # not there: the save failed ("warn")
+        folder = own_shards
     if staged.via_ray:
         import ray.train
 
@@ -561,6 +577,8 @@ def _publish_checkpoint(
         run.reporter.last = time.monotonic()
         if run.distributed:
             dist.barrier()  # every rank's files are in storage
+        if own_shards is not None:  # uploaded: rank 0's staging folder keeps the checkpoint
+            shutil.rmtree(own_shards, ignore_errors=True)
     elif folder:
         staged.upload(folder)
     if run.rank == 0 and folder:
