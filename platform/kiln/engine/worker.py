@@ -562,8 +562,11 @@ def _publish_checkpoint(
     staged = run.staged
     assert staged is not None
     folder = saved.path if saved is not None else None  # None: not saved ("warn") or rank > 0
-    if own_shards is not None and own_shards.is_dir():  # not there: the save failed ("warn")
-        folder = own_shards
+    if run.sharded and len(set(run.nodes)) > 1:  # ranks with shards of their own (all agree)
+        # their shards go up only with rank 0's checkpoint (its save may have failed, "warn")
+        kept = broadcast(folder is not None if run.rank == 0 else None, run.distributed)
+        if kept and own_shards is not None and own_shards.is_dir():
+            folder = own_shards
     if staged.via_ray:
         import ray.train
 
