@@ -115,11 +115,13 @@ def test_without_mlflow_the_error_says_how_to_install_it(monkeypatch, tmp_path):
 def test_a_failing_tracker_is_a_warning_and_the_run_keeps_its_results(tmp_path, monkeypatch):
     from kiln.config import TrainingConfig
     from kiln.engine.trainer import _report_elsewhere
+    from kiln.tracking.tensorboard import LiveTensorBoard
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchstore://anywhere")  # no such tracking store
     results = {"history": HISTORY, "task": {"task_type": "classification"}}
     cfg = TrainingConfig(report_to=["mlflow"])
-    _report_elsewhere(cfg, "r", tmp_path / "run", results, 5, {})
+    live = LiveTensorBoard(tmp_path / "run" / "tensorboard")
+    _report_elsewhere(cfg, "r", results, 5, {}, live)
     assert "nosuchstore://anywhere" in results["report_errors"]["mlflow"]
     assert "mlflow_run_id" not in results
     assert (tmp_path / "run" / "tensorboard").is_dir()  # the other writer still ran

@@ -169,8 +169,9 @@ class TrainingConfig:
     tensorboard: bool = _f(
         True,
         "logging",
-        "Write TensorBoard event files (scalars per epoch and per logged step) to "
-        "<runs>/<run_name>/tensorboard, so `tensorboard --logdir $KILN_HOME/runs` shows them.",
+        "Write TensorBoard event files to <runs>/<run_name>/tensorboard: each epoch's "
+        "scalars as it ends, the per-step rows (log_every_n_steps) when the run ends; "
+        "`tensorboard --logdir $KILN_HOME/runs` shows them.",
     )
     # Data
     dataset: str | None = _f(None, "data", "Dataset id or local parquet/csv/jsonl path.")

@@ -16,6 +16,9 @@ actors, :func:`relay_progress` (around ``TorchTrainer.fit()``) gives the hook a 
 Ray actor to post to and pumps that mailbox into :func:`publish` from a driver thread.
 ``publish`` hands each event to the listeners a program registered (``kiln train``'s
 live display on a terminal); with none, epoch lines go to the ``kiln.progress`` logger.
+Sinks (:func:`add_sink`: the run's live TensorBoard file) get every event as well but
+are not a display: the epoch lines are still logged beside them. A ``quiet`` hook's
+events (one kiln adds for a sink when ``verbose=False``) go to sinks only.
 
 That logger gets its own plain handler (stdout, the message alone) unless it already
 has one, so a user's logging setup is left alone: silence it with ``verbose=False``
@@ -37,12 +40,14 @@ from kiln.engine.callbacks import CallbackBase
 __all__ = [
     "EpochProgress",
     "add_listener",
+    "add_sink",
     "count_batches",
     "format_metric",
     "progress_mailbox",
     "publish",
     "relay_progress",
     "remove_listener",
+    "remove_sink",
 ]
 
 LOGGER_NAME = "kiln.progress"
@@ -51,7 +56,8 @@ LOGGER_NAME = "kiln.progress"
 DEFAULT_INTERVAL_S = 0.25
 
 Event = dict[str, Any]
-_listeners: list[Callable[[Event], None]] = []
+_listeners: list[Callable[[Event], None]] = []  # displays
+_sinks: list[Callable[[Event], None]] = []  # recorders of events (not a display)
 _listeners_lock = threading.Lock()
 
 
@@ -101,16 +107,32 @@ def remove_listener(listener: Callable[[Event], None]) -> None:
             _listeners.remove(listener)
 
 
-def publish(event: Event) -> None:
-    """Give an event to the listeners; with none, log epoch lines to ``kiln.progress``."""
+def add_sink(sink: Callable[[Event], None]) -> None:
+    """Send every progress event of this process's runs to ``sink(event)`` too, without
+    standing in for the console (a listener is a display; a sink records)."""
     with _listeners_lock:
-        listeners = list(_listeners)
-    for listener in listeners:
+        _sinks.append(sink)
+
+
+def remove_sink(sink: Callable[[Event], None]) -> None:
+    with _listeners_lock:
+        if sink in _sinks:
+            _sinks.remove(sink)
+
+
+def publish(event: Event) -> None:
+    """Give an event to the sinks and the listeners; with no listener, log epoch lines to
+    ``kiln.progress``. A ``quiet`` event goes to the sinks only."""
+    quiet = bool(event.get("quiet"))
+    with _listeners_lock:
+        listeners = [] if quiet else list(_listeners)
+        receivers = list(_sinks) + listeners
+    for receiver in receivers:
         try:
-            listener(event)
-        except Exception:  # a display's fault must not stop a run
+            receiver(event)
+        except Exception:  # a display's or a sink's fault must not stop a run
             logging.getLogger(__name__).warning("progress listener failed", exc_info=True)
-    if listeners:
+    if listeners or quiet:
         return
     global _announced
     if event.get("kind") == "epoch":
@@ -217,11 +239,15 @@ class EpochProgress(CallbackBase):
     Args:
         epochs: the run's epoch count (N in ``epoch i/N``).
         interval_s: at least this long between two step events.
+        quiet: events for sinks only (no console line, no display).
     """
 
-    def __init__(self, epochs: int, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(
+        self, epochs: int, interval_s: float = DEFAULT_INTERVAL_S, *, quiet: bool = False
+    ) -> None:
         self.epochs = epochs
         self.interval_s = interval_s
+        self.quiet = quiet
         self.relay: Any = None  # a ProgressMailbox actor handle when ranks are actors
         self.trial: str | None = None  # in a Tune trial: its id, in every event
         self.steps_per_epoch: int | None = None
@@ -314,6 +340,8 @@ class EpochProgress(CallbackBase):
     def _send(self, event: Event) -> None:
         if self.trial is not None:
             event["trial"] = self.trial
+        if self.quiet:
+            event["quiet"] = True
         if self.relay is not None:
             self.relay.post.remote(event)  # fire and forget: the loop never waits
         else:

@@ -188,12 +188,15 @@ class Trainer:
             params = {**_run_params(cfg, plan, run.resume), "checkpoint_dir": run.checkpoint_dir}
             params.update(self.custom.params())
             run_id = recorder.start(run.name, cfg.to_dict(), params, notes=cfg.notes)
+        live = _live_tensorboard(cfg, run.dir)  # each epoch's scalars as it ends
         started = time.perf_counter()
         try:
             fitted = _fit(
                 run.worker_plan, plan, cfg, run.name, self._location(), self.ray_callbacks
             )
         except BaseException as exc:
+            if live is not None:
+                live.close()  # a failed run keeps the epochs it wrote
             died = _worker_died(exc, cfg, run.checkpoint_dir)
             if recorder is not None:
                 stopped = isinstance(exc, KeyboardInterrupt)
@@ -201,6 +204,11 @@ class Trainer:
             if died is not None:
                 raise died from exc
             raise
+        finally:
+            if live is not None:
+                from kiln.engine.progress import remove_sink
+
+                remove_sink(live)
         summary = _fetch_checkpoints(fitted.return_value or {}, run.checkpoint_dir, run.dir)
         results = _results(summary, cfg, plan, run.name, run.dir, time.perf_counter() - started)
         results["checkpoint_location"] = run.checkpoint_dir  # in storage (a path or a URI)
@@ -212,7 +220,7 @@ class Trainer:
         if cfg.export_formats and best:
             bundle = _export_best(run.factory, best, run.model_config, plan, cfg, run.dir)
             results["bundle_path"] = str(bundle)
-        self._record(run, results, recorder, run_id)
+        self._record(run, results, recorder, run_id, live)
         self.results = results
         return results
 
@@ -257,7 +265,7 @@ class Trainer:
             cache_shards=plan.cache_shards,
             loaders=plan.loaders,
             arrays=plan.arrays,
-            hooks=self.hooks,
+            hooks=_with_progress(self.hooks, cfg),
             resume_from=resume,
             report_checkpoints=self.report_checkpoints,
             losses=LOSSES.user_entries(),
@@ -285,8 +293,11 @@ class Trainer:
             worker_plan,
         )
 
-    def _record(self, run: _PreparedRun, results: dict[str, Any], recorder: Any, run_id) -> None:
-        """The run's record (history, checkpoints, profile), W&B, and the registration."""
+    def _record(
+        self, run: _PreparedRun, results: dict[str, Any], recorder: Any, run_id, live: Any = None
+    ) -> None:
+        """The run's record (history, checkpoints, profile), TensorBoard, W&B, MLflow, and
+        the registration."""
         cfg, plan = run.cfg, run.plan
         if recorder is not None or cfg.register_as:
             results["run_id"] = run_id
@@ -303,7 +314,7 @@ class Trainer:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
             log_run_to_wandb(cfg.wandb_project, run.name, cfg.to_dict(), results["history"])
-        _report_elsewhere(cfg, run.name, run.dir, results, run_id, self.custom.params())
+        _report_elsewhere(cfg, run.name, results, run_id, self.custom.params(), live)
         if recorder is not None or cfg.register_as:
             entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = entry.model_id if entry is not None else None
@@ -710,24 +721,45 @@ def _custom_pieces(
     return cfg, _CustomPieces(opt_factory, sched_factory, MetricSet.from_user(metrics))
 
 
+def _with_progress(hooks: list[Any], cfg: TrainingConfig) -> list[Any]:
+    """The run's hooks; with ``tensorboard`` and no progress hook (``verbose=False``), a
+    quiet one whose epoch events feed the live TensorBoard file and print nothing."""
+    from kiln.engine.progress import EpochProgress
+
+    if not cfg.tensorboard or any(isinstance(h, EpochProgress) for h in hooks):
+        return hooks
+    return [*hooks, EpochProgress(cfg.epochs, quiet=True)]
+
+
+def _live_tensorboard(cfg: TrainingConfig, run_dir: Path) -> Any:
+    """With ``tensorboard``: the run's live event file, registered as a progress sink."""
+    if not cfg.tensorboard:
+        return None
+    from kiln.engine.progress import add_sink
+    from kiln.tracking.tensorboard import LiveTensorBoard
+
+    live = LiveTensorBoard(run_dir / "tensorboard")
+    add_sink(live)
+    return live
+
+
 def _report_elsewhere(
     cfg: TrainingConfig,
     name: str,
-    run_dir: Path,
     results: dict[str, Any],
     run_id: Any,
     params: dict[str, Any],
+    live: Any = None,
 ) -> None:
-    """TensorBoard event files in the run's folder, and the run to MLflow (report_to).
+    """The rest of the TensorBoard file (per-step rows, epochs not seen live), and the
+    run to MLflow (report_to).
 
     The run is trained and recorded by now: a writer that fails is a warning (and
     ``results["report_errors"]``), and loses none of it.
     """
-    if cfg.tensorboard:
-        from kiln.tracking.tensorboard import write_history
-
+    if live is not None:
         try:
-            write_history(run_dir / "tensorboard", results["history"])
+            live.finish(results["history"])
         except OSError as exc:
             logger.warning("TensorBoard event files not written: %s", exc)
             results.setdefault("report_errors", {})["tensorboard"] = str(exc)
