@@ -239,7 +239,8 @@ class EpochProgress(CallbackBase):
     Args:
         epochs: the run's epoch count (N in ``epoch i/N``).
         interval_s: at least this long between two step events.
-        quiet: events for sinks only (no console line, no display).
+        quiet: epoch events for sinks only (no step events, no console line, no
+            display); the loop then calls no per-batch hook for it.
     """
 
     def __init__(
@@ -271,6 +272,8 @@ class EpochProgress(CallbackBase):
         self._epoch_start = self._last = now
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.quiet:  # for sinks (TensorBoard), which take epoch events only
+            return
         self._seen = batch + 1
         if self.rank != 0:
             return

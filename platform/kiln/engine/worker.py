@@ -911,11 +911,12 @@ class _Hooks:
         self.callbacks.set_context(
             model=model, optimizer=optimizer, rank=rank, world_size=world_size
         )
-        progress = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochProgress)]
+        progress_hooks = [cb for cb in self.callbacks.callbacks if isinstance(cb, EpochProgress)]
+        progress = [cb for cb in progress_hooks if not cb.quiet]  # quiet: epoch events only
         self.wants_batch_end = any(
             type(cb).on_batch_end is not CallbackBase.on_batch_end
             for cb in self.callbacks.callbacks
-            if cb not in progress
+            if cb not in progress_hooks
         ) or any(_overrides(h, "on_batch_end") for h in self.hooks.hooks)
         # Progress alone must not cost a host sync per step on an accelerator (the loop
         # hands batch_end hooks float(loss)): there it counts batches, without the loss.
