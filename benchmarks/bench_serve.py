@@ -30,13 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.serve._ports import free_port
+
 IN_FEATURES, HIDDEN, CLASSES = 64, 128, 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_bundle(root: Path) -> Path:

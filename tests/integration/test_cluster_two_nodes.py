@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from kiln import TrainingHooks
+from kiln.serve._ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -112,14 +113,6 @@ def test_two_node_run_matches_one_node_and_takes_a_job(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the child
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _RecordStaging(TrainingHooks):
     """Each rank, at the end of training: its node's session dir, the checkpoint folders
     it staged there (rank 0) with what their ``shards/`` hold, and any of its own shard
@@ -193,7 +186,7 @@ def _child(out: Path, root: Path) -> None:
     storage, home = root / "shared" / "runs", root / "home"
     seen: dict = {"temp_dirs": temp, "storage": str(storage), "timings": {}}
     started = time.monotonic()
-    dashboard = _free_port()
+    dashboard = free_port()
     (root / "ray").mkdir()  # RAY_TMPDIR's default temp dir (the address file goes there)
     cluster = None
     try:
@@ -202,7 +195,7 @@ def _child(out: Path, root: Path) -> None:
             head_node_args=dict(
                 num_cpus=0, temp_dir=temp["h"],
                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
-                dashboard_agent_listen_port=_free_port(),
+                dashboard_agent_listen_port=free_port(),
             ),
         )  # fmt: skip
         a = cluster.add_node(num_cpus=1, temp_dir=temp["a"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from kiln.llm import (
     load_for_inference,
 )
 from kiln.paths import RunPaths
+from kiln.serve._ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -254,12 +254,6 @@ def test_ddp_two_workers_keep_lora_adapters_identical(trained, ray_local):
         assert torch.equal(rank0[name], rank1[name]), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_generate_on_ray_serve(trained, ray_local):
     import httpx
     from ray import serve
@@ -272,7 +266,7 @@ def test_generate_on_ray_serve(trained, ray_local):
     adapter = trained["root"] / "fresh-adapter"
     peft_model = CausalLMFactory(str(trained["full"]), lora={"r": 4, "alpha": 8})()
     save_output(peft_model, load_tokenizer(trained["full"]), adapter, base=str(trained["full"]))
-    port = _free_port()
+    port = free_port()
     start_serve(host="127.0.0.1", port=port, ingress="proxy")
     serve.run(
         build_generate_app(trained["full"], num_cpus=0.25, max_body_bytes=4096),

@@ -8,7 +8,6 @@ and shut down when the test ends.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from kiln.cli import main as kiln_main
 from kiln.paths import RunPaths
 from kiln.queue import JobExecutor, JobManager, JobStatus
 from kiln.queue.launchers import ray_job_client
+from kiln.serve._ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,19 +50,13 @@ HEAD = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_dashboard():
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": PLATFORM + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [sys.executable, "-c", HEAD, str(port), str(_free_port())],
+        [sys.executable, "-c", HEAD, str(port), str(free_port())],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 
 import httpx
@@ -20,17 +19,12 @@ from torch import nn
 
 from kiln.export import create_export_bundle
 from kiln.serve import Predictor, build_app
+from kiln.serve._ports import free_port
 from kiln.serve.runner import start_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 CLASSES = ["setosa", "versicolor", "virginica"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlp(seed: int = 0, hidden: int = 16) -> nn.Module:
@@ -54,7 +48,7 @@ def served(ray_local, tmp_path_factory):
         root,
         bundle_name="slow",
     )
-    port = _free_port()
+    port = free_port()
     env = start_serve(host="127.0.0.1", port=port, ingress="haproxy")
     common = {"num_cpus": 0.25, "runtime_env_vars": env}
     serve.run(

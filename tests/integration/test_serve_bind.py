@@ -26,16 +26,11 @@ from torch import nn
 
 from kiln.export import create_export_bundle
 from kiln.serve import Predictor, build_app
+from kiln.serve._ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROWS = [[0.1, -0.2, 0.3, 0.4], [1.0, 2.0, -3.0, 0.5]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _address(hex_addr: str) -> str:
@@ -133,15 +128,40 @@ def bundle(tmp_path_factory):
     return create_export_bundle(model, None, task, None, root, bundle_name="m")
 
 
-def test_default_ingress_listens_on_loopback_only(ray_local, bundle):
-    """start_serve's default (HAProxy) on the shared Ray: stats and metrics included."""
+@pytest.fixture()
+def held_port():
+    """A port this process listens on, so nothing else can bind it."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_default_ingress_listens_on_loopback_only(ray_local, bundle, held_port, monkeypatch):
+    """start_serve's default (HAProxy) on the shared Ray: stats and metrics included.
+
+    Its first pick for HAProxy's ports is one another process took after the pick (as a
+    second server starting at the same time can): HAProxy cannot bind it, and Serve is
+    started again on new picks.
+    """
     from ray import serve
 
-    from kiln.serve.runner import start_serve
+    import kiln.serve._ports as ports
+    from kiln.serve.runner import METRICS_PORT_ENV, STATS_PORT_ENV, start_serve
 
-    port, stats, metrics = _free_port(), _free_port(), _free_port()
-    env = start_serve(host="127.0.0.1", port=port, stats_port=stats, metrics_port=metrics)
+    picks = []
+    real_free_port = ports.free_port
+
+    def taken_first(host: str = "127.0.0.1") -> int:
+        picks.append(held_port if not picks else real_free_port(host))
+        return picks[-1]
+
+    monkeypatch.setattr(ports, "free_port", taken_first)
+    port = real_free_port()
+    env = start_serve(host="127.0.0.1", port=port)
     try:
+        stats, metrics = int(env[STATS_PORT_ENV]), int(env[METRICS_PORT_ENV])
+        assert held_port not in (stats, metrics) and len(picks) == 4, (picks, env)
         serve.run(
             build_app(bundle, num_cpus=0.25, runtime_env_vars=env), name="bind", route_prefix="/"
         )
@@ -151,6 +171,19 @@ def test_default_ingress_listens_on_loopback_only(ray_local, bundle):
         _assert_loopback_only(_serve_listeners(port), {port, stats, metrics})
     finally:
         serve.shutdown()
+
+
+def test_chosen_port_taken_is_named_not_replaced(ray_local, held_port):
+    """A port the caller chose is never swapped for another: the error names its holder."""
+    from kiln.errors import PortInUseError
+    from kiln.serve._ports import free_port
+    from kiln.serve.runner import start_serve
+
+    with pytest.raises(PortInUseError) as caught:
+        start_serve(host="127.0.0.1", port=free_port(), metrics_port=held_port)
+    message = str(caught.value)
+    assert f"port {held_port} (HAProxy metrics)" in message, message
+    assert f"held by pid {os.getpid()}" in message and "--metrics-port" in message, message
 
 
 def _wait_until(check, deadline: float, proc: subprocess.Popen, what: str, log: Path):
@@ -172,7 +205,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 def test_kiln_serve_subprocess_end_to_end(bundle, tmp_path):
     """`kiln serve BUNDLE --port P` in its own Ray: predict, loopback only, Ctrl-C exits."""
-    port, stats, metrics = _free_port(), _free_port(), _free_port()
+    port, stats, metrics = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
         KILN_HOME=str(tmp_path / "home"),

@@ -35,6 +35,7 @@ from torch import nn
 
 from kiln.export import create_export_bundle
 from kiln.serve import build_app
+from kiln.serve._ports import free_port
 from kiln.serve.runner import deploy, start_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -43,12 +44,6 @@ KEY = "k" * 24
 LIMIT = 8 * 1024 * 1024
 VALID = {"inputs": [[0.1, -0.2, 0.3, 0.4], [1.0, 2.0, -3.0, 0.5]]}
 FIGURES: dict[str, object] = {"statuses": {}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def served(ray_local, tmp_path_factory):
     bundle = create_export_bundle(small, None, task, None, root, bundle_name="main")
     wide = nn.Sequential(nn.Linear(4, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 3))
     busy = create_export_bundle(wide, None, task, None, root, bundle_name="busy")
-    port = _free_port()
+    port = free_port()
     # As `kiln serve` without --reload-on-promote: no fallback proxy, so no replica = 503.
     env = start_serve(host="127.0.0.1", port=port, ingress="haproxy", keep_fallback=False)
     common = {"num_cpus": 0.25, "runtime_env_vars": env}

@@ -16,7 +16,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,19 +27,13 @@ from drill_record import record
 from torch import nn
 
 from kiln.export import create_export_bundle
-from kiln.serve._ports import listening_inodes
+from kiln.serve._ports import free_port, listening_inodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROWS = [[0.1, -0.2, 0.3, 0.4]]
 # Command-line marks of the processes `ray stop --force` kills (ray/scripts/scripts.py).
 RAY_MARKS = ("ray::", "raylet", "gcs_server", "/ray/dashboard/", "log_monitor.py", "monitor.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -180,10 +173,10 @@ def test_servers_side_by_side_and_nothing_outlives_sigkill_ray_stop_or_sigterm(b
        SIGTERM as cleanly as on Ctrl-C: status 0, no DashboardAgent or
        RuntimeEnvAgent left.
     """
-    port, stats, metrics = _free_port(), _free_port(), _free_port()
+    port, stats, metrics = free_port(), free_port(), free_port()
     ports = ("--stats-port", str(stats), "--metrics-port", str(metrics))
     a = Server(bundle, tmp_path, port, *ports)
-    b = Server(bundle, tmp_path, _free_port())
+    b = Server(bundle, tmp_path, free_port())
     c = None
     try:
         a.wait_ready()

@@ -22,7 +22,8 @@ from torch import nn
 from kiln.errors import ConfigError, IntegrityError, PortInUseError
 from kiln.export import create_export_bundle, load_bundle
 from kiln.serve import RequestError, ServeOptions
-from kiln.serve._ports import check_free
+from kiln.serve import _ports
+from kiln.serve._ports import check_free, free_port
 from kiln.serve.deployment import KilnModelDeployment, read_body
 
 KEY = "s3cret-key-of-24-chars!!"
@@ -171,6 +172,34 @@ def test_non_loopback_host_needs_a_key_or_insecure(monkeypatch, capsys, bundle):
         _api_key(_serve_args(host="0.0.0.0", api_key="short"))
     monkeypatch.setenv("KILN_API_KEY", KEY)
     assert _api_key(_serve_args(host="0.0.0.0")) == KEY
+
+
+def test_free_port_avoids_ephemeral_and_ray_worker_ports(monkeypatch):
+    """Picked ports sit between Ray's worker ports (10002-19999) and the kernel's
+    ephemeral range, which outgoing connections and port-0 binds draw from."""
+    monkeypatch.setattr(_ports, "_ephemeral_ports", lambda: range(32768, 61000))
+    picks = {free_port() for _ in range(50)}
+    assert all(20000 <= p < 32768 for p in picks), picks
+    assert len(picks) > 40  # random, not the same few ports for every caller
+    with socket.socket() as held:  # a taken port is never returned
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(_ports, "_ephemeral_ports", lambda: range(20000 + 1000, 61000))
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(_ports.random.SystemRandom, "choice", lambda self, r: taken)
+        assert free_port() != taken  # the OS picks once every random pick was taken
+
+
+def test_haproxy_bind_failure_names_the_port():
+    from kiln.serve.runner import _unbound_port
+
+    line = (
+        "RuntimeError: HAProxy crashed during startup: [ALERT]    (8982) : Binding "
+        "[/tmp/haproxy-serve/96/haproxy.cfg:45] for frontend prometheus: cannot bind "
+        "socket (Address already in use) for [127.0.0.1:37255]"
+    )
+    assert _unbound_port(RuntimeError(line)) == 37255
+    assert _unbound_port(RuntimeError("cannot bind socket (Permission denied) for [:80]")) == 80
+    assert _unbound_port(RuntimeError("HAProxy crashed: bad config line 3")) is None
 
 
 def test_taken_port_names_its_holder():

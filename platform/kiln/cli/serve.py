@@ -140,21 +140,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _haproxy_ports(args: argparse.Namespace, own_ray: bool) -> tuple[int, int] | None:
-    """HAProxy's (stats, metrics) ports: flag, else $RAY_SERVE_HAPROXY_*_PORT, else free ones.
+def _haproxy_ports(args: argparse.Namespace, own_ray: bool) -> tuple[int | None, int | None]:
+    """HAProxy's (stats, metrics) ports the user chose: flag, else $RAY_SERVE_HAPROXY_*_PORT
+    (None: ``start_serve`` picks free ones).
 
     When this server starts its own Ray, every port it will listen on is checked first,
     so a leftover server shows up as one line naming the port and its pid.
     """
-    from kiln.serve._ports import check_free, free_port
+    from kiln.serve._ports import check_free
     from kiln.serve.runner import METRICS_PORT_ENV, STATS_PORT_ENV
 
     bind = "127.0.0.1" if args.host == "localhost" else args.host
     if own_ray:
         check_free(bind, args.port, "HTTP", "--port")
     if args.ingress != "haproxy":
-        return None
-    ports = []
+        return None, None
+    ports: list[int | None] = []
     for value, env, what, flag in (
         (args.stats_port, STATS_PORT_ENV, "HAProxy stats", "--stats-port"),
         (args.metrics_port, METRICS_PORT_ENV, "HAProxy metrics", "--metrics-port"),
@@ -162,7 +163,7 @@ def _haproxy_ports(args: argparse.Namespace, own_ray: bool) -> tuple[int, int] |
         port = value or int(os.environ.get(env) or 0)
         if port and own_ray:
             check_free(bind, port, what, flag)
-        ports.append(port or free_port(bind))
+        ports.append(port or None)
     return ports[0], ports[1]
 
 
@@ -211,7 +212,13 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
 
     from kiln.llm.serve import is_llm_dir
     from kiln.serve._lifetime import end_session, start_reaper, watch_lifeline
-    from kiln.serve.runner import TagFollower, deploy, start_serve
+    from kiln.serve.runner import (
+        METRICS_PORT_ENV,
+        STATS_PORT_ENV,
+        TagFollower,
+        deploy,
+        start_serve,
+    )
 
     if lifeline is not None:
         watch_lifeline(lifeline)
@@ -220,8 +227,7 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
     bundle_dir, current = resolve()
     address = args.address or os.environ.get("RAY_ADDRESS")
     own_ray = not address and not ray.is_initialized()
-    ports = _haproxy_ports(args, own_ray)
-    stats, metrics = ports or (None, None)
+    stats, metrics = _haproxy_ports(args, own_ray)
     env = start_serve(
         host=args.host,
         port=args.port,
@@ -247,8 +253,11 @@ def _serve(args: argparse.Namespace, key: str | None, lifeline: int | None) -> i
         url = f"http://{args.host}:{args.port}"
         route = "/generate" if is_llm_dir(bundle_dir) else "/predict"
         print(f"serving {bundle_dir} at {url}{route}  (GET {url}/healthz, {url}/metadata)")
-        if ports:
-            print(f"HAProxy stats on {args.host}:{stats}, metrics on {args.host}:{metrics}")
+        if STATS_PORT_ENV in env:
+            print(
+                f"HAProxy stats on {args.host}:{env[STATS_PORT_ENV]}, "
+                f"metrics on {args.host}:{env[METRICS_PORT_ENV]}"
+            )
         if key is not None:
             print(f"{route} and /metadata need 'Authorization: Bearer <key>'")
         print("Ctrl-C to stop", flush=True)

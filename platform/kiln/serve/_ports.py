@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -28,8 +29,47 @@ def _family(host: str) -> socket.AddressFamily:
         return socket.AF_INET
 
 
+# Ray's worker processes take ports in 10002-19999 (``ray start --min/max-worker-port``
+# defaults); the kernel hands out ephemeral ports (every outgoing connection, every
+# bind to port 0) from ``ip_local_port_range``, 32768-60999 by default.
+_PICK_FROM = 20000  # above Ray's worker ports
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on at ``host`` now (the OS picks it)."""
+    """A port nothing listens on at ``host`` now, for a server that binds it later.
+
+    Between the pick and the server's bind the port can be taken. A port the OS picks
+    (bind to port 0) comes from its ephemeral range, which every outgoing connection on
+    the machine also draws from (Ray opens hundreds), and a second process asking the
+    OS gets the same few ports back. So the pick is random among the ports below the
+    ephemeral range and above Ray's worker ports; the OS picks only when that range is
+    empty (a machine configured with a wide ephemeral range).
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = range(_PICK_FROM, ephemeral.start)
+    if len(candidates) >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.choice(candidates)
+            if _bindable(host, port):
+                return port
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host.strip("[]"), 0))
         return s.getsockname()[1]

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, PortInUseError
 
 __all__ = [
     "THROUGHPUT_ENV",
@@ -81,7 +82,8 @@ def start_serve(
             settings) or ``proxy`` (Serve's defaults).
         stats_port, metrics_port: HAProxy's stats and Prometheus listeners (on
             ``host``); None picks free ports, so two servers on one machine never
-            collide there. Only used when this call starts Serve.
+            collide there, and picks again if one is taken before HAProxy binds it.
+            Only used when this call starts Serve.
         keep_fallback: Keep Serve's proxy as HAProxy's backup server (Serve's own
             behaviour). Rollouts need it: while a redeploy replaces replicas, HAProxy
             had no replica up for ~7 s (measured) and the proxy carried the traffic
@@ -92,6 +94,11 @@ def start_serve(
     Returns:
         The environment the replicas need (pass it to ``build_app(runtime_env_vars=...)``
         when Ray was already running, since it reached only the Serve controller then).
+        With HAProxy it also holds the stats and metrics ports HAProxy listens on
+        (``STATS_PORT_ENV``, ``METRICS_PORT_ENV``).
+
+    Raises:
+        PortInUseError: HAProxy could not bind ``port`` or a port the caller chose.
     """
     import ray
     from ray import serve
@@ -102,16 +109,96 @@ def start_serve(
     if not ray.is_initialized():
         apply_throughput_env(env)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    controller_env = dict(env)
-    if ingress == "haproxy":
-        controller_env.update(_haproxy_listeners_env(host, keep_fallback, port))
-        controller_env.update(haproxy_ports_env(host, stats_port, metrics_port))
-    serve.start(
-        http_options={"host": host, "port": port},
-        proxy_location="HeadOnly",
-        controller_options={"runtime_env": {"env_vars": controller_env}} if env else None,
-    )
+    if ingress != "haproxy":
+        serve.start(**_serve_options(host, port, env))
+        return env
+    env.update(_start_with_haproxy(host, port, env, keep_fallback, stats_port, metrics_port))
     return env
+
+
+def _serve_options(host: str, port: int, controller_env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "http_options": {"host": host, "port": port},
+        "proxy_location": "HeadOnly",
+        "controller_options": (
+            {"runtime_env": {"env_vars": controller_env}} if controller_env else None
+        ),
+    }
+
+
+# HAProxy's own line when a listener cannot bind, as Serve's failed start carries it.
+_BIND_FAILED = re.compile(r"cannot bind socket \(([^)]*)\) for \[([^\]]*)\]:?(\d+)?")
+
+
+def _start_with_haproxy(
+    host: str,
+    port: int,
+    env: dict[str, str],
+    keep_fallback: bool,
+    stats_port: int | None,
+    metrics_port: int | None,
+    attempts: int = 3,
+) -> dict[str, str]:
+    """``serve.start`` with HAProxy; returns the stats/metrics port variables it used.
+
+    A port picked here can be taken by another process before HAProxy binds it (two
+    servers starting at once, or any outgoing connection); HAProxy then exits and Serve
+    fails to start. That start is shut down and tried again with new picks. A port the
+    caller chose is never replaced: its failure is a ``PortInUseError`` naming the holder.
+    """
+    from ray import serve
+
+    listeners = _haproxy_listeners_env(host, keep_fallback, port)
+    for attempt in range(1, attempts + 1):
+        ports = haproxy_ports_env(host, stats_port, metrics_port)
+        picked = {
+            int(ports[k])
+            for k, given in ((STATS_PORT_ENV, stats_port), (METRICS_PORT_ENV, metrics_port))
+            if not given
+        }
+        try:
+            serve.start(**_serve_options(host, port, {**env, **listeners, **ports}))
+            return ports
+        except Exception as exc:
+            taken = _unbound_port(exc)
+            if taken is None:
+                raise
+            serve.shutdown()
+            if taken not in picked or attempt == attempts:
+                raise _port_in_use(host, taken, port, ports) from exc
+            logger.info(
+                "HAProxy could not bind port %d (taken since it was picked); retrying", taken
+            )
+    raise AssertionError("unreachable")
+
+
+def _unbound_port(exc: BaseException) -> int | None:
+    """The port in HAProxy's "cannot bind socket" line carried by a failed Serve start."""
+    match = _BIND_FAILED.search(str(exc))
+    if match is None:
+        return None
+    address = match.group(2)
+    tail = match.group(3) or address.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _port_in_use(host: str, taken: int, http_port: int, ports: dict[str, str]) -> Exception:
+    from kiln.serve._ports import check_free
+
+    what, flag = {
+        http_port: ("HTTP", "--port"),
+        int(ports[STATS_PORT_ENV]): ("HAProxy stats", "--stats-port"),
+        int(ports[METRICS_PORT_ENV]): ("HAProxy metrics", "--metrics-port"),
+    }.get(taken, ("HAProxy", "another port"))
+    bind = "127.0.0.1" if host in ("localhost", "") else host
+    try:
+        check_free(bind, taken, what, flag)
+    except PortInUseError as held:
+        return held
+    return PortInUseError(
+        f"port {taken} ({what}) on {host} was taken while HAProxy started; "
+        f"it is free again: start again, or pick another port with {flag}"
+    )
 
 
 def haproxy_ports_env(
