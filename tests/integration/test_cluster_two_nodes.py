@@ -107,6 +107,10 @@ def test_two_node_run_matches_one_node_and_takes_a_job(tmp_path):
     ), rank0
     assert rank1["session_dir"] != rank0["session_dir"] and not rank1["own_shards_left"], rank1
     assert fsdp["shards_vs_model_pt"] == 0.0
+    # metadata.json lists every rank's shard at the size it has in storage (rank 0
+    # gathered them), so a reader can tell a whole checkpoint from a torn upload.
+    listed, stored = fsdp["shards_listed_vs_stored"]
+    assert listed == stored and len(listed) == 3, (listed, stored)
     for key in ("train_loss", "val_loss"):
         assert fsdp["history"][key] == pytest.approx(two["history"][key], rel=1e-3), key
     print("cluster drill timings (s):", seen["timings"])
@@ -275,7 +279,14 @@ def _shards(checkpoint: str, root: Path) -> dict:
     gathered = load_checkpoint_state(checkpoint).model_state
     assert from_shards.keys() == gathered.keys(), (from_shards.keys(), gathered.keys())
     diff = max((from_shards[k] - gathered[k]).abs().max().item() for k in gathered)
-    return {"shards": sorted(os.listdir(shards)), "shards_vs_model_pt": diff}
+    meta = json.loads((Path(checkpoint) / "metadata.json").read_text())
+    listed = {f: meta["file_bytes"].get(f) for f in meta["files"] if f.startswith("shards/")}
+    stored = {f"shards/{p.name}": p.stat().st_size for p in shards.iterdir()}
+    return {
+        "shards": sorted(os.listdir(shards)),
+        "shards_vs_model_pt": diff,
+        "shards_listed_vs_stored": [listed, stored],
+    }
 
 
 def _submit_job(root: Path, address: str, home: Path, storage: Path) -> str:

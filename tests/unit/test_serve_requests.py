@@ -21,8 +21,7 @@ from torch import nn
 
 from kiln.errors import ConfigError, IntegrityError, PortInUseError
 from kiln.export import create_export_bundle, load_bundle
-from kiln.serve import RequestError, ServeOptions
-from kiln.serve import _ports
+from kiln.serve import RequestError, ServeOptions, _ports
 from kiln.serve._ports import check_free, free_port
 from kiln.serve.deployment import KilnModelDeployment, read_body
 

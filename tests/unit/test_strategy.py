@@ -3,6 +3,7 @@ sharded (DCP) checkpoints written and read in one process (no Ray)."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -132,7 +133,12 @@ def test_sharded_checkpoint_round_trip_in_one_process(tmp_path):
         assert is_sharded_checkpoint(ckpt) and (ckpt / SHARDS_DIR / ".metadata").is_file()
         state = read_resume_state(ckpt)
         assert state.model_state == {} and state.train_state["optimizer"] is None
-        assert state.metadata["files"] == ["model.pt", "train_state.pt", SHARDS_DIR]
+        shard_files = sorted(f"{SHARDS_DIR}/{p.name}" for p in (ckpt / SHARDS_DIR).iterdir())
+        assert shard_files == [f"{SHARDS_DIR}/.metadata", f"{SHARDS_DIR}/__0_0.distcp"]
+        assert state.metadata["files"] == ["model.pt", "train_state.pt", *shard_files]
+        assert all(
+            state.metadata["file_bytes"][f] == (ckpt / f).stat().st_size > 0 for f in shard_files
+        )
         fresh, fresh_opt = _trained(seed=1)
         load_sharded(ckpt, fresh, fresh_opt)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
@@ -158,6 +164,34 @@ def test_unpublished_shards_are_never_loaded_and_are_cleaned_up(tmp_path):
     assert resolve_checkpoint("latest", tmp_path).name == "epoch_0001"
     CheckpointManager(tmp_path)  # the next run's manager removes the leftover
     assert sorted(os.listdir(tmp_path)) == ["epoch_0001", "manifest.json"]
+
+
+def test_a_sharded_checkpoint_outside_the_manifest_is_adopted_only_whole(tmp_path):
+    """A crash between the folder's rename and the manifest (or an upload to storage that
+    stopped part way) leaves a folder the manifest does not list: it is taken as the
+    latest checkpoint only when every shard metadata.json lists is there at its size."""
+    model, optimizer = _trained()
+    manager = CheckpointManager(tmp_path, keep_last_n=3, keep_best_k=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch in (1, 2):
+            save_sharded(manager, epoch, {"val_loss": 1.0}, model, optimizer, None, {})
+        manager.wait()
+    manifest = tmp_path / "manifest.json"
+    listed = json.loads(manifest.read_text())
+    listed["checkpoints"] = [e for e in listed["checkpoints"] if e["name"] == "epoch_0001"]
+    listed["history"] = [h for h in listed["history"] if h["name"] == "epoch_0001"]
+    manifest.write_text(json.dumps(listed))
+    assert resolve_checkpoint("latest", tmp_path).name == "epoch_0002"  # whole: adopted
+
+    shard = tmp_path / "epoch_0002" / SHARDS_DIR / "__0_0.distcp"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # an upload that stopped part way
+    assert resolve_checkpoint("latest", tmp_path).name == "epoch_0001"
+    shard.unlink()  # one rank's shards never arrived
+    assert resolve_checkpoint("latest", tmp_path).name == "epoch_0001"
+    shard.write_bytes(whole)
+    assert resolve_checkpoint("latest", tmp_path).name == "epoch_0002"
 
 
 def test_parameter_names_lose_only_the_wrappers_path_parts():

@@ -376,6 +376,7 @@ class CheckpointManager:
         blocking: bool = True,
         model_state: Mapping[str, Any] | None = None,
         staged: Path | None = None,
+        staged_files: Mapping[str, int] | None = None,
         within_epoch: bool = False,
         extra_state: Mapping[str, Any] | None = None,
     ) -> CheckpointMetadata | None:
@@ -393,7 +394,9 @@ class CheckpointManager:
         ``on_error="warn"`` returns None. ``model_state`` stands in for ``model``'s own
         state dict: a CPU snapshot the caller no longer changes (a sharded model's,
         gathered on this rank), written as given; ``staged`` is a directory from
-        :meth:`stage` whose files the checkpoint keeps.
+        :meth:`stage` whose files the checkpoint keeps. ``staged_files`` lists them
+        (path relative to the checkpoint -> bytes), with any that other nodes upload
+        into the checkpoint's folder in storage; default: the files under ``staged``.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise CheckpointError(f"epoch must be an int >= 0; got {epoch!r}")
@@ -426,6 +429,7 @@ class CheckpointManager:
             "metrics": clean,
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "user": json.loads(json.dumps(dict(metadata or {}), default=str)),
+            "staged_files": None if staged_files is None else dict(staged_files),
         }
         self.wait()  # the previous save (a whole epoch ago) is done, or its error stops the run
         if blocking:
@@ -510,7 +514,12 @@ class CheckpointManager:
         value = _metric(info["metrics"], self.monitor)
         with self._lock:
             is_best = value is not None and _better(value, self._best_seen(), self.mode)
-        staged_files = sorted(p.name for p in tmp.iterdir()) if staged is not None else []
+        staged_files = info.pop("staged_files", None)
+        if staged is not None and staged_files is None:
+            staged_files = {
+                str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()
+            }
+        staged_files = staged_files or {}
         tmp.mkdir(exist_ok=staged is not None)
         try:
             model_bytes = write_synced(tmp / MODEL_FILE, lambda f: torch.save(model_state, f))
@@ -526,8 +535,8 @@ class CheckpointManager:
                 mode=self.mode,
                 kiln_version=kiln.__version__,
                 torch_version=torch.__version__,
-                files=[MODEL_FILE, TRAIN_STATE_FILE, *staged_files],
-                file_bytes={MODEL_FILE: model_bytes, TRAIN_STATE_FILE: train_bytes},
+                files=[MODEL_FILE, TRAIN_STATE_FILE, *sorted(staged_files)],
+                file_bytes={MODEL_FILE: model_bytes, TRAIN_STATE_FILE: train_bytes, **staged_files},
             )
             meta.pop("name")
             entry.pop(

@@ -52,7 +52,7 @@ from kiln.engine.checkpoint_reader import (
     read_metadata,
     resolve_checkpoint,
 )
-from kiln.engine.shards import broadcast
+from kiln.engine.shards import broadcast, gather
 from kiln.engine.strategy import full_model_state, load_sharded_state, sharded_state
 from kiln.errors import CheckpointError, CheckpointWriteError
 
@@ -122,6 +122,11 @@ def save_sharded(
             )
             logger.warning("%s", message)
         return None
+    # Every shard file with its size goes into metadata.json: a reader adopts a folder
+    # that is not in the manifest yet only when each one is there whole (a rank's upload
+    # to storage may have stopped part way). On one node rank 0's folder holds them all.
+    mine = _listing(target) if own_dir is not None or manager is not None else {}
+    files = gather(mine, _multi_rank())
     full = full_model_state(model, trainable_only=saves_trainable_only(model))
     if manager is None:
         return None
@@ -136,7 +141,13 @@ def save_sharded(
         blocking=blocking,
         model_state=full,
         staged=Path(staged),
+        staged_files={name: size for listing in files for name, size in listing.items()},
     )
+
+
+def _listing(shards: Path) -> dict[str, int]:
+    """``{"shards/<file>": bytes}`` of the files in a rank's shards folder."""
+    return {f"{SHARDS_DIR}/{p.name}": p.stat().st_size for p in shards.iterdir() if p.is_file()}
 
 
 def read_resume_state(path: str | os.PathLike[str]) -> CheckpointState:

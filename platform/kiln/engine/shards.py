@@ -55,6 +55,17 @@ def broadcast(value: Any, distributed: bool) -> Any:
     return box[0]
 
 
+def gather(value: Any, distributed: bool) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` when not ``distributed``)."""
+    if not distributed:
+        return [value]
+    import torch.distributed as dist
+
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, value)
+    return box
+
+
 def _rank() -> int:
     return world()[0]
 
