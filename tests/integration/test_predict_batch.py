@@ -4,6 +4,7 @@ on two Ray Train workers (torchmetrics synchronised over gloo)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,12 +163,25 @@ def test_cli_predict_and_input_problems(ray_local, model, tmp_path, capsys):
     assert "keep: column 'nope' is not in the input" in text and "takes 64 features" in text
 
 
+def _top1(outputs, targets):
+    return (outputs.argmax(1) == targets).float().mean()
+
+
 @pytest.mark.slow
 def test_two_workers_and_a_ray_dataset_give_the_in_process_metrics(ray_local, model):
+    import ray.cloudpickle
+    from torchmetrics.classification import MulticlassF1Score
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _top1, in the workers
     paths, _, checkpoint = model
-    alone = evaluate(checkpoint, "digits", split="val", paths=paths, record=False)
-    pair = evaluate(checkpoint, "digits", split="val", paths=paths, record=False, num_workers=2)
+    # your own metrics too: a torchmetrics object (states gathered) and a callable (averaged)
+    mine = {"f1": MulticlassF1Score(num_classes=10, average="macro"), "top1": _top1}
+    options = dict(split="val", paths=paths, record=False, metrics=mine)
+    alone = evaluate(checkpoint, "digits", **options)
+    pair = evaluate(checkpoint, "digits", num_workers=2, **options)
     assert pair.world_size == 2
+    assert alone.metrics["f1"] == pytest.approx(alone.metrics["f1_macro"], rel=1e-5)
+    assert alone.metrics["top1"] == pytest.approx(alone.metrics["accuracy"], rel=1e-6)
     # the run's validation rows (after its 10 % test split)
     assert pair.metrics["num_rows"] == alone.metrics["num_rows"] == 323
     assert pair.confusion_matrix == alone.confusion_matrix

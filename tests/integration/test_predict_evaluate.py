@@ -94,6 +94,39 @@ def test_trainer_evaluate_matches_sklearn_and_is_recorded(digits_run):
     assert row["details"]["confusion_matrix"] == result.confusion_matrix
 
 
+def top1(outputs, targets):
+    """A plain-callable metric: the share of rows whose arg-max is the label."""
+    return (outputs.argmax(1) == targets).float().mean()
+
+
+def test_your_own_metrics_are_scored_beside_kiln_s(tmp_path):
+    """Trainer(metrics=...) trains with them, and Trainer.evaluate scores them too (a
+    torchmetrics object and a callable); evaluate(metrics=...) takes them directly."""
+    from torchmetrics.classification import MulticlassF1Score
+
+    paths = RunPaths.resolve(tmp_path / "home")
+    mine = {"f1": MulticlassF1Score(num_classes=10, average="macro"), "top1": top1}
+    cfg = _config(dataset="digits", model={"name": "mlp", "hidden": [32]}, epochs=1)
+    trainer = Trainer(training_config=cfg, paths=paths, metrics=mine)
+    results = trainer.train()
+    scored = trainer.evaluate("digits", split="val")
+    m = scored.metrics
+    assert m["f1"] == pytest.approx(m["f1_macro"], rel=1e-5)  # the same number, two ways
+    assert m["top1"] == pytest.approx(m["accuracy"], rel=1e-6)
+    # the training loop's own val_f1 for the same checkpoint and rows
+    assert m["f1"] == pytest.approx(results["history"][-1]["val_f1"], rel=1e-5)
+    plain = trainer.evaluate("digits", split="val", metrics=None)
+    assert "f1" not in plain.metrics and plain.metrics["accuracy"] == m["accuracy"]
+    only = evaluate(results["checkpoint_path"], "digits", split="val", paths=paths,
+                    record=False, metrics={"hits": top1})  # fmt: skip
+    assert only.metrics["hits"] == pytest.approx(m["accuracy"]) and "f1" not in only.metrics
+
+    with pytest.raises(ConfigError, match="'f1_macro' is one kiln's evaluation already"):
+        trainer.evaluate("digits", split="val", metrics={"f1_macro": top1})
+    with pytest.raises(ConfigError, match="metrics=42 .int. is not a metric"):
+        evaluate(tmp_path / "nowhere", "digits", metrics=42)  # refused before any loading
+
+
 def test_cli_eval_plots_prints_json_and_models_show_lists_it(digits_run, tmp_path, capsys):
     _, _, paths = digits_run
     png = tmp_path / "cm.png"

@@ -420,9 +420,11 @@ class Trainer:
 
     def evaluate(self, data: Any, checkpoint: str = "best", **options: Any) -> Any:
         """Loss and the task's metrics of ``checkpoint`` ("best", "latest", a path or
-        "NAME@TAG") on ``data``; options as :func:`kiln.predict.evaluate_checkpoint`."""
+        "NAME@TAG") on ``data``, with this trainer's own ``metrics`` unless ``metrics=``
+        says otherwise; options as :func:`kiln.predict.evaluate_checkpoint`."""
         from kiln.predict.evaluation import evaluate_for_trainer
 
+        options.setdefault("metrics", self.custom.metrics)
         return evaluate_for_trainer(self, data, checkpoint, **options)
 
 

@@ -16,6 +16,11 @@ weights loaded into it. The metrics are ``torchmetrics`` objects
                                  TaskMetrics.compute() gathers the states over gloo
                                  (torch.distributed), rank 0 returns the result
 
+Your own metrics (``metrics=``, as ``Trainer(metrics=...)`` takes them: torchmetrics
+objects, callables ``fn(outputs, targets) -> float``, or a dict of them) are computed
+over the same batches and synced over the ranks the same way; each is reported under
+its own name beside kiln's. ``Trainer.evaluate`` scores the trainer's own by default.
+
 The result is recorded against the registered model whose checkpoint it scored
 (found by the checkpoint's sha256), so ``kiln models show`` lists it.
 """
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 from kiln.config import TaskSpec
+from kiln.engine.custom_metrics import MetricSet
 from kiln.engine.loss import ModelOutput, get_loss_strategy, loss_for_task
 from kiln.errors import CheckpointError, ConfigError
 from kiln.paths import RunPaths
@@ -115,6 +121,7 @@ def evaluate(
     num_workers: int = 0,
     record: bool = True,
     paths: RunPaths | None = None,
+    metrics: Any = None,
 ) -> EvaluationResult:
     """Evaluate a checkpoint folder, run folder, or registered ``NAME@TAG`` / ``NAME:VERSION``.
 
@@ -128,9 +135,12 @@ def evaluate(
         num_workers: 0 scores in this process; N >= 1 uses N Ray Train workers.
         record: record the result against the registered model with these weights.
         paths: kiln's locations (registry); resolved from ``$KILN_HOME`` when None.
+        metrics: your own metrics, as ``Trainer(metrics=...)`` takes them; each lands in
+            ``result.metrics`` under its name.
     """
     from kiln.export.from_checkpoint import is_model_ref
 
+    metrics = MetricSet.from_user(metrics)  # a bad one is refused before anything is read
     paths = paths or RunPaths.resolve()
     source = os.fspath(model)
     if is_model_ref(source):
@@ -149,6 +159,7 @@ def evaluate(
         num_workers=num_workers,
         record=record,
         paths=paths,
+        metrics=metrics,
     )
     if result.model is None and entry is not None:
         result.model = entry.ref
@@ -166,6 +177,7 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     record: bool = True,
     paths: RunPaths | None = None,
+    metrics: Any = None,
 ) -> EvaluationResult:
     """Evaluate one checkpoint folder (see :func:`evaluate`).
 
@@ -174,6 +186,7 @@ def evaluate_checkpoint(
     """
     from kiln.engine.checkpoint import load_checkpoint_state, resolve_checkpoint
 
+    custom = MetricSet.from_user(metrics)  # checked before anything is loaded
     problems = []
     if split is not None and split not in SPLITS:
         problems.append(f"split={split!r} is not allowed; use one of {', '.join(SPLITS)}")
@@ -196,6 +209,7 @@ def evaluate_checkpoint(
         task=task,
         loss=(user.get("training_config") or {}).get("loss"),
         batch_size=batch_size,
+        custom=custom,
     )
     if num_workers == 0:
         values = job.run(_local_batches(x, y, task, batch_size))
@@ -219,12 +233,13 @@ class _EvalJob:
     task: TaskSpec
     loss: str | None
     batch_size: int
+    custom: MetricSet | None = None
 
     def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
         """Score ``batches`` and return ``TaskMetrics.compute()`` (synced when distributed)."""
         model = self.factory()
         model.load_state_dict(self.state)
-        return score_batches(model, self.task, self.loss, batches)
+        return score_batches(model, self.task, self.loss, batches, custom=self.custom)
 
 
 def score_batches(
@@ -232,23 +247,45 @@ def score_batches(
     task: TaskSpec,
     loss: str | None,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    custom: MetricSet | None = None,
 ) -> dict[str, Any]:
     """Loss and the task's metrics of ``model`` over ``batches`` (``TaskMetrics.compute()``;
-    synchronised over ranks when a process group exists).
+    synchronised over ranks when a process group exists), and ``custom``'s under their names.
 
     Args:
         loss: The loss name the model was trained with (None: the task's default).
+        custom: Your own metrics (a :class:`~kiln.engine.custom_metrics.MetricSet`).
     """
     model.eval()
     strategy = get_loss_strategy(loss or loss_for_task(task.task_type))
     if task.task_type == "language_modeling" and task.pad_token_id is not None:
         strategy = get_loss_strategy("language_modeling", pad_token_id=task.pad_token_id)
     metrics = TaskMetrics.for_task(task)
+    extra = custom.for_epoch(_CUSTOM_SPLIT, "cpu") if custom is not None else None
     with torch.inference_mode():
         for x, y in batches:
             logits = ModelOutput.from_raw(model(x)).logits
             metrics.update(logits, y, strategy.compute_loss(logits, y))
-    return metrics.compute()
+            if extra is not None:
+                extra.update(logits, y)
+    values = metrics.compute()
+    if extra is not None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        for key, value in extra.compute(distributed).items():
+            name = key.removeprefix(f"{_CUSTOM_SPLIT}_")
+            if name in values:
+                raise ConfigError(
+                    f"metric name {name!r} is one kiln's evaluation already reports "
+                    f"({', '.join(sorted(k for k in values if isinstance(values[k], float)))}); "
+                    "name yours differently"
+                )
+            values[name] = value
+    return values
+
+
+_CUSTOM_SPLIT = "eval"  # EpochMetrics names a value "<split>_<name>"; reported as "<name>"
 
 
 def score_arrays(
