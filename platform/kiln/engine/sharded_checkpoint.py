@@ -13,6 +13,7 @@ Order of a save (:func:`save_sharded`, called by every rank)::
 
     rank 0: CheckpointManager.stage(epoch) -> epoch_0003.tmp-<uuid>/, path sent to all
     every rank: dcp.save(model + optimizer shards) into .../shards   (.metadata written last)
+    every rank: its shard files and their sizes gathered onto rank 0 (for metadata.json)
     every rank: gather the whole model onto rank 0's CPU (a collective)
     rank 0: CheckpointManager.save_checkpoint(staged=...): model.pt, train_state.pt,
             metadata.json, fsync, rename to epoch_0003, manifest, retention (best-k/last-n)

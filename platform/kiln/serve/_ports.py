@@ -33,6 +33,9 @@ def _family(host: str) -> socket.AddressFamily:
 # defaults); the kernel hands out ephemeral ports (every outgoing connection, every
 # bind to port 0) from ``ip_local_port_range``, 32768-60999 by default.
 _PICK_FROM = 20000  # above Ray's worker ports
+# Ports this process picked: none is picked twice, so the ports of one server (HTTP,
+# stats, metrics), picked before any is bound, always differ.
+_handed_out: set[int] = set()
 
 
 def _ephemeral_ports() -> range:
@@ -68,7 +71,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         rng = random.SystemRandom()
         for _ in range(64):
             port = rng.choice(candidates)
-            if _bindable(host, port):
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
                 return port
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host.strip("[]"), 0))
