@@ -190,6 +190,13 @@ def test_report_to_mlflow_sends_the_run_with_its_custom_metric(tmp_path, monkeyp
     assert run.data.params["monitor"] == "val_tm_acc"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     assert "best_checkpoint/model.pt" in names
+    # `kiln runs export` of the same run later replaces what report_to sent
+    from kiln.tracking.mlflow_export import export_recorded_run
+
+    again = export_recorded_run(tmp_path / "kiln.db", results["run_id"])
+    active = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in active] == [again] != [results["mlflow_run_id"]]
+    assert client.get_run(results["mlflow_run_id"]).info.lifecycle_stage == "deleted"
 
 
 @pytest.mark.slow

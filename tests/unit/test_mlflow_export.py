@@ -53,6 +53,20 @@ def _read(store: str, run_id: str):
     return run, history, artifacts, experiment
 
 
+def _active(store: str, experiment: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    found = client.get_experiment_by_name(experiment)
+    return [r.info.run_id for r in client.search_runs([found.experiment_id])]
+
+
+def _lifecycle(store: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store).get_run(run_id).info.lifecycle_stage
+
+
 def test_a_finished_run_lands_in_mlflow_with_params_metrics_tags_and_checkpoint(store, checkpoint):
     run_id = log_run_to_mlflow(
         "digits-1",
@@ -99,9 +113,20 @@ def test_kiln_runs_export_sends_a_recorded_run(store, checkpoint, tmp_path, caps
     assert tags["kiln.run_id"] == str(run) and tags["kiln.status"] == "stopped"
     assert tags["mlflow.note.content"] == "first try"
     assert "best_checkpoint/model.pt" in artifacts
-    # the function form, as the CLI calls it; an unknown run is kiln's not-found error
-    again = export_recorded_run(db, run, tracking_uri=store)
-    assert again != mlflow_id
+    assert tags["kiln.run_key"].startswith("iris-run@")
+    # the function form, as the CLI calls it; another experiment keeps its own copy
+    elsewhere = export_recorded_run(db, run, tracking_uri=store)
+    assert elsewhere != mlflow_id and _active(store, "kiln") == [elsewhere]
+    # Sent again to the same experiment: the new export replaces the earlier one ...
+    again = export_recorded_run(db, run, tracking_uri=store, experiment="exported")
+    assert _active(store, "exported") == [again] and again != mlflow_id
+    assert _lifecycle(store, mlflow_id) == "deleted"
+    # ... but another kiln run of the same name is another MLflow run.
+    twin = recorder.start("iris-run", CONFIG, {"dataset": "iris"})
+    recorder.complete(twin, "completed", HISTORY, [str(checkpoint)])
+    other = export_recorded_run(db, twin, tracking_uri=store, experiment="exported")
+    assert sorted(_active(store, "exported")) == sorted([again, other])
+    # an unknown run is kiln's not-found error
     assert main(["--db", str(db), "runs", "export", "nope", "--to", "mlflow",
                  "--tracking-uri", store]) != 0  # fmt: skip
 

@@ -314,7 +314,9 @@ class Trainer:
             from kiln.tracking.wandb_log import log_run_to_wandb
 
             log_run_to_wandb(cfg.wandb_project, run.name, cfg.to_dict(), results["history"])
-        _report_elsewhere(cfg, run.name, results, run_id, self.custom.params(), live)
+        mlflow = "mlflow" in cfg.report_to and recorder is not None and run_id is not None
+        key = recorder.run_key(run_id) if mlflow else None
+        _report_elsewhere(cfg, run.name, results, run_id, self.custom.params(), live, key)
         if recorder is not None or cfg.register_as:
             entry = _register(self.paths, cfg, plan, results, run_id) if cfg.register_as else None
             results["model_id"] = entry.model_id if entry is not None else None
@@ -752,9 +754,11 @@ def _report_elsewhere(
     run_id: Any,
     params: dict[str, Any],
     live: Any = None,
+    run_key: str | None = None,
 ) -> None:
     """The rest of the TensorBoard file (per-step rows, epochs not seen live), and the
-    run to MLflow (report_to).
+    run to MLflow (report_to; ``run_key``, from the run record, lets a later export of
+    the same run replace it).
 
     The run is trained and recorded by now: a writer that fails is a warning (and
     ``results["report_errors"]``), and loses none of it.
@@ -774,7 +778,11 @@ def _report_elsewhere(
                 config=cfg.to_dict(),
                 history=results["history"],
                 params=params,
-                tags={"kiln.run_id": run_id, "kiln.task": results["task"].get("task_type")},
+                tags={
+                    "kiln.run_id": run_id,
+                    "kiln.run_key": run_key,
+                    "kiln.task": results["task"].get("task_type"),
+                },
                 checkpoint=results.get("checkpoint_path"),
                 status=_status(results),
             )

@@ -6,6 +6,11 @@ known (workers never talk to MLflow): the config flattened into params
 per-step loss/lr at step = the global step, tags (kiln's run id, name, status,
 task), and the best checkpoint's folder as the artifact ``best_checkpoint/``.
 
+A kiln run is one MLflow run: sending it again (``kiln runs export`` after
+``report_to``, or twice) replaces the earlier one, which is deleted once the new one is
+complete. A run is known by the tag ``kiln.run_key``, its name and start time in
+kiln's database (``RUN_NAME@STARTED_AT``: two runs given the same name stay apart).
+
 The tracking server is ``tracking_uri`` when given, else MLflow's own default
 (``MLFLOW_TRACKING_URI``, read by MLflow); a local file store (``file:///tmp/mlruns``)
 works. ``mlflow`` is an optional extra: ``pip install 'kiln[mlflow]'``.
@@ -24,12 +29,19 @@ from typing import Any
 from kiln.errors import ConfigError, KilnError
 from kiln.tracking.recorder import numeric_metrics
 
-__all__ = ["log_run_to_mlflow", "export_recorded_run", "DEFAULT_EXPERIMENT"]
+__all__ = ["log_run_to_mlflow", "export_recorded_run", "run_key", "DEFAULT_EXPERIMENT"]
 
 DEFAULT_EXPERIMENT = "kiln"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value (MAX_PARAM_VAL_LENGTH)
 _BATCH = 900  # MLflow takes at most 1000 metrics and 100 params per log_batch
 _STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "failed": "FAILED"}
+RUN_KEY_TAG = "kiln.run_key"
+_DONE_TAG = "kiln.source"  # set last: an export that stopped part way has no such tag
+
+
+def run_key(run_name: str, started_at: str) -> str:
+    """What tells one kiln run from every other: its name and its recorded start time."""
+    return f"{run_name}@{started_at}"
 
 
 def _client(tracking_uri: str | None) -> Any:
@@ -106,6 +118,7 @@ def export_recorded_run(
     tags = {
         "kiln.run_id": record["run_id"],
         "kiln.run_name": record["run_name"],
+        RUN_KEY_TAG: run_key(record["run_name"], record["started_at"]),
         "kiln.status": record["status"],
         "kiln.group": record["group"],
         "mlflow.note.content": record["notes"] or None,
@@ -153,6 +166,8 @@ def _write(
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tag_values = {k: str(v) for k, v in tags.items() if v not in (None, "")}
+    key = tag_values.get(RUN_KEY_TAG)
+    earlier = _exports_of(client, experiment_id, key) if key else []
     run = client.create_run(experiment_id, run_name=run_name, tags=tag_values)
     run_id = run.info.run_id
     try:
@@ -164,12 +179,33 @@ def _write(
             client.log_batch(run_id, metrics=chunk)
         if checkpoint:
             _log_checkpoint(client, run_id, Path(checkpoint))
-        client.log_batch(run_id, tags=[RunTag("kiln.source", "kiln")])
+        client.log_batch(run_id, tags=[RunTag(_DONE_TAG, "kiln")])
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status=_STATUS.get(status, "KILLED"))
+    for old in earlier:  # the new export is whole: the earlier ones of this run go
+        client.delete_run(old)
     return run_id
+
+
+def _exports_of(client: Any, experiment_id: str, key: str) -> list[str]:
+    """The MLflow run ids of the complete, not deleted, exports of kiln run ``key``."""
+    from mlflow.entities import ViewType
+
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{_DONE_TAG}` = 'kiln'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
+        found += [r.info.run_id for r in page if r.data.tags.get(RUN_KEY_TAG) == key]
+        token = page.token
+        if not token:
+            return found
 
 
 def _log_checkpoint(client: Any, run_id: str, checkpoint: Path) -> None:

@@ -58,6 +58,17 @@ class RunRecorder:
             db.close()
         return run_id
 
+    def run_key(self, run_id: int) -> str:
+        """``RUN_NAME@STARTED_AT`` of a recorded run (see ``kiln.tracking.mlflow_export``)."""
+        from kiln.tracking.mlflow_export import run_key
+
+        db = ExperimentDB(self.db_path)
+        try:
+            record = db.get_run(run_id)
+        finally:
+            db.close()
+        return run_key(record["run_name"], record["started_at"])
+
     def finish(
         self, run_id: int | None, status: str, error: BaseException | str | None = None
     ) -> None:
