@@ -130,15 +130,18 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 240.0) -> Non
     raise AssertionError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's whole process group (the shell and the command it started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+def _stop(proc: subprocess.Popen) -> int | None:
+    """Ctrl-C, as a terminal sends it: SIGINT to the server's whole process group; its
+    exit status, or None if it had to be killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return None
 
 
 def _check_output(command: str, out: str, workdir: Path) -> None:
@@ -194,8 +197,10 @@ def test_readme_commands_run_as_written(tmp_path):
                     continue
                 server = next((u for p, u in SERVERS.items() if command.startswith(p)), "")
                 if server != "":
+                    # no shell in between (dash dies of the Ctrl-C it would pass on), in
+                    # a process group of its own, as a terminal's foreground command
                     proc = subprocess.Popen(
-                        command, shell=True, cwd=workdir, env=env, start_new_session=True
+                        shlex.split(command), cwd=workdir, env=env, start_new_session=True
                     )
                     servers.append(proc)
                     port = re.search(r"--port (\d+)", command)
@@ -230,7 +235,8 @@ def test_readme_commands_run_as_written(tmp_path):
                 _check_console(command, done.stdout, done.stderr)
                 ran.append(command)
             for proc in servers:  # a server serves its own block's commands
-                _stop(proc)
+                code = _stop(proc)
+                assert code == 0, f"a README server exited {code} on Ctrl-C: {proc.args!r}"
     finally:
         for proc in servers:
             _stop(proc)

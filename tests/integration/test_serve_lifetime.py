@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from drill_record import record
+from listeners import assert_loopback_only, serve_listeners
 from torch import nn
 
 from kiln.export import create_export_bundle
+from kiln.serve import Predictor
 from kiln.serve._ports import free_port, listening_inodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -163,8 +166,9 @@ def test_servers_side_by_side_and_nothing_outlives_sigkill_ray_stop_or_sigterm(b
     """Three `kiln serve` lifetimes, two of them at once (one module, one test: each
     server start costs a local Ray).
 
-    1. Server A (explicit stats/metrics ports) and B (automatic ones) both start;
-       kiln's listeners (HTTP, stats, metrics) are on 127.0.0.1 only.
+    1. Server A (explicit stats/metrics ports) and B (automatic ones) both start and
+       answer as the bundle does in-process; kiln's listeners (HTTP, stats, metrics,
+       and the replica ports HAProxy forwards to) are on 127.0.0.1 only.
     2. A third on A's HTTP port exits 2 with one line naming the port and the pid.
     3. Ray killed under B (what `ray stop` does) ends B (status 1) and its session.
     4. SIGKILL A's command, then `ray stop --force` (emulated, see module doc):
@@ -181,7 +185,9 @@ def test_servers_side_by_side_and_nothing_outlives_sigkill_ray_stop_or_sigterm(b
     try:
         a.wait_ready()
         b.wait_ready()
-        assert a.predict() == b.predict()
+        answer, want = a.predict(), Predictor(bundle).predict(ROWS)
+        assert answer["predictions"] == want["predictions"] and answer == b.predict()
+        np.testing.assert_allclose(answer["probabilities"], want["probabilities"], atol=1e-6)
         assert _own_ports(a) == {port, stats, metrics}
         listeners = listening_inodes()
         for server in (a, b):
@@ -189,6 +195,8 @@ def test_servers_side_by_side_and_nothing_outlives_sigkill_ray_stop_or_sigterm(b
             assert len(own) == 3
             bound = {(addr, p) for addr, p in listeners.values() if p in own}
             assert bound == {("127.0.0.1", p) for p in own}, bound
+        # ... and the replica ports HAProxy forwards to (read from A's HAProxy config)
+        assert_loopback_only(serve_listeners(port), {port, stats, metrics})
 
         taken = Server(bundle, tmp_path, port)
         assert taken.proc.wait(timeout=120) == 2, taken.log()
