@@ -11,29 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-
-def _address(hex_addr: str) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if len(raw) == 4:
-        return str(ipaddress.IPv4Address(raw[::-1]))
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return str(ipaddress.IPv6Address(words))
-
-
-def _listening() -> dict[int, tuple[str, int]]:
-    """Socket inode -> (address, port) for every listening TCP socket."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":  # TCP_LISTEN
-                addr, port = fields[1].split(":")
-                found[int(fields[9])] = (_address(addr), int(port, 16))
-    return found
+from kiln.serve._ports import listening_inodes
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -61,7 +39,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def _haproxy_serving(port: int) -> tuple[set[int], Path]:
     """Pids of the HAProxy processes that share the config of the one on ``port``."""
-    listening = _listening()
+    listening = listening_inodes()
     argvs = {
         int(p.name): _cmdline(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()
     }
@@ -78,7 +56,7 @@ def _haproxy_serving(port: int) -> tuple[set[int], Path]:
 def serve_listeners(port: int) -> dict[str, list[tuple[str, int]]]:
     """Listeners of our HAProxy processes, and of the replica ports they forward to."""
     pids, config = _haproxy_serving(port)
-    listening = _listening()
+    listening = listening_inodes()
     haproxy = sorted({listening[i] for pid in pids for i in _socket_inodes(pid) if i in listening})
     replica_ports = {
         int(line.split()[2].rsplit(":", 1)[1])
