@@ -770,7 +770,7 @@ def _report_elsewhere(
             logger.warning("TensorBoard event files not written: %s", exc)
             results.setdefault("report_errors", {})["tensorboard"] = str(exc)
     if "mlflow" in cfg.report_to:
-        from kiln.tracking.mlflow_export import log_run_to_mlflow
+        from kiln.tracking.mlflow_export import RUN_KEY_TAG, log_run_to_mlflow
 
         try:
             results["mlflow_run_id"] = log_run_to_mlflow(
@@ -780,7 +780,7 @@ def _report_elsewhere(
                 params=params,
                 tags={
                     "kiln.run_id": run_id,
-                    "kiln.run_key": run_key,
+                    RUN_KEY_TAG: run_key,
                     "kiln.task": results["task"].get("task_type"),
                 },
                 checkpoint=results.get("checkpoint_path"),

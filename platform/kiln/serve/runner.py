@@ -190,7 +190,7 @@ def _port_in_use(host: str, taken: int, http_port: int, ports: dict[str, str]) -
         int(ports[STATS_PORT_ENV]): ("HAProxy stats", "--stats-port"),
         int(ports[METRICS_PORT_ENV]): ("HAProxy metrics", "--metrics-port"),
     }.get(taken, ("HAProxy", "another port"))
-    bind = "127.0.0.1" if host in ("localhost", "") else host
+    bind = _bind_address(host)
     try:
         check_free(bind, taken, what, flag)
     except PortInUseError as held:
@@ -201,13 +201,18 @@ def _port_in_use(host: str, taken: int, http_port: int, ports: dict[str, str]) -
     )
 
 
+def _bind_address(host: str) -> str:
+    """The address a port check binds for ``host`` ("localhost" and "" mean loopback)."""
+    return "127.0.0.1" if host in ("localhost", "") else host
+
+
 def haproxy_ports_env(
     host: str, stats_port: int | None = None, metrics_port: int | None = None
 ) -> dict[str, str]:
     """Serve's environment that puts HAProxy's stats and metrics on these ports (None: free)."""
     from kiln.serve._ports import free_port
 
-    bind = "127.0.0.1" if host in ("localhost", "") else host
+    bind = _bind_address(host)
     return {
         STATS_PORT_ENV: str(stats_port or free_port(bind)),
         METRICS_PORT_ENV: str(metrics_port or free_port(bind)),
